@@ -1,0 +1,311 @@
+"""Token ids for evaluation and calibration on WikiText-2, PTB and C4, as the SparseGPT/GPTQ scripts build them.
+
+Which split, how rows are joined and how calibration windows are drawn follow the reference scripts exactly,
+because the published perplexities depend on every id. Two things are added, and neither changes an id:
+local files can stand in for the Hugging Face hub (`data_dir`, laid out like ../shared/data), and tokenized
+ids are memoised in-process and cached on disk (`cache_dir`), so a second run skips tokenization.
+"""
+
+import gzip
+import hashlib
+import itertools
+import json
+import os
+import random
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+DATASETS = ("wikitext2", "ptb", "c4")
+
+_LAYOUT = "wikitext-2-raw/, ptb/, c4/ as in ../shared/data"
+_CACHE_VERSION = 1  # bump when a join rule or the cache format changes
+
+# (dataset, split) -> file under data_dir; C4 shards may also be a first-N-documents subset (`.first1041.json.gz`).
+_LOCAL = {
+    ("wikitext2", "test"): "wikitext-2-raw/wiki.test.raw",
+    ("wikitext2", "train"): "wikitext-2-raw/wiki.train.raw",
+    ("ptb", "test"): "ptb/ptb.test.txt",
+    ("ptb", "train"): "ptb/ptb.train.txt",
+    ("c4", "validation"): "c4/c4-validation.00000-of-00008.json.gz",
+    ("c4", "train"): "c4/c4-train.00000-of-01024.json.gz",
+}
+# The raw WikiText-2 train split is not in ../shared; its tokenized validation split is the calibration stand-in.
+_WIKITEXT2_FALLBACK = "wikitext-2/wiki.valid.tokens"
+
+# (dataset, split) -> (load_dataset kwargs, text field), as the reference calls it.
+_HUB = {
+    ("wikitext2", "test"): (dict(path="wikitext", name="wikitext-2-raw-v1", split="test"), "text"),
+    ("wikitext2", "train"): (dict(path="wikitext", name="wikitext-2-raw-v1", split="train"), "text"),
+    ("ptb", "test"): (dict(path="ptb_text_only", name="penn_treebank", split="test"), "sentence"),
+    ("ptb", "train"): (dict(path="ptb_text_only", name="penn_treebank", split="train"), "sentence"),
+    ("c4", "validation"): (dict(path="allenai/c4", split="validation",
+                                data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}), "text"),
+    ("c4", "train"): (dict(path="allenai/c4", split="train",
+                           data_files={"train": "en/c4-train.00000-of-01024.json.gz"}), "text"),
+}
+
+# Evaluation text: dataset -> (split, separator the rows are joined with).
+_EVAL = {"wikitext2": ("test", "\n\n"), "ptb": ("test", " "), "c4": ("validation", " ")}
+_C4_EVAL_DOCS = 1100  # the reference joins the first 1100 validation documents...
+_C4_EVAL_WINDOWS = 256  # ...and keeps the first 256 * seqlen ids
+
+
+class DataError(ValueError):
+    """A data problem the user can fix; the message is one line that names the fix."""
+
+
+def get_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    """The model's fast (Rust) tokenizer: the same ids as the slow one the reference used, many times faster."""
+    try:
+        return AutoTokenizer.from_pretrained(model, use_fast=True)
+    except OSError as e:
+        raise DataError(f"cannot load a tokenizer from {model!r} ({type(e).__name__}); pass a local model "
+                        f"directory (e.g. ../shared/models/opt-mini) or a hub id reachable from here") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where the rows come from
+
+
+@dataclass(frozen=True)
+class Source:
+    """One split of one dataset: a local file, or the hub when `path` is None."""
+    name: str
+    split: str
+    path: Path | None = None
+
+    def fingerprint(self) -> str:
+        """What the rows depend on: the file's bytes, or the hub dataset id and split."""
+        if self.path is None:
+            return json.dumps(_HUB[self.name, self.split], sort_keys=True)
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def rows(self, limit: int | None = None) -> list[str]:
+        """The first `limit` rows (all if None), exactly as the hub dataset gives them."""
+        if self.path is not None:
+            return _read_rows(self.name, self.path, limit)
+        field = _HUB[self.name, self.split][1]
+        dataset = _hub_dataset(self.name, self.split)
+        return list(dataset[field] if limit is None else dataset[:limit][field])
+
+
+def _read_rows(name: str, path: Path, limit: int | None) -> list[str]:
+    """Rows of a local file under the hub's rules (../shared/README.md)."""
+    if name == "c4":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            rows = [json.loads(line)["text"] for line in itertools.islice(f, limit)]
+    else:
+        with open(path, encoding="utf-8") as f:
+            lines = list(itertools.islice(f, limit))
+        # PTB rows are stripped sentences; WikiText keeps the newline, and a " \n" line is the empty row.
+        rows = [line.strip() for line in lines] if name == "ptb" else ["" if line == " \n" else line for line in lines]
+    if not rows:
+        raise DataError(f"{path} has no rows: replace it with the real {name} file (--data_dir layout: {_LAYOUT})")
+    return rows
+
+
+def _hub_dataset(name: str, split: str):
+    """`datasets.load_dataset` as the reference calls it; imported here so the offline path never needs it."""
+    kwargs, _ = _HUB[name, split]
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"the `datasets` package is not installed, so {name} cannot come from the hub; "
+                        f"pass --data_dir DIR with {_LAYOUT}") from None
+    try:
+        return datasets.load_dataset(**kwargs)
+    except Exception as e:  # offline, unknown dataset, auth, cache: each is fixed the same way
+        raise DataError(f"cannot load {kwargs['path']} ({split}) from the Hugging Face hub ({type(e).__name__}); "
+                        f"pass --data_dir DIR with {_LAYOUT}") from e
+
+
+def _find(data_dir: str | os.PathLike, relpath: str) -> Path | None:
+    """The file `relpath` under data_dir; for a C4 shard, the full shard or else its shortest-named subset."""
+    path = Path(data_dir) / relpath
+    if not relpath.endswith(".json.gz"):
+        return path if path.is_file() else None
+    shards = sorted(path.parent.glob(path.name.removesuffix(".json.gz") + "*.json.gz"), key=lambda p: len(p.name))
+    return shards[0] if shards else None
+
+
+def _source(name: str, split: str, data_dir: str | os.PathLike | None) -> Source:
+    """Resolve a split to the hub (data_dir None) or a local file, raising DataError if the file is missing."""
+    if data_dir is None:
+        return Source(name, split)
+    path = _find(data_dir, _LOCAL[name, split])
+    if path is None and (name, split) == ("wikitext2", "train"):
+        path = _find(data_dir, _WIKITEXT2_FALLBACK)
+        if path is not None:
+            print(f"wikitext2: raw WikiText-2 train split missing ({Path(data_dir) / _LOCAL[name, split]}); "
+                  f"calibrating on {path} instead", file=sys.stderr)
+    if path is None:
+        expected = Path(data_dir) / _LOCAL[name, split]
+        subset = " (or a .firstN subset of it)" if expected.name.endswith(".json.gz") else ""
+        raise DataError(f"missing {expected}{subset}: --data_dir must hold {_LAYOUT}")
+    return Source(name, split, path)
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenized ids, memoised in-process and cached on disk
+
+_MEMO: dict[str, list[torch.Tensor]] = {}
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of all that decides the ids: for a Rust tokenizer its serialisation (vocab, merges, BOS template)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{type(tokenizer).__name__}\n{spec}".encode()).hexdigest()
+
+
+def _cache_key(protocol: str, tokenizer: PreTrainedTokenizerBase, source: Source, *extra) -> str:
+    parts = [_CACHE_VERSION, protocol, _tokenizer_fingerprint(tokenizer), source.fingerprint(), *extra]
+    return f"{protocol}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]}"
+
+
+def _cached(key: str, cache_dir: str | os.PathLike | None,
+            compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """A list of 1-D id tensors from the memo, else `cache_dir/<key>.pt`, else `compute()` (then stored in both)."""
+    if key in _MEMO:
+        return _MEMO[key]
+    path = Path(cache_dir) / f"{key}.pt" if cache_dir is not None else None
+    seqs = _load(path) if path is not None else None
+    if seqs is None:
+        seqs = compute()
+        if path is not None:
+            _save(path, seqs)
+    _MEMO[key] = seqs
+    return seqs
+
+
+def _load(path: Path) -> list[torch.Tensor] | None:
+    """The cached sequences, or None if the file is absent or unreadable (it is then recomputed and rewritten)."""
+    try:
+        blob = torch.load(path, weights_only=True)
+        return list(torch.split(blob["ids"], blob["lengths"].tolist()))
+    except Exception:
+        return None
+
+
+def _save(path: Path, seqs: list[torch.Tensor]) -> None:
+    """Write atomically, so a concurrent or killed run never leaves a half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"ids": torch.cat(seqs), "lengths": torch.tensor([len(s) for s in seqs])}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[torch.Tensor]:
+    """Each text on its own (BOS included); one batched call so a fast tokenizer uses every core."""
+    return [torch.tensor(ids, dtype=torch.int64) for ids in tokenizer(texts)["input_ids"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference protocol
+
+
+def get_eval_ids(name: str, tokenizer: PreTrainedTokenizerBase, seqlen: int,
+                 data_dir: str | None = None, cache_dir: str | None = None) -> torch.Tensor:
+    """(1, N) int64 ids of the evaluation text, tokenized as one string so `</s>` leads once, as in the reference.
+
+    WikiText-2: test rows joined with "\\n\\n"; PTB: test sentences joined with " "; C4: the first 1100 validation
+    documents joined with " ", cut to 256 * seqlen ids (the offline subset has only 1025: all are used).
+    """
+    _check_name(name)
+    split, sep = _EVAL[name]
+    source = _source(name, split, data_dir)
+    limit = _C4_EVAL_DOCS if name == "c4" else None
+    (ids,) = _cached(_cache_key(f"{name}-eval", tokenizer, source), cache_dir,
+                     lambda: _tokenize(tokenizer, [sep.join(source.rows(limit))]))
+    if name == "c4":
+        ids = ids[:_C4_EVAL_WINDOWS * seqlen]
+    if len(ids) < seqlen:
+        raise DataError(f"{name} evaluation text has {len(ids)} tokens; one window of seqlen {seqlen} needs "
+                        f"at least {seqlen}: use a shorter seqlen or a longer {source.path or 'split'}")
+    return ids[None].clone()  # callers may write into it; the memo must not change
+
+
+def get_calibration(name: str, tokenizer: PreTrainedTokenizerBase, nsamples: int, seed: int, seqlen: int,
+                    data_dir: str | None = None, cache_dir: str | None = None) -> torch.Tensor:
+    """(nsamples, seqlen) int64 calibration windows, drawn exactly as the reference draws them.
+
+    WikiText-2 and PTB: train rows joined with " ", tokenized once, windows at uniform random starts.
+    C4: per sample, random train documents until one is longer than seqlen, then a random window in it.
+    A private `random.Random(seed)` gives the same draws as the reference's global `random.seed(seed)`.
+    """
+    _check_name(name)
+    rng = random.Random(seed)
+    source = _source(name, "train", data_dir)
+    if name != "c4":
+        (ids,) = _cached(_cache_key(f"{name}-calib", tokenizer, source), cache_dir,
+                         lambda: _tokenize(tokenizer, [" ".join(source.rows())]))
+        return _text_windows(ids, rng, nsamples, seqlen, f"{name} calibration text ({source.path or 'hub'})")
+    if data_dir is not None:  # ~1k documents: tokenize them all at once, then the draw is cheap
+        docs = _cached(_cache_key("c4-calib", tokenizer, source), cache_dir,
+                       lambda: _tokenize(tokenizer, source.rows()))
+        return _doc_windows(docs, rng, nsamples, seqlen)
+    # The hub shard has 356k documents and the draw reads a few thousand: tokenize those lazily, cache the windows.
+    windows = _cached(_cache_key("c4-hub-calib", tokenizer, source, nsamples, seed, seqlen), cache_dir,
+                      lambda: list(_doc_windows(_LazyDocs(_hub_dataset("c4", "train"), tokenizer),
+                                                rng, nsamples, seqlen)))
+    return torch.stack(windows)
+
+
+def _text_windows(ids: torch.Tensor, rng: random.Random, nsamples: int, seqlen: int, what: str) -> torch.Tensor:
+    if len(ids) < seqlen + 1:
+        raise DataError(f"{what} has {len(ids)} tokens; seqlen {seqlen} needs at least {seqlen + 1}: "
+                        f"use a shorter seqlen or more text")
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[i:i + seqlen] for i in starts])
+
+
+def _doc_windows(docs: Sequence[torch.Tensor], rng: random.Random, nsamples: int, seqlen: int) -> torch.Tensor:
+    # The reference accepts a document of >= seqlen ids, then crashes drawing a start in one of exactly seqlen;
+    # `>` gives the same windows on every run that worked.
+    windows, rejected, longest = [], set(), 0
+    for _ in range(nsamples):
+        while True:
+            i = rng.randint(0, len(docs) - 1)
+            doc = docs[i]
+            if len(doc) > seqlen:
+                break
+            rejected.add(i)
+            longest = max(longest, len(doc))
+            if len(rejected) == len(docs):
+                raise DataError(f"no C4 training document is longer than seqlen {seqlen} (longest of {len(docs)}: "
+                                f"{longest} tokens); need one of at least {seqlen + 1}: use a shorter seqlen "
+                                f"or more documents")
+        j = rng.randint(0, len(doc) - seqlen - 1)
+        windows.append(doc[j:j + seqlen])
+    return torch.stack(windows)
+
+
+class _LazyDocs(Sequence):
+    """Hub C4 train documents, each tokenized (BOS included) on first access and kept."""
+
+    def __init__(self, dataset, tokenizer: PreTrainedTokenizerBase):
+        self.dataset, self.tokenizer, self.ids = dataset, tokenizer, {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i not in self.ids:
+            self.ids[i] = _tokenize(self.tokenizer, [self.dataset[i]["text"]])[0]
+        return self.ids[i]

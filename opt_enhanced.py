@@ -1,0 +1,505 @@
+"""Compress an OPT model one decoder layer at a time and report perplexity.
+
+    python opt_enhanced.py MODEL DATASET [flags]
+
+MODEL is a hub id (facebook/opt-125m) or a local directory; DATASET (wikitext2, ptb, c4) is the
+calibration set. Flags and defaults follow IST-DASLab's sparsegpt/gptq `opt.py`; the same flags
+give the same perplexities. Perplexity is then measured on WikiText-2, PTB and C4.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import datautils
+from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, find_linears, forward_layer,
+                        hook_inputs, is_local_path, load_opt)
+from quant import QuantGrid, round_to_nearest
+from sparsegpt_enhanced import (LinearStats, PruneSpec, SparseGPT, allocate_budget, allocate_quantile,
+                                channel_metrics, combine_metrics, format_summary, magnitude_prune,
+                                relative_sensitivity, storage_bits, summarize)
+
+# Linear layers of an OPT decoder layer that read the same activations as another one: one Hessian serves them.
+SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj"}
+EVAL_DATASETS = ("wikitext2", "ptb", "c4")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run (the CLI flags), saved with its results."""
+
+    model: str
+    dataset: str
+    seed: int = 0
+    nsamples: int = 128
+    percdamp: float = 0.01
+    sparsity: float = 0.0
+    prunen: int = 0
+    prunem: int = 0
+    blocksize: int = 128
+    gmp: bool = False
+    wbits: int = 16
+    minlayer: int = -1
+    maxlayer: int = 1000
+    prune_only: str = ""
+    invert: bool = False
+    save: str = ""
+    groupsize: int = -1
+    sym: bool = False
+    nearest: bool = False
+    seqlen: int = 0
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    results_json: str = ""
+    target_avg_bits: float | None = None
+    bit_method: str = "quantile"
+    bit_scope: str = "layer"
+    bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
+    eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
+    batch_size: int = 8
+    device: str = ""
+    quiet: bool = False
+
+    @property
+    def prune(self) -> PruneSpec:
+        return PruneSpec(self.sparsity, self.prunen, self.prunem)
+
+    @property
+    def quantize(self) -> bool:
+        return self.wbits < 16
+
+    @property
+    def mixed(self) -> bool:
+        return self.target_avg_bits is not None
+
+    def selected(self, layer: int, name: str) -> bool:
+        """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""
+        inside = self.minlayer <= layer < self.maxlayer and self.prune_only in name
+        return inside != self.invert
+
+
+class UsageError(ValueError):
+    """A bad flag combination: reported in one line before any work starts."""
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject what would waste a run, each with the fix in the message."""
+    if not 0 <= cfg.sparsity < 1:
+        raise UsageError(f"--sparsity {cfg.sparsity} is outside [0, 1)")
+    if (cfg.prunen > 0) != (cfg.prunem > 0):
+        raise UsageError("give both --prunen and --prunem (e.g. --prunen 2 --prunem 4)")
+    if cfg.prunen and (cfg.prunen < 0 or cfg.prunen >= cfg.prunem):
+        raise UsageError(f"--prunen {cfg.prunen} must be below --prunem {cfg.prunem}")
+    if cfg.prunen and cfg.sparsity:
+        raise UsageError("use either --sparsity or --prunen/--prunem, not both")
+    if sorted(set(cfg.bit_options)) != sorted(cfg.bit_options) or not cfg.bit_options or \
+            any(b < 1 or b > 16 for b in cfg.bit_options):
+        raise UsageError(f"--bit_options {cfg.bit_options}: give distinct widths in 1..16, e.g. 2,3,4,6,8")
+    if cfg.wbits != 16 and cfg.wbits not in cfg.bit_options:
+        raise UsageError(f"--wbits {cfg.wbits} is not among --bit_options {','.join(map(str, cfg.bit_options))} (or 16 = off)")
+    if len(cfg.importance_weights) != 5 or any(w < 0 for w in cfg.importance_weights) or sum(cfg.importance_weights) == 0:
+        raise UsageError("--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1")
+    if cfg.mixed:
+        if not cfg.quantize:
+            raise UsageError("--target_avg_bits needs a base width: add --wbits 4 (or another of --bit_options)")
+        lo, hi = min(cfg.bit_options), max(cfg.bit_options)
+        if not lo <= cfg.target_avg_bits <= hi:
+            raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} is outside [{lo}, {hi}] of --bit_options")
+        if cfg.nearest:
+            raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
+    if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model"):
+        raise UsageError("--bit_method is quantile|budget, --bit_scope is layer|model")
+    if cfg.nearest and not cfg.quantize:
+        raise UsageError("--nearest rounds weights: add --wbits 4 (or another width)")
+    if cfg.nearest and cfg.prune.active and not cfg.gmp:
+        raise UsageError("--nearest does not prune; add --gmp for magnitude pruning or drop --nearest")
+    if cfg.gmp and not cfg.prune.active:
+        raise UsageError("--gmp needs --sparsity (or --prunen/--prunem)")
+    if cfg.gmp and cfg.quantize and not cfg.nearest:
+        raise UsageError("--gmp is a pruning baseline; add --nearest to also round weights")
+    if cfg.dataset not in datautils.DATASETS or any(d not in datautils.DATASETS for d in cfg.eval):
+        raise UsageError(f"unknown dataset; choose from {', '.join(datautils.DATASETS)}")
+    if cfg.nsamples < 1 or cfg.blocksize < 1 or cfg.batch_size < 1:
+        raise UsageError("--nsamples, --blocksize and --batch_size must be positive")
+    if is_local_path(cfg.model) and not os.path.isdir(os.path.expanduser(cfg.model)):
+        raise UsageError(f"model directory not found: {cfg.model}")
+    if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
+        raise UsageError(f"--data_dir {cfg.data_dir} is not a directory")
+    if cfg.save and os.path.exists(cfg.save) and (not os.path.isdir(cfg.save) or os.listdir(cfg.save)):
+        raise UsageError(f"--save {cfg.save} exists and is not empty; choose a new directory")
+
+
+# ---------------------------------------------------------------- compression
+
+
+class Log:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+
+def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
+                     dev: torch.device) -> dict[str, SparseGPT]:
+    """One SparseGPT (Hessian) per distinct input among `names`, filled by a forward pass."""
+    linears = find_linears(layer)
+    keys = sorted({SHARED_INPUT.get(n, n) for n in names})
+    solvers = {k: SparseGPT(linears[k].in_features, dev) for k in keys}
+    handles = hook_inputs({k: linears[k] for k in keys}, lambda k, x: solvers[k].add_batch(x))
+    try:
+        forward_layer(layer, hidden, kwargs, cfg.batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return solvers
+
+
+def importance(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig, across_layers: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(five raw metrics, combined importance) of each input channel of `weight`.
+
+    Within a layer the metrics are normalised to mean 1; to compare channels across layers
+    (`across_layers`), each layer's scores are scaled by its relative rounding error at the base
+    width, spread over its channels, so layers that lose more of their output get more bits."""
+    factor = solver.inverse_factor(cfg.percdamp)
+    W = weight.float().clone()
+    W[:, factor.dead] = 0
+    H = solver.hessian
+    metrics = channel_metrics(W, torch.diag(H), solver.peak, factor.inverse_diag,
+                              round_to_nearest(W, cfg.wbits, cfg.sym, cfg.groupsize))
+    combined = combine_metrics(metrics, tuple(cfg.importance_weights))
+    if across_layers:
+        combined = combined * relative_sensitivity(W, H, metrics[4]) / W.shape[1]
+    return metrics, combined
+
+
+def allocate(scores: torch.Tensor, size: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    method = allocate_budget if cfg.bit_method == "budget" else allocate_quantile
+    return method(scores.cpu(), size.cpu(), cfg.bit_options, cfg.target_avg_bits)
+
+
+def selected_names(layer: nn.Module, i: int, cfg: RunConfig) -> list[str]:
+    return [n for n in find_linears(layer) if cfg.selected(i, n)]
+
+
+def plan_model_bits(model: nn.Module, hidden: torch.Tensor, kwargs: dict, cfg: RunConfig, dev: torch.device,
+                    log: Log) -> dict[str, torch.Tensor]:
+    """--bit_scope model: score every channel on the dense model, then one allocation for all."""
+    layers = model.model.decoder.layers
+    names, scores, sizes = [], [], []
+    hidden = hidden.clone()
+    for i, layer in enumerate(layers):
+        layer.to(dev)
+        linears = find_linears(layer)
+        chosen = selected_names(layer, i, cfg)
+        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev)
+        for n in chosen:
+            _, imp = importance(linears[n].weight.data, solvers[SHARED_INPUT.get(n, n)], cfg, across_layers=True)
+            names.append(f"model.decoder.layers.{i}.{n}")
+            scores.append(imp)
+            sizes.append(torch.full_like(imp, linears[n].out_features))
+        forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
+        layer.to("cpu" if dev.type == "cuda" and cfg_offload(model) else dev)
+        log(f"scored layer {i + 1}/{len(layers)}")
+    bits = allocate(torch.cat(scores), torch.cat(sizes), cfg)
+    out, at = {}, 0
+    for n, s in zip(names, scores):
+        out[n] = bits[at:at + len(s)]
+        at += len(s)
+    return out
+
+
+def cfg_offload(model: nn.Module) -> bool:
+    return getattr(model, "_offload", False)
+
+
+@dataclass
+class Compressed:
+    """What compression produced besides the new weights: statistics and, per quantized Linear
+    (by its name in the model), the grid ranges and bit map a packed export needs."""
+
+    stats: list[LinearStats]
+    grids: dict[str, QuantGrid]
+    bits: dict[str, torch.Tensor]
+
+
+@torch.no_grad()
+def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: torch.device, log: Log) -> Compressed:
+    """The sequential loop: each layer is calibrated on the outputs of the already-compressed
+    layers before it, compressed, and its compressed outputs feed the next layer."""
+    layers = model.model.decoder.layers
+    out = Compressed([], {}, {})
+    calibrated = not (cfg.gmp or cfg.nearest)
+    hidden = kwargs = None
+    if calibrated:
+        hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
+    plan = plan_model_bits(model, hidden, kwargs, cfg, dev, log) if cfg.mixed and cfg.bit_scope == "model" else {}
+    for i, layer in enumerate(layers):
+        tick = time.time()
+        layer.to(dev)
+        linears = find_linears(layer)
+        chosen = selected_names(layer, i, cfg)
+        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev) if calibrated and chosen else {}
+        for n in chosen:
+            name = f"model.decoder.layers.{i}.{n}"
+            stats, grid, bits = compress_linear(name, linears[n], solvers.get(SHARED_INPUT.get(n, n)), plan, cfg)
+            out.stats.append(stats)
+            if grid is not None:
+                out.grids[name], out.bits[name] = grid, bits
+        if calibrated:
+            forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
+            check_finite(hidden, f"output of decoder layer {i}")
+        if cfg_offload(model):
+            layer.to("cpu")
+        log(f"layer {i + 1}/{len(layers)} done in {time.time() - tick:.2f}s")
+    return out
+
+
+def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan: dict[str, torch.Tensor],
+                    cfg: RunConfig) -> tuple[LinearStats, QuantGrid | None, torch.Tensor | None]:
+    tick = time.time()
+    W = linear.weight.data
+    check_finite(W, f"weight of {name}")
+    rows, columns = W.shape
+    bits = metrics = None
+    if cfg.quantize:
+        bits = torch.full((columns,), cfg.wbits, dtype=torch.int64)
+    if cfg.mixed:
+        if name in plan:
+            bits = plan[name]
+            metrics, imp = importance(W, solver, cfg)
+        else:
+            metrics, imp = importance(W, solver, cfg)
+            bits = allocate(imp, torch.full_like(imp, rows), cfg)
+    error, damping = 0.0, cfg.percdamp
+    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize) if cfg.quantize else None
+    if solver is None:
+        Q = magnitude_prune(W.float(), cfg.prune) if cfg.gmp else W.float()
+        if cfg.nearest:
+            Q = round_to_nearest(Q, cfg.wbits, cfg.sym, cfg.groupsize)
+    elif cfg.prune.active or cfg.quantize:
+        result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp)
+        Q, error, damping = result.weight, result.error, solver.inverse_factor(cfg.percdamp).percdamp
+    else:
+        Q = W.float()
+    linear.weight.data = Q.to(W.dtype)
+    imp_range = None
+    if cfg.mixed:
+        comb = combine_metrics(metrics, tuple(cfg.importance_weights))
+        imp_range = (comb.min().item(), comb.max().item())
+    groups = grid.xmin.shape[1] if grid is not None else 1
+    stats = LinearStats(
+        name=name, rows=rows, columns=columns, groups=groups, nonzero=int((linear.weight.data != 0).sum()),
+        pruned=cfg.prune.active, bits_per_column=None if bits is None else bits.tolist(),
+        importance_range=imp_range, error=error, damping=damping, seconds=time.time() - tick,
+        storage_bits=storage_bits(linear.weight.data, bits, groups, cfg.prune.active, len(cfg.bit_options)),
+    )
+    return stats, grid, bits
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.device, batch_size: int) -> float:
+    """The SparseGPT protocol: non-overlapping seqlen windows, mean token NLL per window, exp of the mean."""
+    nwin = ids.numel() // seqlen
+    windows = ids[0, : nwin * seqlen].view(nwin, seqlen)
+    hidden, kwargs = capture_layer_inputs(model, windows, dev, batch_size)
+    for layer in model.model.decoder.layers:
+        layer.to(dev)
+        forward_layer(layer, hidden, kwargs, batch_size, hidden)
+        if cfg_offload(model):
+            layer.to("cpu")
+    dec = model.model.decoder
+    nll = torch.zeros((), dtype=torch.float64, device=dev)
+    for start in range(0, nwin, batch_size):
+        h = hidden[start:start + batch_size]
+        if dec.final_layer_norm is not None:
+            h = dec.final_layer_norm(h)
+        if dec.project_out is not None:
+            h = dec.project_out(h)
+        logits = model.lm_head(h)[:, :-1].float()
+        labels = windows[start:start + batch_size, 1:].to(dev)
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        nll += loss.view(labels.shape).mean(1).double().sum()
+    return math.exp(nll.item() / nwin)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def place(model: nn.Module, dev: torch.device) -> None:
+    """Keep the whole model on the GPU when it fits easily; otherwise only one layer at a time."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    offload = dev.type == "cuda" and size > 0.4 * torch.cuda.mem_get_info(dev)[0]
+    model._offload = offload
+    if offload:
+        for m in decoder_io_modules(model):
+            m.to(dev)
+    else:
+        model.to(dev)
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    log = Log(cfg.quiet)
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    timings: dict[str, float] = {}
+
+    tick = time.time()
+    model = load_opt(cfg.model)
+    seqlen = cfg.seqlen or model.config.max_position_embeddings
+    if seqlen > model.config.max_position_embeddings:
+        raise UsageError(f"--seqlen {seqlen} exceeds the model's {model.config.max_position_embeddings} positions")
+    tokenizer = datautils.get_tokenizer(cfg.model)
+    timings["load"] = time.time() - tick
+
+    tick = time.time()
+    calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
+                                            cfg.data_dir, cfg.cache_dir)
+    eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
+    timings["tokenize"] = time.time() - tick
+    log(f"model {cfg.model}: {model.config.num_hidden_layers} layers, seqlen {seqlen}; device {dev}")
+
+    tick = time.time()
+    place(model, dev)
+    stats: list[LinearStats] = []
+    if cfg.prune.active or cfg.quantize:
+        stats = compress(model, calibration, cfg, dev, log).stats
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    timings["compress"] = time.time() - tick
+
+    ppl: dict[str, float] = {}
+    tick = time.time()
+    for d, ids in eval_ids.items():
+        ppl[d] = perplexity(model, ids, seqlen, dev, cfg.batch_size)
+        log(f"{d} perplexity: {ppl[d]:.3f}")
+    timings["evaluate"] = time.time() - tick
+
+    summary = None
+    if cfg.quantize:
+        summary = summarize(stats)
+        if summary.channels == 0:
+            raise RuntimeError("quantization was requested but no channel was quantized (check --minlayer/--maxlayer/--prune_only)")
+        log(format_summary(summary, stats))
+    results = {
+        "config": asdict(cfg),
+        "perplexity": ppl,
+        "timings": timings,
+        "summary": None if summary is None else asdict(summary),
+        "layers": [asdict(s) for s in stats],
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+    }
+    if cfg.save:
+        save_model(model, tokenizer, results, cfg.save)
+    if cfg.results_json:
+        write_json(results, cfg.results_json)
+    return results
+
+
+def write_json(obj: Any, path: str) -> None:
+    """Atomic: a reader never sees half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) -> None:
+    """A from_pretrained-loadable checkpoint, written to a temporary directory and renamed."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".save-")
+    try:
+        model.to("cpu").save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(results, os.path.join(tmp, "compression.json"))
+        if os.path.isdir(path):
+            os.rmdir(path)  # validated empty
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _list(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="hub id (facebook/opt-125m) or local model directory")
+    p.add_argument("dataset", choices=datautils.DATASETS, help="calibration data")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling the calibration windows")
+    p.add_argument("--nsamples", type=int, default=128, help="number of calibration windows")
+    p.add_argument("--percdamp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--sparsity", type=float, default=0.0, help="unstructured sparsity in [0, 1)")
+    p.add_argument("--prunen", type=int, default=0, help="N of N:M sparsity")
+    p.add_argument("--prunem", type=int, default=0, help="M of N:M sparsity")
+    p.add_argument("--blocksize", type=int, default=128, help="columns per lazy-update block (and mask block)")
+    p.add_argument("--gmp", action="store_true", help="magnitude pruning baseline (no calibration)")
+    p.add_argument("--wbits", type=int, default=16, help="weight bits; 16 = no quantization")
+    p.add_argument("--minlayer", type=int, default=-1, help="compress layers with index >= this")
+    p.add_argument("--maxlayer", type=int, default=1000, help="compress layers with index < this")
+    p.add_argument("--prune_only", type=str, default="", help="compress only Linear layers whose name contains this")
+    p.add_argument("--invert", action="store_true", help="invert the layer selection")
+    p.add_argument("--save", type=str, default="", help="write a from_pretrained checkpoint to this (new) directory")
+    p.add_argument("--groupsize", type=int, default=-1, help="columns per quantization group; -1 = one grid per row")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization grid")
+    p.add_argument("--nearest", action="store_true", help="round-to-nearest baseline (no calibration)")
+    p.add_argument("--seqlen", type=int, default=0, help="window length; 0 = the model's max positions")
+    p.add_argument("--data_dir", type=str, default=None, help="offline data (layout of ../shared/data)")
+    p.add_argument("--cache_dir", type=str, default=os.environ.get("OPT_ENHANCED_CACHE"),
+                   help="cache of tokenized data (default: $OPT_ENHANCED_CACHE, else none)")
+    p.add_argument("--results_json", type=str, default="", help="write config, perplexities, statistics, timings here")
+    p.add_argument("--target_avg_bits", type=float, default=None, help="mixed precision: average bits per weight")
+    p.add_argument("--bit_method", choices=("quantile", "budget"), default="quantile", help="bit allocator")
+    p.add_argument("--bit_scope", choices=("layer", "model"), default="layer", help="one budget per layer or per model")
+    p.add_argument("--bit_options", type=_list(int), default=[2, 3, 4, 6, 8], help="allowed widths, e.g. 2,3,4,6,8")
+    p.add_argument("--importance_weights", type=_list(float), default=[1.0] * 5,
+                   help="weights of energy,outlier,weight,obs,sensitivity")
+    p.add_argument("--eval", type=_list(str), default=list(EVAL_DATASETS), help="datasets to report perplexity on")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", type=str, default="", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--quiet", action="store_true", help="only errors and the final results")
+    args = p.parse_args(argv)
+    return RunConfig(**vars(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        validate(cfg)
+        results = run(cfg)
+    except (UsageError, datautils.DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ppl = results["perplexity"]
+    print(json.dumps({"perplexity": {k: round(v, 3) for k, v in ppl.items()}, "timings": results["timings"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Uniform integer quantization grids for weight matrices.
+
+One grid per row (or per group of columns within a row), as in GPTQ: the scale and zero
+point come from the range [min(w, 0), max(w, 0)] of that row. Every bit-width derives its
+scale/zero from the same range, so a layer whose columns use different widths stores one
+range per row (group) -- no more than a uniform layer -- plus the per-column bit map.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """Round x onto the grid scale * (q - zero), q in {0..maxq}; returns the dequantized value."""
+    q = torch.clamp(torch.round(x / scale) + zero, torch.zeros_like(maxq), maxq)
+    return scale * (q - zero)
+
+
+def codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """The integer code q of each value (what a packed checkpoint stores)."""
+    return torch.clamp(torch.round(x / scale) + zero, torch.zeros_like(maxq), maxq)
+
+
+def weight_range(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row range (xmin, xmax) of a 2-D weight slice, always containing 0.
+
+    Zero must be representable so that pruned weights stay exactly zero after quantization.
+    Symmetric grids mirror the larger side; an all-zero row gets [-1, 1] to avoid a zero scale.
+    """
+    zeros = torch.zeros(w.shape[0], device=w.device)
+    xmin = torch.minimum(w.min(1)[0], zeros)
+    xmax = torch.maximum(w.max(1)[0], zeros)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    return xmin, xmax
+
+
+def grid_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of a (2**bits)-level grid over [xmin, xmax]; broadcasts over maxq."""
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.zeros_like(scale) + (maxq + 1) / 2
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+@dataclass
+class QuantGrid:
+    """Where the per-row grids of one weight matrix come from.
+
+    `xmin`/`xmax` have shape (rows, ngroups); column j uses group j // groupsize. Ungrouped
+    grids (groupsize = columns) are fixed from the dense weights before solving; grouped ones
+    are filled in by the solver from the error-updated weights when it reaches each group,
+    exactly as GPTQ does.
+    """
+
+    sym: bool
+    groupsize: int
+    xmin: torch.Tensor
+    xmax: torch.Tensor
+
+    @classmethod
+    def for_weight(cls, w: torch.Tensor, sym: bool, groupsize: int = 0) -> "QuantGrid":
+        rows, columns = w.shape
+        if groupsize <= 0 or groupsize >= columns:
+            xmin, xmax = weight_range(w, sym)
+            return cls(sym, columns, xmin[:, None], xmax[:, None])
+        ngroups = -(-columns // groupsize)
+        empty = torch.zeros(rows, ngroups, device=w.device)
+        return cls(sym, groupsize, empty, empty.clone())
+
+    @property
+    def grouped(self) -> bool:
+        return self.xmin.shape[1] > 1
+
+    def fill_groups(self, w: torch.Tensor, start: int, stop: int) -> None:
+        """Set the ranges of the groups that begin in columns [start, stop) of the current weights."""
+        if not self.grouped:
+            return
+        first = -(-start // self.groupsize) * self.groupsize
+        for g0 in range(first, stop, self.groupsize):
+            g = g0 // self.groupsize
+            self.xmin[:, g], self.xmax[:, g] = weight_range(w[:, g0:g0 + self.groupsize], self.sym)
+
+    def column_params(self, start: int, stop: int, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scale, zero (rows, stop-start) and maxq (stop-start,) for columns [start, stop) at widths `bits`."""
+        group = torch.arange(start, stop, device=self.xmin.device) // self.groupsize
+        maxq = (2 ** bits.to(self.xmin.device, torch.int64) - 1).float()
+        scale, zero = grid_params(self.xmin[:, group], self.xmax[:, group], maxq, self.sym)
+        return scale, zero, maxq
+
+
+def round_to_nearest(w: torch.Tensor, bits: int, sym: bool, groupsize: int = 0) -> torch.Tensor:
+    """Round-to-nearest baseline (GPTQ's `--nearest`): each value to its row's (group's) grid."""
+    w = w.float()
+    columns = w.shape[1]
+    grid = QuantGrid.for_weight(w, sym, groupsize)
+    grid.fill_groups(w, 0, columns)
+    scale, zero, maxq = grid.column_params(0, columns, torch.full((columns,), bits))
+    return quantize(w, scale, zero, maxq)

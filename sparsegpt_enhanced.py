@@ -1,0 +1,415 @@
+"""The per-layer solver: SparseGPT pruning with joint GPTQ quantization, per-column bit-widths.
+
+Model-agnostic: it knows a weight matrix W (rows x columns) and the Hessian H = 2/n X^T X of
+the layer's inputs X (n x columns), nothing about the network around them.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from quant import QuantGrid, quantize
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+@dataclass
+class PruneSpec:
+    """What to remove: an unstructured fraction, or N of every M consecutive weights in a row."""
+
+    sparsity: float = 0.0
+    prunen: int = 0
+    prunem: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.sparsity > 0 or self.prunen > 0
+
+
+@dataclass
+class InverseFactor:
+    """Upper Cholesky factor U of the damped H^-1 (H^-1 = U^T U), shared by all weights fed by one input."""
+
+    upper: torch.Tensor
+    inverse_diag: torch.Tensor  # [H^-1]_jj, for OBS saliency
+    dead: torch.Tensor  # input channels that were always zero
+    percdamp: float  # damping actually used (raised if H was not positive definite)
+
+
+@dataclass
+class SolveResult:
+    weight: torch.Tensor  # float32, pruned weights exactly zero
+    mask: torch.Tensor  # True where a weight was pruned
+    error: float  # OBS estimate of the increase in ||XW^T||^2 (sum of (w - q)^2 / [U]_jj^2 / 2)
+
+
+class SparseGPT:
+    """Accumulates H for one input and solves every weight matrix that reads that input."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.columns = columns
+        self.xtx = torch.zeros(columns, columns, device=device)
+        self.peak = torch.zeros(columns, device=device)
+        self.ntokens = 0
+        self._factor: InverseFactor | None = None
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """Add inputs of shape (..., columns); fp32 accumulation whatever the activation dtype."""
+        x = x.reshape(-1, self.columns).float()
+        self.xtx.addmm_(x.t(), x)
+        self.peak = torch.maximum(self.peak, x.abs().amax(0))
+        self.ntokens += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self.ntokens == 0:
+            raise RuntimeError("SparseGPT: no calibration inputs were added")
+        return self.xtx * (2.0 / self.ntokens)
+
+    def inverse_factor(self, percdamp: float, log=print) -> InverseFactor:
+        """Damped inverse Hessian factor; retries with 10x damping if H is not positive definite."""
+        if self._factor is not None and self._factor.percdamp >= percdamp:
+            return self._factor
+        H = self.hessian
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        diag = torch.arange(self.columns, device=H.device)
+        damp_used = percdamp
+        for _ in range(6):
+            Hd = H.clone()
+            Hd[diag, diag] += damp_used * torch.mean(torch.diag(H))
+            L, info = torch.linalg.cholesky_ex(Hd)
+            if info.item() == 0:
+                Hinv = torch.cholesky_inverse(L)
+                U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+                if info.item() == 0 and torch.isfinite(U).all():
+                    self._factor = InverseFactor(U, torch.diag(Hinv), dead, damp_used)
+                    return self._factor
+            retry = max(damp_used * 10, 0.01)
+            log(f"warning: Hessian not positive definite at percdamp={damp_used:g}; retrying with {retry:g}")
+            damp_used = retry
+        raise RuntimeError("Hessian stays singular even with heavy damping (NaN/Inf inputs?)")
+
+    def fasterprune(
+        self,
+        weight: torch.Tensor,
+        prune: PruneSpec,
+        grid: QuantGrid | None = None,
+        bits_per_column: torch.Tensor | None = None,
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+    ) -> SolveResult:
+        """Prune and/or quantize `weight` column by column, pushing each column's error onto the
+        columns not yet processed through H^-1 (OBS update), in lazy blocks of `blocksize`."""
+        factor = self.inverse_factor(percdamp)
+        W = weight.float().clone()
+        W[:, factor.dead] = 0
+        U = factor.upper
+        columns = W.shape[1]
+        mask = torch.zeros_like(W, dtype=torch.bool)
+        error = 0.0
+        for i1 in range(0, columns, blocksize):
+            i2 = min(i1 + blocksize, columns)
+            params = None
+            if grid is not None:
+                grid.fill_groups(W, i1, i2)
+                params = grid.column_params(i1, i2, bits_per_column[i1:i2])
+            Q1, Err1, mask[:, i1:i2], block_error = solve_block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], prune, params)
+            W[:, i1:i2] = Q1
+            W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+            error += block_error
+        return SolveResult(W, mask, error)
+
+
+def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Exactly floor(numel * sparsity) weights of the block with the smallest OBS score w^2 / d^2."""
+    score = (W1 ** 2 / d[None, :] ** 2).flatten()
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    k = int(score.numel() * sparsity)
+    if k > 0:
+        mask[torch.topk(score, k, largest=False).indices] = True
+    return mask.view(W1.shape)
+
+
+def solve_block(
+    W1: torch.Tensor,
+    U1: torch.Tensor,
+    prune: PruneSpec,
+    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The sequential column loop of one block; W1 is updated in place. Returns (Q1, Err1, mask1, error)."""
+    count = W1.shape[1]
+    d = torch.diag(U1)
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    losses = torch.zeros(W1.shape[0], device=W1.device)
+    if prune.prunen == 0 and prune.sparsity > 0:
+        mask1 = unstructured_mask(W1, d, prune.sparsity)
+    else:
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+    for i in range(count):
+        w = W1[:, i]
+        if prune.prunen > 0 and i % prune.prunem == 0:
+            score = W1[:, i:i + prune.prunem] ** 2 / d[None, i:i + prune.prunem] ** 2
+            mask1.scatter_(1, i + torch.topk(score, prune.prunen, dim=1, largest=False).indices, True)
+        q = torch.where(mask1[:, i], 0.0, w)
+        if params is not None:
+            scale, zero, maxq = params
+            q = quantize(q, scale[:, i], zero[:, i], maxq[i])
+        Q1[:, i] = q
+        losses += (w - q) ** 2 / d[i] ** 2
+        err = (w - q) / d[i]
+        W1[:, i:] -= err.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
+        Err1[:, i] = err
+    return Q1, Err1, mask1, losses.sum().item() / 2
+
+
+def magnitude_prune(weight: torch.Tensor, prune: PruneSpec) -> torch.Tensor:
+    """Magnitude baseline (GMP): zero the smallest |w| of the whole matrix, or per N:M group."""
+    W = weight.clone()
+    if prune.prunen > 0:
+        rows, columns = W.shape
+        groups = W[:, : columns - columns % prune.prunem].reshape(rows, -1, prune.prunem)
+        drop = torch.topk(groups.abs(), prune.prunen, dim=2, largest=False).indices
+        groups.scatter_(2, drop, 0)
+        W[:, : groups.shape[1] * prune.prunem] = groups.reshape(rows, -1)
+        return W
+    k = int(W.numel() * prune.sparsity)
+    if k > 0:
+        W.view(-1)[torch.topk(W.abs().flatten(), k, largest=False).indices] = 0
+    return W
+
+
+# ---------------------------------------------------------------- channel importance
+
+METRICS = ("energy", "outlier", "weight", "obs", "sensitivity")
+
+
+def channel_metrics(
+    weight: torch.Tensor, hessian_diag: torch.Tensor, peak: torch.Tensor, inverse_diag: torch.Tensor,
+    quantized: torch.Tensor,
+) -> torch.Tensor:
+    """The five raw importance metrics of every input channel, shape (5, columns).
+
+    energy       sqrt(H_jj) ~ ||X[:, j]||: how much signal the channel carries.
+    outlier      peak |X[:, j]| / rms(X[:, j]): rare large activations that a coarse grid clips.
+    weight       ||W[:, j]||: how much the layer reads from the channel.
+    obs          sum_i W_ij^2 / [H^-1]_jj: OBS cost of removing the channel given all others.
+    sensitivity  H_jj * ||W[:, j] - Q(W[:, j])||^2: output error of rounding it at the base width.
+    """
+    W = weight.float()
+    rms = torch.sqrt(hessian_diag / 2)  # H = 2/n X^T X, so H_jj / 2 is the mean square
+    energy = rms
+    outlier = torch.where(rms > 0, peak / rms.clamp_min(1e-30), torch.zeros_like(rms))
+    col_norm2 = (W ** 2).sum(0)
+    obs = col_norm2 / inverse_diag
+    sensitivity = hessian_diag * ((W - quantized) ** 2).sum(0)
+    return torch.stack([energy, outlier, col_norm2.sqrt(), obs, sensitivity])
+
+
+def combine_metrics(metrics: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+    """Each metric normalised to mean 1 within the layer, then the weighted mean of the five."""
+    mean = metrics.mean(1, keepdim=True)
+    normalised = torch.where(mean > 0, metrics / mean.clamp_min(1e-30), torch.ones_like(metrics))
+    w = torch.tensor(weights, dtype=metrics.dtype, device=metrics.device)
+    return (w[:, None] * normalised).sum(0) / w.sum()
+
+
+def relative_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, sensitivity: torch.Tensor) -> float:
+    """Share of the layer's output energy tr(W H W^T) that rounding at the base width costs."""
+    energy = ((weight @ hessian) * weight).sum()
+    return (sensitivity.sum() / energy.clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- bit allocation
+
+
+def tier_shares(options: list[int], target: float) -> list[float]:
+    """Maximum-entropy shares p_k ∝ exp(λ b_k) over the options whose mean equals `target`.
+
+    At the options' own mean (λ = 0) every tier gets the same share; the exponential family is
+    the most even split the target allows.
+    """
+    b = torch.tensor(options, dtype=torch.float64)
+    lo, hi = -50.0, 50.0
+    for _ in range(200):
+        lam = (lo + hi) / 2
+        p = torch.softmax(lam * b, 0)
+        if (p * b).sum() < target:
+            lo = lam
+        else:
+            hi = lam
+    return torch.softmax((lo + hi) / 2 * b, 0).tolist()
+
+
+def _fix_mean(bits: torch.Tensor, order: torch.Tensor, size: torch.Tensor, options: list[int], target: float) -> torch.Tensor:
+    """Move channels one tier up or down (least important first down, most important first up)
+    until the size-weighted mean is as close to `target` as one move allows."""
+    total = size.sum().item()
+    opts = torch.tensor(options, device=bits.device)
+    tier = torch.searchsorted(opts, bits)
+    for _ in range(4 * len(bits)):
+        mean = (bits.double() * size).sum().item() / total
+        gap = target - mean
+        if gap > 0:  # promote the most important channel that can move up without overshooting
+            for j in order.flip(0).tolist():
+                t = tier[j].item()
+                if t + 1 < len(options):
+                    step = (options[t + 1] - options[t]) * size[j].item() / total
+                    if step <= gap + 1e-12 or abs(gap - step) < abs(gap):
+                        tier[j] = t + 1
+                        bits[j] = options[t + 1]
+                        break
+            else:
+                break
+        elif gap < 0:
+            for j in order.tolist():
+                t = tier[j].item()
+                if t > 0:
+                    step = (options[t] - options[t - 1]) * size[j].item() / total
+                    if step <= -gap + 1e-12 or abs(gap + step) < abs(gap):
+                        tier[j] = t - 1
+                        bits[j] = options[t - 1]
+                        break
+            else:
+                break
+        else:
+            break
+        new_gap = target - (bits.double() * size).sum().item() / total
+        if abs(new_gap) >= abs(gap):
+            break
+    return bits
+
+
+def allocate_quantile(importance: torch.Tensor, size: torch.Tensor, options: list[int], target: float) -> torch.Tensor:
+    """Rank channels by importance and fill the tiers from the bottom by their shares of weights."""
+    options = sorted(options)
+    shares = tier_shares(options, target)
+    order = torch.argsort(importance, stable=True)
+    cum = torch.cumsum(size[order].double(), 0) / size.sum()
+    edges = torch.tensor(shares, dtype=torch.float64).cumsum(0)
+    tier = torch.searchsorted(edges, cum - size[order].double() / size.sum() / 2).clamp_max(len(options) - 1)
+    bits = torch.empty_like(importance, dtype=torch.int64)
+    bits[order] = torch.tensor(options)[tier]
+    return _fix_mean(bits, order, size.double(), options, target)
+
+
+def allocate_budget(importance: torch.Tensor, size: torch.Tensor, options: list[int], target: float) -> torch.Tensor:
+    """Greedy knapsack: start at the lowest width, buy the upgrades with the largest estimated
+    error reduction per extra bit (error ∝ importance · 2^-2b) until the budget is spent.
+
+    Each channel's upgrades have decreasing gain per bit, so one global sort is the greedy order.
+    """
+    options = sorted(options)
+    imp = importance.double().clamp_min(0)
+    b = torch.tensor(options, dtype=torch.float64)
+    err = 2.0 ** (-2 * b)
+    step_bits = (b[1:] - b[:-1])  # (S,)
+    gain = imp[:, None] * (err[:-1] - err[1:])[None, :] / step_bits[None, :]  # (C, S)
+    cost = step_bits[None, :] * size.double()[:, None]  # extra bits of the whole channel
+    order = torch.argsort(gain.flatten(), descending=True, stable=True)
+    budget = (target - options[0]) * size.double().sum()
+    spent = torch.cumsum(cost.flatten()[order], 0)
+    take = order[spent <= budget + 1e-6]
+    steps = torch.zeros(gain.numel(), dtype=torch.int64)
+    steps[take] = 1
+    tier = steps.view(gain.shape).sum(1)
+    bits = torch.tensor(options)[tier]
+    return bits
+
+
+# ---------------------------------------------------------------- statistics
+
+RANGE_BITS = 64  # one fp32 (xmin, xmax) pair per row and group, the source of every width's scale/zero
+
+
+@dataclass
+class LinearStats:
+    """What one compressed Linear cost and where its bits went."""
+
+    name: str
+    rows: int
+    columns: int
+    groups: int
+    nonzero: int  # weights left after pruning (pruned ones are exactly zero)
+    pruned: bool
+    bits_per_column: list[int] | None  # None: not quantized
+    importance_range: tuple[float, float] | None
+    error: float
+    damping: float
+    seconds: float
+    storage_bits: int
+
+    @property
+    def avg_bits(self) -> float | None:
+        return None if self.bits_per_column is None else sum(self.bits_per_column) / self.columns
+
+
+def storage_bits(weight: torch.Tensor, bits_per_column: torch.Tensor | None, groups: int, pruned: bool,
+                 n_options: int) -> int:
+    """Bits of the packed form of one compressed matrix: the kept codes at their column's width,
+    a bitmask if pruned, a per-column bit map if widths differ, and the per-row(group) ranges."""
+    rows, columns = weight.shape
+    if bits_per_column is None:
+        return 16 * rows * columns
+    kept = (weight != 0).sum(0) if pruned else torch.full((columns,), rows, device=weight.device)
+    codes = int((kept.cpu() * bits_per_column.cpu()).sum())
+    mask = rows * columns if pruned else 0
+    mixed = len(set(bits_per_column.tolist())) > 1
+    bitmap = columns * max(1, math.ceil(math.log2(n_options))) if mixed else 0
+    return codes + mask + bitmap + RANGE_BITS * rows * groups
+
+
+@dataclass
+class Summary:
+    channels: int
+    bit_counts: dict[int, int]
+    avg_bits: float  # mean over channels
+    avg_bits_weighted: float  # mean over weights (channels weighted by rows)
+    effective_bits: float  # storage bits per weight, everything counted
+    sparsity: float
+
+
+def summarize(stats: list[LinearStats]) -> Summary:
+    quantized = [s for s in stats if s.bits_per_column is not None]
+    counts: dict[int, int] = {}
+    for s in quantized:
+        for b in s.bits_per_column:
+            counts[b] = counts.get(b, 0) + 1
+    channels = sum(s.columns for s in quantized)
+    weights = sum(s.rows * s.columns for s in stats)
+    qweights = sum(s.rows * s.columns for s in quantized)
+    return Summary(
+        channels=channels,
+        bit_counts=dict(sorted(counts.items())),
+        avg_bits=sum(b * c for b, c in counts.items()) / channels if channels else 0.0,
+        avg_bits_weighted=sum(s.rows * sum(s.bits_per_column) for s in quantized) / qweights if qweights else 0.0,
+        effective_bits=sum(s.storage_bits for s in stats) / weights if weights else 0.0,
+        sparsity=1 - sum(s.nonzero for s in stats) / weights if weights else 0.0,
+    )
+
+
+def format_summary(summary: Summary, stats: list[LinearStats]) -> str:
+    bar = "=" * 72
+    lines = [bar, "量化统计摘要 (Quantization Statistics Summary)", bar,
+             f"总通道数 (Total channels): {summary.channels}", "位宽分布 (Bit distribution):"]
+    for b, c in summary.bit_counts.items():
+        lines.append(f"  {b}-bit: {c:8d} channels ({100 * c / summary.channels:5.1f}%)")
+    lines += [
+        f"平均位宽 (Average bits): {summary.avg_bits:.3f} per channel, {summary.avg_bits_weighted:.3f} per weight",
+        f"有效存储 (Effective storage): {summary.effective_bits:.3f} bits/weight "
+        "(codes + scales/zeros + sparsity mask + bit map)",
+        f"稀疏度 (Sparsity): {100 * summary.sparsity:.2f}%",
+        "每层统计 (Per-layer): name, average bits, importance range",
+    ]
+    for s in stats:
+        if s.bits_per_column is None:
+            continue
+        rng = "" if s.importance_range is None else f"  [{s.importance_range[0]:.3g}, {s.importance_range[1]:.3g}]"
+        lines.append(f"  {s.name:48s} {s.avg_bits:5.2f}{rng}")
+    lines.append(bar)
+    return "\n".join(lines)

@@ -1,0 +1,352 @@
+"""Tests on tiny OPT models built here; CPU, seconds each. Run: python -m pytest -q"""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+import opt_enhanced as oe
+from quant import QuantGrid, quantize, round_to_nearest
+from sparsegpt_enhanced import (PruneSpec, SparseGPT, allocate_budget, allocate_quantile, magnitude_prune,
+                                tier_shares)
+
+OPTIONS = [2, 3, 4, 6, 8]
+
+
+def tiny_model(layers: int = 2, hidden: int = 32, ffn: int = 64, vocab: int = 64, positions: int = 64) -> OPTForCausalLM:
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
+                    num_attention_heads=4, max_position_embeddings=positions, word_embed_proj_dim=hidden,
+                    dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    return OPTForCausalLM(cfg).eval()
+
+
+def correlated_inputs(n: int, columns: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with correlated channels and a few loud ones, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(columns, columns, generator=g) / math.sqrt(columns)
+    scale = torch.ones(columns)
+    scale[:3] = 8.0
+    return (torch.randn(n, columns, generator=g) @ mix + 0.3 * torch.randn(n, columns, generator=g)) * scale
+
+
+def solver_for(x: torch.Tensor) -> SparseGPT:
+    s = SparseGPT(x.shape[1])
+    s.add_batch(x)
+    return s
+
+
+def grid_codes(Q: torch.Tensor, W: torch.Tensor, bits: torch.Tensor, sym: bool = False) -> torch.Tensor:
+    """(Q / scale + zero) per column at its own width, using the dense weight's per-row ranges."""
+    grid = QuantGrid.for_weight(W, sym)
+    scale, zero, maxq = grid.column_params(0, W.shape[1], bits)
+    return Q / scale + zero, maxq
+
+
+def run_cfg(model, calib, **kw) -> list:
+    cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=calib.shape[0], blocksize=16, **kw)
+    oe.validate(cfg)
+    return oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True)).stats
+
+
+# ---------------------------------------------------------------- solver
+
+
+def test_unstructured_sparsity_is_exact_per_block():
+    W = torch.randn(24, 40)
+    res = solver_for(correlated_inputs(256, 40)).fasterprune(W, PruneSpec(sparsity=0.5), blocksize=16)
+    # blocks of 16, 16 and 8 columns: floor(24*16*0.5) + floor(24*16*0.5) + floor(24*8*0.5)
+    assert int(res.mask.sum()) == 192 + 192 + 96
+    assert torch.all(res.weight[res.mask] == 0)
+    assert int((res.weight == 0).sum()) == 480
+
+
+def test_nm_pattern_holds_in_every_group():
+    W = torch.randn(16, 32)
+    res = solver_for(correlated_inputs(256, 32)).fasterprune(W, PruneSpec(prunen=2, prunem=4), blocksize=16)
+    zeros = (res.weight == 0).view(16, 8, 4).sum(2)
+    assert torch.all(zeros == 2)
+    assert torch.equal(res.mask, res.weight == 0)
+
+
+def test_joint_quantization_keeps_pruned_zero_and_values_on_grid():
+    W = torch.randn(16, 48)
+    bits = torch.full((48,), 4)
+    grid = QuantGrid.for_weight(W, sym=False)
+    res = solver_for(correlated_inputs(256, 48)).fasterprune(W, PruneSpec(sparsity=0.5), grid, bits, blocksize=16)
+    assert torch.all(res.weight[res.mask] == 0)
+    assert int(res.mask.sum()) == 16 * 48 // 2
+    q, maxq = grid_codes(res.weight, W, bits)
+    assert torch.allclose(q, q.round(), atol=1e-3)
+    assert q.round().min() >= 0 and q.round().max() <= 15
+
+
+def test_lazy_blocks_are_an_exact_reformulation():
+    """GPTQ with lazy updates gives the same result whatever the block size."""
+    W = torch.randn(12, 64)
+    x = correlated_inputs(512, 64)
+    bits = torch.full((64,), 3)
+    s = solver_for(x)
+    a = s.fasterprune(W, PruneSpec(), QuantGrid.for_weight(W, False), bits, blocksize=64).weight
+    b = s.fasterprune(W, PruneSpec(), QuantGrid.for_weight(W, False), bits, blocksize=8).weight
+    assert (a != b).float().mean() < 0.01  # only rounding ties may flip
+
+
+def test_gptq_beats_round_to_nearest_on_the_layer_output():
+    W = torch.randn(32, 64)
+    x = correlated_inputs(1024, 64, seed=1)
+    q = solver_for(x).fasterprune(W, PruneSpec(), QuantGrid.for_weight(W, False), torch.full((64,), 3)).weight
+    rtn = round_to_nearest(W, 3, sym=False)
+    err = lambda Q: ((x @ (W - Q).t()) ** 2).sum()
+    assert err(q) < 0.7 * err(rtn)
+
+
+def test_groups_give_each_group_its_own_grid():
+    W = torch.randn(8, 64)
+    W[:, 32:] *= 10
+    res = solver_for(correlated_inputs(256, 64)).fasterprune(
+        W, PruneSpec(), grid := QuantGrid.for_weight(W, False, groupsize=32), torch.full((64,), 4), blocksize=32)
+    assert grid.xmin.shape == (8, 2)
+    assert torch.all(grid.xmax[:, 1] > 3 * grid.xmax[:, 0])
+    scale, zero, maxq = grid.column_params(0, 64, torch.full((64,), 4))
+    q = res.weight / scale + zero
+    assert torch.allclose(q, q.round(), atol=1e-3)
+
+
+def test_mixed_bits_each_column_on_its_own_grid():
+    W = torch.randn(16, 40)
+    bits = torch.tensor(OPTIONS * 8)
+    grid = QuantGrid.for_weight(W, sym=False)
+    res = solver_for(correlated_inputs(256, 40)).fasterprune(W, PruneSpec(sparsity=0.5), grid, bits, blocksize=16)
+    q, maxq = grid_codes(res.weight, W, bits)
+    assert torch.allclose(q, q.round(), atol=1e-3)
+    assert torch.all(q.round() <= maxq) and torch.all(q.round() >= 0)
+    assert torch.all(res.weight[res.mask] == 0)
+
+
+def test_damping_retry_on_singular_hessian(capsys):
+    x = torch.randn(4, 16)
+    x = torch.cat([x, x], 1)  # duplicate channels and 4 samples: H is rank 4 of 32
+    s = solver_for(x)
+    logs = []
+    factor = s.inverse_factor(0.0, log=logs.append)
+    assert factor.percdamp > 0 and len(logs) >= 1 and "not positive definite" in logs[0]
+    res = s.fasterprune(torch.randn(8, 32), PruneSpec(sparsity=0.5), percdamp=0.0)
+    assert torch.isfinite(res.weight).all()
+
+
+def test_dead_input_channels_are_zeroed():
+    x = correlated_inputs(128, 16)
+    x[:, 5] = 0
+    res = solver_for(x).fasterprune(torch.randn(4, 16), PruneSpec(), QuantGrid.for_weight(torch.randn(4, 16), False),
+                                    torch.full((16,), 4))
+    assert torch.all(res.weight[:, 5] == 0)
+
+
+def test_magnitude_prune_exact():
+    W = torch.randn(10, 20)
+    P = magnitude_prune(W, PruneSpec(sparsity=0.3))
+    assert int((P == 0).sum()) == 60
+    assert P[P != 0].abs().min() >= W.abs().flatten().sort().values[60 - 1]
+    P = magnitude_prune(W, PruneSpec(prunen=2, prunem=4))
+    assert torch.all((P == 0).view(10, 5, 4).sum(2) == 2)
+
+
+def test_round_to_nearest_matches_reference_formula():
+    W = torch.randn(6, 10)
+    xmin = torch.minimum(W.min(1).values, torch.zeros(6))
+    xmax = torch.maximum(W.max(1).values, torch.zeros(6))
+    scale = ((xmax - xmin) / 15)[:, None]
+    zero = torch.round(-xmin[:, None] / scale)
+    expect = scale * (torch.clamp(torch.round(W / scale) + zero, 0, 15) - zero)
+    assert torch.equal(round_to_nearest(W, 4, sym=False), expect)
+
+
+# ---------------------------------------------------------------- allocators
+
+
+@pytest.mark.parametrize("target", [2.5, 3.0, 3.5, 4.0, 4.6, 5.0, 6.5])
+def test_quantile_hits_target(target):
+    imp = torch.rand(384) ** 4
+    bits = allocate_quantile(imp, torch.ones(384), OPTIONS, target)
+    assert set(bits.tolist()) <= set(OPTIONS)
+    assert abs(bits.float().mean().item() - target) <= 0.01
+    # more important channels never get fewer bits than less important ones, except for the final fix-up moves
+    order = torch.argsort(imp)
+    assert (bits[order][1:] < bits[order][:-1]).sum() <= 3
+
+
+def test_quantile_natural_mean_is_equal_shares():
+    shares = tier_shares(OPTIONS, 4.6)
+    assert all(abs(p - 0.2) < 1e-6 for p in shares)
+    bits = allocate_quantile(torch.arange(500.0), torch.ones(500), OPTIONS, 4.6)
+    assert [int((bits == b).sum()) for b in OPTIONS] == [100] * 5
+
+
+@pytest.mark.parametrize("target", [2.5, 3.0, 4.0, 5.5])
+def test_budget_spends_target_within_one_channel(target):
+    imp = torch.rand(300) ** 6
+    size = torch.randint(1, 5, (300,)).double()
+    bits = allocate_budget(imp, size, OPTIONS, target)
+    assert set(bits.tolist()) <= set(OPTIONS)
+    spent = (bits.double() * size).sum().item()
+    assert 0 <= target * size.sum().item() - spent <= 2 * size.max().item() + 1e-6
+    assert bits[imp.argmax()] >= bits[imp.argmin()]
+
+
+def test_budget_gives_bits_to_important_channels():
+    imp = torch.ones(100)
+    imp[:5] = 1e4
+    bits = allocate_budget(imp, torch.ones(100), OPTIONS, 4.0)
+    assert torch.all(bits[:5] > 4) and abs(bits.float().mean().item() - 4.0) <= 0.02
+
+
+# ---------------------------------------------------------------- model loop
+
+
+def test_compress_tiny_model_exact_sparsity_every_layer():
+    model = tiny_model()
+    stats = run_cfg(model, torch.randint(0, 64, (8, 64)), sparsity=0.5)
+    assert len(stats) == 12  # 2 layers x (q, k, v, out, fc1, fc2)
+    for s in stats:
+        assert s.nonzero == s.rows * s.columns // 2, s.name
+
+
+def test_wbits_alone_runs_gptq():
+    model = tiny_model()
+    before = model.model.decoder.layers[0].fc1.weight.detach().clone()
+    stats = run_cfg(model, torch.randint(0, 64, (8, 64)), wbits=4)
+    after = model.model.decoder.layers[0].fc1.weight
+    assert not torch.equal(before, after)
+    assert len(torch.unique(after[0])) <= 16
+    assert all(s.bits_per_column == [4] * s.columns for s in stats)
+
+
+def test_mixed_precision_totals_and_targets():
+    model = tiny_model()
+    stats = run_cfg(model, torch.randint(0, 64, (8, 64)), wbits=4, target_avg_bits=3.5, bit_method="quantile")
+    summary = oe.summarize(stats)
+    assert summary.channels == 2 * (5 * 32 + 64)
+    assert sum(summary.bit_counts.values()) == summary.channels
+    assert set(summary.bit_counts) <= set(OPTIONS)
+    for s in stats:
+        assert abs(s.avg_bits - 3.5) <= 0.01 + 1 / s.columns, s.name
+
+
+def test_model_scope_budget_hits_global_target():
+    model = tiny_model()
+    with torch.no_grad():  # three loud input channels into layer 0's attention
+        model.model.decoder.layers[0].self_attn_layer_norm.weight[:3] *= 30
+    stats = run_cfg(model, torch.randint(0, 64, (8, 64)), wbits=4, target_avg_bits=3.0, bit_method="budget",
+                    bit_scope="model")
+    summary = oe.summarize(stats)
+    assert abs(summary.avg_bits_weighted - 3.0) <= 0.05
+    assert len({s.avg_bits for s in stats}) > 3  # layers get different shares of one budget
+
+
+def test_known_tiny_perplexity_uniform_logits():
+    """Zero output embedding => uniform logits => perplexity equals the vocabulary size."""
+    model = tiny_model(vocab=50)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    ids = torch.randint(0, 50, (1, 64 * 3 + 5))
+    assert abs(oe.perplexity(model, ids, 64, torch.device("cpu"), 2) - 50) < 1e-3
+
+
+def test_perplexity_batching_does_not_change_result():
+    model = tiny_model()
+    ids = torch.randint(0, 64, (1, 64 * 5))
+    a = oe.perplexity(model, ids, 64, torch.device("cpu"), 1)
+    b = oe.perplexity(model, ids, 64, torch.device("cpu"), 4)
+    assert abs(a - b) / a < 1e-5
+
+
+def test_reference_filter_minlayer_prune_only():
+    model = tiny_model()
+    stats = run_cfg(model, torch.randint(0, 64, (4, 64)), sparsity=0.5, minlayer=1, prune_only="fc")
+    assert [s.name for s in stats] == ["model.decoder.layers.1.fc1", "model.decoder.layers.1.fc2"]
+    assert not torch.any(model.model.decoder.layers[0].fc1.weight == 0)
+
+
+# ---------------------------------------------------------------- CLI end to end
+
+
+def write_tokenizer(path: Path) -> None:
+    """A byte-level BPE with no merges: every byte is a token (enough to exercise the real loaders)."""
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    shifted = iter(range(256, 512))  # GPT-2's byte-to-character map: unprintable bytes move past 255
+    for byte in range(256):
+        vocab[chr(byte if byte in printable else next(shifted))] = len(vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "bos_token": "</s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "add_prefix_space": False}))
+
+
+def write_data(root: Path, words: int = 4000) -> None:
+    g = torch.Generator().manual_seed(0)
+    lexicon = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "with", "it"]
+    def text(n):
+        return " ".join(lexicon[i] for i in torch.randint(0, len(lexicon), (n,), generator=g).tolist())
+    (root / "wikitext-2-raw").mkdir(parents=True)
+    (root / "wikitext-2-raw" / "wiki.test.raw").write_text("".join(f" {text(40)} \n \n" for _ in range(words // 40)))
+    (root / "wikitext-2-raw" / "wiki.train.raw").write_text("".join(f" {text(40)} \n" for _ in range(words // 40)))
+    (root / "ptb").mkdir()
+    for split in ("train", "valid", "test"):
+        (root / "ptb" / f"ptb.{split}.txt").write_text("".join(f" {text(20)} \n" for _ in range(words // 20)))
+    (root / "c4").mkdir()
+    for name in ("c4-train.00000-of-01024.json.gz", "c4-validation.00000-of-00008.json.gz"):
+        with gzip.open(root / "c4" / name, "wt") as f:
+            for _ in range(30):
+                f.write(json.dumps({"text": text(300)}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_model(vocab=260, positions=128)
+    model.save_pretrained(root / "model")
+    write_tokenizer(root / "model")
+    write_data(root / "data")
+    return root / "model", root / "data"
+
+
+def cli(tiny_dir, tmp_path, *flags) -> tuple[int, dict]:
+    model, data = tiny_dir
+    out = tmp_path / "r.json"
+    code = oe.main([str(model), "c4", "--data_dir", str(data), "--nsamples", "4", "--seqlen", "64", "--quiet",
+                    "--device", "cpu", "--results_json", str(out), *flags])
+    return code, json.loads(out.read_text()) if out.exists() else {}
+
+
+def test_cli_dense_is_bit_identical(tiny_dir, tmp_path):
+    code, res = cli(tiny_dir, tmp_path, "--save", str(tmp_path / "saved"))
+    assert code == 0 and res["summary"] is None
+    a = OPTForCausalLM.from_pretrained(tiny_dir[0]).state_dict()
+    b = OPTForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert set(res["perplexity"]) == {"wikitext2", "ptb", "c4"}
+
+
+def test_cli_mixed_run_reports_statistics(tiny_dir, tmp_path, capsys):
+    code, res = cli(tiny_dir, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "3.0",
+                    "--bit_method", "budget")
+    assert code == 0
+    s = res["summary"]
+    assert s["channels"] == 2 * (5 * 32 + 64)
+    assert abs(s["avg_bits_weighted"] - 3.0) <= 0.03
+    assert all(math.isfinite(v) for v in res["perplexity"].values())
+
+
+def test_cli_guard_target_without_wbits(tiny_dir, tmp_path, capsys):
+    code, res = cli(tiny_dir, tmp_path, "--target_avg_bits", "4.0")
+    assert code == 2 and res == {}
+    assert "--wbits 4" in capsys.readouterr().err
