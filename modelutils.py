@@ -17,10 +17,13 @@ def is_local_path(model: str) -> bool:
     return os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
-def load_opt(model: str) -> nn.Module:
+def load_opt(model: str, quiet: bool = False) -> nn.Module:
     """OPTForCausalLM from a local directory or the hub, in the checkpoint's dtype, eval mode."""
     from transformers import OPTForCausalLM
+    from transformers.utils import logging
 
+    if quiet:
+        logging.disable_progress_bar()
     if is_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"model directory not found: {model}")
     net = OPTForCausalLM.from_pretrained(os.path.expanduser(model) if is_local_path(model) else model, dtype="auto")

@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,6 +55,7 @@ class RunConfig:
     maxlayer: int = 1000
     prune_only: str = ""
     invert: bool = False
+    act_order: bool = False
     save: str = ""
     groupsize: int = -1
     sym: bool = False
@@ -125,6 +127,9 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError("--nearest rounds weights: add --wbits 4 (or another width)")
     if cfg.nearest and cfg.prune.active and not cfg.gmp:
         raise UsageError("--nearest does not prune; add --gmp for magnitude pruning or drop --nearest")
+    if cfg.act_order and (cfg.prunen or cfg.groupsize > 0 or cfg.gmp or cfg.nearest):
+        raise UsageError("--act-order works with unstructured sparsity and per-row grids only; drop it or "
+                         "--prunen/--prunem/--groupsize/--gmp/--nearest")
     if cfg.gmp and not cfg.prune.active:
         raise UsageError("--gmp needs --sparsity (or --prunen/--prunem)")
     if cfg.gmp and cfg.quantize and not cfg.nearest:
@@ -275,32 +280,24 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
     W = linear.weight.data
     check_finite(W, f"weight of {name}")
     rows, columns = W.shape
-    bits = metrics = None
+    bits = imp_range = None
     if cfg.quantize:
         bits = torch.full((columns,), cfg.wbits, dtype=torch.int64)
     if cfg.mixed:
-        if name in plan:
-            bits = plan[name]
-            metrics, imp = importance(W, solver, cfg)
-        else:
-            metrics, imp = importance(W, solver, cfg)
-            bits = allocate(imp, torch.full_like(imp, rows), cfg)
+        _, imp = importance(W, solver, cfg)
+        bits = plan[name] if name in plan else allocate(imp, torch.full_like(imp, rows), cfg)
+        imp_range = (imp.min().item(), imp.max().item())
     error, damping = 0.0, cfg.percdamp
     grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize) if cfg.quantize else None
-    if solver is None:
+    if solver is None:  # the baselines: magnitude pruning and/or round-to-nearest
         Q = magnitude_prune(W.float(), cfg.prune) if cfg.gmp else W.float()
         if cfg.nearest:
-            Q = round_to_nearest(Q, cfg.wbits, cfg.sym, cfg.groupsize)
-    elif cfg.prune.active or cfg.quantize:
-        result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp)
-        Q, error, damping = result.weight, result.error, solver.inverse_factor(cfg.percdamp).percdamp
+            grid = QuantGrid.rounding(Q, cfg.sym, cfg.groupsize)
+            Q = grid.round(Q, bits)
     else:
-        Q = W.float()
+        result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, cfg.act_order)
+        Q, error, damping = result.weight, result.error, solver.inverse_factor(cfg.percdamp, cfg.act_order).percdamp
     linear.weight.data = Q.to(W.dtype)
-    imp_range = None
-    if cfg.mixed:
-        comb = combine_metrics(metrics, tuple(cfg.importance_weights))
-        imp_range = (comb.min().item(), comb.max().item())
     groups = grid.xmin.shape[1] if grid is not None else 1
     stats = LinearStats(
         name=name, rows=rows, columns=columns, groups=groups, nonzero=int((linear.weight.data != 0).sum()),
@@ -355,42 +352,59 @@ def place(model: nn.Module, dev: torch.device) -> None:
         model.to(dev)
 
 
+class Stages:
+    """Wall time and peak GPU memory of each stage of a run (for --results_json and bench.py)."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev = dev
+        self.seconds: dict[str, float] = {}
+        self.peak_gib: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        cuda = self.dev.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.dev)
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        tick = time.time()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.dev)
+            self.peak_gib[name] = torch.cuda.max_memory_allocated(self.dev) / 2 ** 30
+        self.seconds[name] = time.time() - tick
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     log = Log(cfg.quiet)
     dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    timings: dict[str, float] = {}
+    stage = Stages(dev)
+    started = time.time()
 
-    tick = time.time()
-    model = load_opt(cfg.model)
-    seqlen = cfg.seqlen or model.config.max_position_embeddings
-    if seqlen > model.config.max_position_embeddings:
-        raise UsageError(f"--seqlen {seqlen} exceeds the model's {model.config.max_position_embeddings} positions")
-    tokenizer = datautils.get_tokenizer(cfg.model)
-    timings["load"] = time.time() - tick
-
-    tick = time.time()
-    calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
-                                            cfg.data_dir, cfg.cache_dir)
-    eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
-    timings["tokenize"] = time.time() - tick
+    with stage("load"):
+        model = load_opt(cfg.model, cfg.quiet)
+        seqlen = cfg.seqlen or model.config.max_position_embeddings
+        if seqlen > model.config.max_position_embeddings:
+            raise UsageError(f"--seqlen {seqlen} exceeds the model's {model.config.max_position_embeddings} positions")
+        tokenizer = datautils.get_tokenizer(cfg.model)
+        place(model, dev)
+    with stage("tokenize"):
+        calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
+                                                cfg.data_dir, cfg.cache_dir)
+        eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
     log(f"model {cfg.model}: {model.config.num_hidden_layers} layers, seqlen {seqlen}; device {dev}")
 
-    tick = time.time()
-    place(model, dev)
     stats: list[LinearStats] = []
-    if cfg.prune.active or cfg.quantize:
-        stats = compress(model, calibration, cfg, dev, log).stats
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    timings["compress"] = time.time() - tick
+    with stage("compress"):
+        if cfg.prune.active or cfg.quantize:
+            stats = compress(model, calibration, cfg, dev, log).stats
 
     ppl: dict[str, float] = {}
-    tick = time.time()
-    for d, ids in eval_ids.items():
-        ppl[d] = perplexity(model, ids, seqlen, dev, cfg.batch_size)
-        log(f"{d} perplexity: {ppl[d]:.3f}")
-    timings["evaluate"] = time.time() - tick
+    with stage("evaluate"):
+        for d, ids in eval_ids.items():
+            ppl[d] = perplexity(model, ids, seqlen, dev, cfg.batch_size)
+            log(f"{d} perplexity: {ppl[d]:.3f}")
+    timings = dict(stage.seconds, total=time.time() - started)
 
     summary = None
     if cfg.quantize:
@@ -402,6 +416,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "config": asdict(cfg),
         "perplexity": ppl,
         "timings": timings,
+        "peak_gpu_gib": stage.peak_gib,
         "summary": None if summary is None else asdict(summary),
         "layers": [asdict(s) for s in stats],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -465,6 +480,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--maxlayer", type=int, default=1000, help="compress layers with index < this")
     p.add_argument("--prune_only", type=str, default="", help="compress only Linear layers whose name contains this")
     p.add_argument("--invert", action="store_true", help="invert the layer selection")
+    p.add_argument("--act-order", "--act_order", dest="act_order", action="store_true",
+                   help="solve columns in order of decreasing activation energy (GPTQ's --act-order)")
     p.add_argument("--save", type=str, default="", help="write a from_pretrained checkpoint to this (new) directory")
     p.add_argument("--groupsize", type=int, default=-1, help="columns per quantization group; -1 = one grid per row")
     p.add_argument("--sym", action="store_true", help="symmetric quantization grid")

@@ -97,11 +97,19 @@ class QuantGrid:
         return scale, zero, maxq
 
 
+    @classmethod
+    def rounding(cls, w: torch.Tensor, sym: bool, groupsize: int = 0) -> "QuantGrid":
+        """The grid that round-to-nearest uses: every range (groups too) from `w` itself."""
+        grid = cls.for_weight(w, sym, groupsize)
+        grid.fill_groups(w, 0, w.shape[1])
+        return grid
+
+    def round(self, w: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """Each value of w to the nearest point of its column's grid."""
+        return quantize(w, *self.column_params(0, w.shape[1], bits))
+
+
 def round_to_nearest(w: torch.Tensor, bits: int, sym: bool, groupsize: int = 0) -> torch.Tensor:
     """Round-to-nearest baseline (GPTQ's `--nearest`): each value to its row's (group's) grid."""
     w = w.float()
-    columns = w.shape[1]
-    grid = QuantGrid.for_weight(w, sym, groupsize)
-    grid.fill_groups(w, 0, columns)
-    scale, zero, maxq = grid.column_params(0, columns, torch.full((columns,), bits))
-    return quantize(w, scale, zero, maxq)
+    return QuantGrid.rounding(w, sym, groupsize).round(w, torch.full((w.shape[1],), bits))

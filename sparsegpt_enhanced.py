@@ -35,9 +35,10 @@ class InverseFactor:
     """Upper Cholesky factor U of the damped H^-1 (H^-1 = U^T U), shared by all weights fed by one input."""
 
     upper: torch.Tensor
-    inverse_diag: torch.Tensor  # [H^-1]_jj, for OBS saliency
-    dead: torch.Tensor  # input channels that were always zero
+    inverse_diag: torch.Tensor  # [H^-1]_jj, for OBS saliency (in solve order)
+    dead: torch.Tensor  # input channels that were always zero (in solve order)
     percdamp: float  # damping actually used (raised if H was not positive definite)
+    order: torch.Tensor | None  # solve order of the columns (act-order), None = as stored
 
 
 @dataclass
@@ -55,7 +56,7 @@ class SparseGPT:
         self.xtx = torch.zeros(columns, columns, device=device)
         self.peak = torch.zeros(columns, device=device)
         self.ntokens = 0
-        self._factor: InverseFactor | None = None
+        self._factors: dict[bool, InverseFactor] = {}
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs of shape (..., columns); fp32 accumulation whatever the activation dtype."""
@@ -70,11 +71,18 @@ class SparseGPT:
             raise RuntimeError("SparseGPT: no calibration inputs were added")
         return self.xtx * (2.0 / self.ntokens)
 
-    def inverse_factor(self, percdamp: float, log=print) -> InverseFactor:
-        """Damped inverse Hessian factor; retries with 10x damping if H is not positive definite."""
-        if self._factor is not None and self._factor.percdamp >= percdamp:
-            return self._factor
+    def inverse_factor(self, percdamp: float, act_order: bool = False, log=print) -> InverseFactor:
+        """Damped inverse Hessian factor; retries with 10x damping if H is not positive definite.
+
+        act_order solves the loudest input channels (largest H_jj) first, as GPTQ's --act-order:
+        their error is then spread over the most remaining columns."""
+        cached = self._factors.get(act_order)
+        if cached is not None and cached.percdamp >= percdamp:
+            return cached
         H = self.hessian
+        order = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else None
+        if order is not None:
+            H = H[order][:, order]
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         diag = torch.arange(self.columns, device=H.device)
@@ -87,8 +95,8 @@ class SparseGPT:
                 Hinv = torch.cholesky_inverse(L)
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
                 if info.item() == 0 and torch.isfinite(U).all():
-                    self._factor = InverseFactor(U, torch.diag(Hinv), dead, damp_used)
-                    return self._factor
+                    self._factors[act_order] = InverseFactor(U, torch.diag(Hinv), dead, damp_used, order)
+                    return self._factors[act_order]
             retry = max(damp_used * 10, 0.01)
             log(f"warning: Hessian not positive definite at percdamp={damp_used:g}; retrying with {retry:g}")
             damp_used = retry
@@ -102,11 +110,18 @@ class SparseGPT:
         bits_per_column: torch.Tensor | None = None,
         blocksize: int = 128,
         percdamp: float = 0.01,
+        act_order: bool = False,
     ) -> SolveResult:
         """Prune and/or quantize `weight` column by column, pushing each column's error onto the
         columns not yet processed through H^-1 (OBS update), in lazy blocks of `blocksize`."""
-        factor = self.inverse_factor(percdamp)
+        factor = self.inverse_factor(percdamp, act_order)
+        order = factor.order
         W = weight.float().clone()
+        if order is not None:
+            if grid is not None and grid.grouped:
+                raise ValueError("act-order with quantization groups is not supported")
+            W = W[:, order]
+            bits_per_column = None if bits_per_column is None else bits_per_column[order.to(bits_per_column.device)]
         W[:, factor.dead] = 0
         U = factor.upper
         columns = W.shape[1]
@@ -122,6 +137,9 @@ class SparseGPT:
             W[:, i1:i2] = Q1
             W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
             error += block_error
+        if order is not None:
+            restore = torch.argsort(order)
+            W, mask = W[:, restore], mask[:, restore]
         return SolveResult(W, mask, error)
 
 
