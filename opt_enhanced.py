@@ -64,6 +64,7 @@ class RunConfig:
     data_dir: str | None = None
     cache_dir: str | None = None
     results_json: str = ""
+    plot: str = ""
     target_avg_bits: float | None = None
     bit_method: str = "quantile"
     bit_scope: str = "layer"
@@ -142,6 +143,15 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError(f"model directory not found: {cfg.model}")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise UsageError(f"--data_dir {cfg.data_dir} is not a directory")
+    if cfg.plot:
+        if not cfg.quantize:
+            raise UsageError("--plot shows bit-widths: add --wbits (and --target_avg_bits for mixed precision)")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib")
+    if cfg.seqlen < 0:
+        raise UsageError("--seqlen must be positive (0 = the model's max positions)")
     if cfg.save and os.path.exists(cfg.save) and (not os.path.isdir(cfg.save) or os.listdir(cfg.save)):
         raise UsageError(f"--save {cfg.save} exists and is not empty; choose a new directory")
 
@@ -340,6 +350,37 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.devi
 # ---------------------------------------------------------------- the run
 
 
+def plot_bits(stats: list[LinearStats], path: str) -> None:
+    """Heatmap of average bits per module (rows) and decoder layer (columns), written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {}
+    for s in stats:
+        if s.bits_per_column is not None:
+            layer, module = s.name.split("layers.", 1)[1].split(".", 1)
+            cells[(module, int(layer))] = s.avg_bits
+    modules = list(dict.fromkeys(m for m, _ in cells))
+    layers = sorted({i for _, i in cells})
+    grid = [[cells.get((m, i), float("nan")) for i in layers] for m in modules]
+    fig, ax = plt.subplots(figsize=(3.5 + 0.6 * len(layers), 1.2 + 0.45 * len(modules)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for r, row in enumerate(grid):
+        for c, v in enumerate(row):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(len(layers)), [str(i) for i in layers])
+    ax.set_yticks(range(len(modules)), modules)
+    ax.set_xlabel("decoder layer")
+    ax.set_title("average bits per weight")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def place(model: nn.Module, dev: torch.device) -> None:
     """Keep the whole model on the GPU when it fits easily; otherwise only one layer at a time."""
     size = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -374,6 +415,13 @@ class Stages:
         self.seconds[name] = time.time() - tick
 
 
+def max_positions(model: str) -> int:
+    """The model's context length, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(os.path.expanduser(model) if is_local_path(model) else model).max_position_embeddings
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
     log = Log(cfg.quiet)
     dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -381,17 +429,19 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     stage = Stages(dev)
     started = time.time()
 
-    with stage("load"):
-        model = load_opt(cfg.model, cfg.quiet)
-        seqlen = cfg.seqlen or model.config.max_position_embeddings
-        if seqlen > model.config.max_position_embeddings:
-            raise UsageError(f"--seqlen {seqlen} exceeds the model's {model.config.max_position_embeddings} positions")
-        tokenizer = datautils.get_tokenizer(cfg.model)
-        place(model, dev)
+    # Data first: a missing file or too little text must fail before the (possibly long) model load.
     with stage("tokenize"):
+        positions = max_positions(cfg.model)
+        seqlen = cfg.seqlen or positions
+        if seqlen > positions:
+            raise UsageError(f"--seqlen {seqlen} exceeds the model's {positions} positions")
+        tokenizer = datautils.get_tokenizer(cfg.model)
         calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
                                                 cfg.data_dir, cfg.cache_dir)
         eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
+    with stage("load"):
+        model = load_opt(cfg.model, cfg.quiet)
+        place(model, dev)
     log(f"model {cfg.model}: {model.config.num_hidden_layers} layers, seqlen {seqlen}; device {dev}")
 
     stats: list[LinearStats] = []
@@ -423,6 +473,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     }
     if cfg.save:
         save_model(model, tokenizer, results, cfg.save)
+    if cfg.plot:
+        plot_bits(stats, cfg.plot)
     if cfg.results_json:
         write_json(results, cfg.results_json)
     return results
@@ -491,6 +543,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--cache_dir", type=str, default=os.environ.get("OPT_ENHANCED_CACHE"),
                    help="cache of tokenized data (default: $OPT_ENHANCED_CACHE, else none)")
     p.add_argument("--results_json", type=str, default="", help="write config, perplexities, statistics, timings here")
+    p.add_argument("--plot", type=str, default="", help="PNG heatmap of average bits per module and layer")
     p.add_argument("--target_avg_bits", type=float, default=None, help="mixed precision: average bits per weight")
     p.add_argument("--bit_method", choices=("quantile", "budget"), default="quantile", help="bit allocator")
     p.add_argument("--bit_scope", choices=("layer", "model"), default="layer", help="one budget per layer or per model")
@@ -513,6 +566,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, datautils.DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     ppl = results["perplexity"]
     print(json.dumps({"perplexity": {k: round(v, 3) for k, v in ppl.items()}, "timings": results["timings"]}))
     return 0

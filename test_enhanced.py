@@ -350,3 +350,104 @@ def test_cli_guard_target_without_wbits(tiny_dir, tmp_path, capsys):
     code, res = cli(tiny_dir, tmp_path, "--target_avg_bits", "4.0")
     assert code == 2 and res == {}
     assert "--wbits 4" in capsys.readouterr().err
+
+
+BAD_INPUTS = [
+    (["--sparsity", "1.0"], "outside [0, 1)"),
+    (["--sparsity", "-0.1"], "outside [0, 1)"),
+    (["--prunen", "2"], "give both --prunen and --prunem"),
+    (["--prunen", "4", "--prunem", "4"], "must be below --prunem"),
+    (["--wbits", "5"], "not among --bit_options"),
+    (["--target_avg_bits", "4.0"], "add --wbits 4"),
+    (["--wbits", "4", "--target_avg_bits", "9"], "outside [2, 8]"),
+    (["--wbits", "4", "--target_avg_bits", "1.5"], "outside [2, 8]"),
+    (["--wbits", "4", "--bit_options", "4,4,8"], "distinct widths"),
+    (["--wbits", "4", "--importance_weights", "1,1"], "five non-negative numbers"),
+    (["--wbits", "4", "--importance_weights", "0,0,0,0,0"], "five non-negative numbers"),
+    (["--gmp", "--sparsity", "0.5", "--wbits", "4"], "add --nearest"),
+    (["--nearest", "--sparsity", "0.5", "--wbits", "4"], "add --gmp"),
+    (["--eval", "wikitext2,lambada"], "unknown dataset"),
+    (["--seqlen", "4096"], "exceeds the model's 128 positions"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_INPUTS)
+def test_bad_flags_fail_fast_with_the_fix(tiny_dir, tmp_path, capsys, flags, message):
+    code, res = cli(tiny_dir, tmp_path, *flags)
+    assert code == 2 and res == {}
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags", [["--bit_options", "2,x"], ["--importance_weights", "a,b"]])
+def test_malformed_lists_are_argparse_errors(tiny_dir, tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as e:
+        cli(tiny_dir, tmp_path, *flags)
+    assert e.value.code == 2 and "comma-separated numbers" in capsys.readouterr().err
+
+
+def test_unknown_calibration_dataset(tiny_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        oe.main([str(tiny_dir[0]), "lambada"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    code = oe.main([str(tmp_path / "nope"), "c4", "--results_json", str(tmp_path / "r.json")])
+    assert code == 2 and "model directory not found" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_offline_file_names_file_and_flag(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_data(data)
+    (data / "ptb" / "ptb.test.txt").unlink()
+    code = oe.main([str(tiny_dir[0]), "c4", "--data_dir", str(data), "--seqlen", "64", "--nsamples", "4",
+                    "--device", "cpu", "--results_json", str(tmp_path / "r.json"), "--save", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and "ptb.test.txt" in err and "--data_dir" in err
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "s").exists()
+
+
+def test_too_little_text(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_data(data, words=20)
+    code = oe.main([str(tiny_dir[0]), "ptb", "--data_dir", str(data), "--nsamples", "4", "--device", "cpu"])
+    assert code == 2 and "tokens" in capsys.readouterr().err
+
+
+def test_save_into_non_empty_directory(tiny_dir, tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "keep.txt").write_text("mine")
+    code, res = cli(tiny_dir, tmp_path, "--save", str(tmp_path / "s"))
+    assert code == 2 and "not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["keep.txt"] and res == {}
+
+
+def test_save_reload_gives_same_perplexity(tiny_dir, tmp_path):
+    code, res = cli(tiny_dir, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "3.5",
+                    "--save", str(tmp_path / "s"))
+    assert code == 0
+    (tmp_path / "again").mkdir()
+    code2, res2 = cli((tmp_path / "s", tiny_dir[1]), tmp_path / "again")
+    assert code2 == 0 and res2["perplexity"] == res["perplexity"]
+    saved = json.loads((tmp_path / "s" / "compression.json").read_text())
+    assert saved["summary"]["channels"] == res["summary"]["channels"]
+
+
+def test_nan_weight_is_reported_with_layer_name(tiny_dir, tmp_path, capsys):
+    model = OPTForCausalLM.from_pretrained(tiny_dir[0])
+    with torch.no_grad():
+        model.model.decoder.layers[1].fc1.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        (tmp_path / "m" / f).write_bytes((tiny_dir[0] / f).read_bytes())
+    code, _ = cli((tmp_path / "m", tiny_dir[1]), tmp_path, "--sparsity", "0.5")
+    assert code == 1 and "layers.1.fc1" in capsys.readouterr().err
+
+
+def test_same_command_twice_is_bit_identical(tiny_dir, tmp_path):
+    flags = ["--sparsity", "0.5", "--wbits", "3", "--target_avg_bits", "3.0", "--bit_method", "budget"]
+    _, a = cli(tiny_dir, tmp_path, *flags)
+    _, b = cli(tiny_dir, tmp_path, *flags)
+    assert a["perplexity"] == b["perplexity"] and a["layers"][3]["bits_per_column"] == b["layers"][3]["bits_per_column"]
