@@ -126,6 +126,13 @@ if triton is not None:
         return tl.load(ptr + r_off[:, None] + col[None, :], mask=rmask[:, None] & (col < count)[None, :], other=other)
 
     @triton.jit
+    def _prefetch(ptrs, INTERPRET: tl.constexpr):
+        """Pull the lines at `ptrs` into L1 ahead of use (no-op in the interpreter)."""
+        if not INTERPRET:
+            tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
     def _load_u(U_ptr, su0, su1, i, count, base, cc):
         """U[i, base + cc] right of the diagonal (the columns column i updates), zero elsewhere."""
         col = base + cc
@@ -169,12 +176,14 @@ if triton is not None:
         W_ptr, U_ptr, M_ptr, S_ptr, Z_ptr, MQ_ptr, Q_ptr, E_ptr, L_ptr,
         rows, count, su0, su1,
         BLOCK_R: tl.constexpr, CW: tl.constexpr, NCH: tl.constexpr, UN: tl.constexpr,
-        PRUNEN: tl.constexpr, HAS_MASK: tl.constexpr, QUANT: tl.constexpr, INTERPRET: tl.constexpr,
+        PRUNEN: tl.constexpr, HAS_MASK: tl.constexpr, QUANT: tl.constexpr, PREFETCH: tl.constexpr,
+        UNP: tl.constexpr, LINES: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         pid = tl.program_id(0)
         r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = r < rows
         r_off = r.to(tl.int64) * count  # W, Q, Err, mask, scale, zero are contiguous (rows, count)
+        r_pf = tl.minimum(r, rows - 1).to(tl.int64) * count  # in-bounds rows, for prefetches
         rzero = tl.zeros([BLOCK_R], dtype=tl.int32)
         cc = tl.arange(0, CW)
         sud = su0 + su1  # stride of U's diagonal
@@ -204,6 +213,18 @@ if triton is not None:
             else:
                 end = (c + 1) * CW  # chunks before the last are full
             for g in range(c * CW, end, UN):
+                if PREFETCH:
+                    # U rows of the next step into L1 (one address per 128-byte line), and each
+                    # row's scale/zero/mask line 32 columns ahead
+                    nxt = tl.minimum(g + UN + tl.arange(0, UNP), count - 1)
+                    lines = tl.arange(0, LINES) * 32
+                    _prefetch(U_ptr + nxt[:, None] * su0 + tl.minimum(lines, count - 1)[None, :] * su1, INTERPRET)
+                    ahead = tl.minimum(g + 32, count - 1)
+                    if QUANT:
+                        _prefetch(S_ptr + r_pf + ahead, INTERPRET)
+                        _prefetch(Z_ptr + r_pf + ahead, INTERPRET)
+                    if HAS_MASK:
+                        _prefetch(M_ptr + r_pf + ahead, INTERPRET)
                 # everything the UN columns of this step read besides W, loaded up front
                 ds = ()
                 ss = ()
@@ -307,7 +328,7 @@ if triton is not None:
         if NCH > 3:
             loss += _finish_chunk(W3, B3, 3 * CW, cc, r_off, rmask, count, U_ptr, sud, M_ptr, S_ptr, Z_ptr, MQ_ptr,
                                   Q_ptr, E_ptr, BLOCK_R, CW, PRUNE, NM, QUANT, INTERPRET)
-        tl.store(L_ptr + pid, loss)
+        tl.store(L_ptr + pid, loss * 0.5)
 
 
 def solve_block_fused(
@@ -322,6 +343,8 @@ def solve_block_fused(
     *,
     block_rows: int | None = None,
     num_warps: int | None = None,
+    _prefetch: bool = True,
+    _unroll: int = UNROLL,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The column loop of one block in one kernel launch; same results as `solve_block`.
 
@@ -360,8 +383,7 @@ def solve_block_fused(
         assert scale.shape == (rows, count) and zero.shape == (rows, count) and maxq.shape == (count,)
     else:
         scale = zero = maxq = W1  # never read (QUANT is off)
-    Q1 = torch.empty_like(W1)
-    Err1 = torch.empty_like(W1)
+    Q1, Err1 = torch.empty((2, rows, count), dtype=torch.float32, device=dev).unbind(0)
     if rows == 0 or count == 0:
         return Q1, Err1, mask1, torch.zeros((), dtype=torch.float64, device=dev)
 
@@ -379,8 +401,9 @@ def solve_block_fused(
     _solve_block_kernel[(programs,)](
         W1, U1, mask1.view(torch.uint8), scale, zero, maxq, Q1, Err1, partial,
         rows, count, U1.stride(0), U1.stride(1),
-        BLOCK_R=br, CW=cw, NCH=nch, UN=prunem if nm else UNROLL,
-        PRUNEN=prunen if nm else 0, HAS_MASK=not nm and has_mask, QUANT=quant, INTERPRET=_INTERPRET,
+        BLOCK_R=br, CW=cw, NCH=nch, UN=prunem if nm else _unroll,
+        PRUNEN=prunen if nm else 0, HAS_MASK=not nm and has_mask, QUANT=quant, PREFETCH=_prefetch,
+        UNP=_next_pow2(prunem if nm else _unroll), LINES=_next_pow2(-(-count // 32)), INTERPRET=_INTERPRET,
         num_warps=nw, num_stages=1, enable_fp_fusion=False,
     )
-    return Q1, Err1, mask1, partial.sum(dtype=torch.float64) / 2
+    return Q1, Err1, mask1, partial.sum(dtype=torch.float64)

@@ -202,6 +202,7 @@ def importance(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig, across_l
     return metrics, combined
 
 
+
 def allocate(scores: torch.Tensor, size: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
     method = allocate_budget if cfg.bit_method == "budget" else allocate_quantile
     return method(scores.cpu(), size.cpu(), cfg.bit_options, cfg.target_avg_bits)

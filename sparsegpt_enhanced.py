@@ -318,14 +318,16 @@ def allocate_quantile(importance: torch.Tensor, size: torch.Tensor, options: lis
 
 def allocate_budget(importance: torch.Tensor, size: torch.Tensor, options: list[int], target: float) -> torch.Tensor:
     """Greedy knapsack: start at the lowest width, buy the upgrades with the largest estimated
-    error reduction per extra bit (error ∝ importance · 2^-2b) until the budget is spent.
+    error reduction per extra bit until the budget is spent.
 
+    A b-bit min-max grid has step range / (2^b - 1), so a channel's rounding error is
+    ∝ importance / (2^b - 1)^2 (≈ importance · 2^-2b, but exact at 2 and 3 bits, where it matters).
     Each channel's upgrades have decreasing gain per bit, so one global sort is the greedy order.
     """
     options = sorted(options)
     imp = importance.double().clamp_min(0)
     b = torch.tensor(options, dtype=torch.float64)
-    err = 2.0 ** (-2 * b)
+    err = (2.0 ** b - 1) ** -2
     step_bits = (b[1:] - b[:-1])  # (S,)
     gain = imp[:, None] * (err[:-1] - err[1:])[None, :] / step_bits[None, :]  # (C, S)
     cost = step_bits[None, :] * size.double()[:, None]  # extra bits of the whole channel
