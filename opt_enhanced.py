@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import datautils
+from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, find_linears, forward_layer,
                         hook_inputs, is_local_path, load_opt)
 from quant import QuantGrid, round_to_nearest
@@ -57,6 +58,7 @@ class RunConfig:
     invert: bool = False
     act_order: bool = False
     save: str = ""
+    export: str = ""
     groupsize: int = -1
     sym: bool = False
     nearest: bool = False
@@ -152,8 +154,13 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError("--plot needs matplotlib: pip install matplotlib")
     if cfg.seqlen < 0:
         raise UsageError("--seqlen must be positive (0 = the model's max positions)")
-    if cfg.save and os.path.exists(cfg.save) and (not os.path.isdir(cfg.save) or os.listdir(cfg.save)):
-        raise UsageError(f"--save {cfg.save} exists and is not empty; choose a new directory")
+    if cfg.export and not cfg.quantize:
+        raise UsageError("--export packs quantized weights: add --wbits (or use --save for an fp16 checkpoint)")
+    for flag, path in (("--save", cfg.save), ("--export", cfg.export)):
+        if path and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
+    if cfg.save and cfg.save == cfg.export:
+        raise UsageError("--save and --export need different directories")
 
 
 # ---------------------------------------------------------------- compression
@@ -445,10 +452,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         place(model, dev)
     log(f"model {cfg.model}: {model.config.num_hidden_layers} layers, seqlen {seqlen}; device {dev}")
 
-    stats: list[LinearStats] = []
+    done = Compressed([], {}, {})
     with stage("compress"):
         if cfg.prune.active or cfg.quantize:
-            stats = compress(model, calibration, cfg, dev, log).stats
+            done = compress(model, calibration, cfg, dev, log)
+    stats = done.stats
 
     ppl: dict[str, float] = {}
     with stage("evaluate"):
@@ -474,6 +482,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     }
     if cfg.save:
         save_model(model, tokenizer, results, cfg.save)
+    if cfg.export:
+        report = export_compressed(model.to("cpu"), done.grids, done.bits, cfg.export, cfg.prune.active,
+                                   len(cfg.bit_options), extra=results)
+        tokenizer.save_pretrained(cfg.export)
+        results["export"] = asdict(report)
+        log(report.summary())
     if cfg.plot:
         plot_bits(stats, cfg.plot)
     if cfg.results_json:
@@ -536,6 +550,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--act-order", "--act_order", dest="act_order", action="store_true",
                    help="solve columns in order of decreasing activation energy (GPTQ's --act-order)")
     p.add_argument("--save", type=str, default="", help="write a from_pretrained checkpoint to this (new) directory")
+    p.add_argument("--export", type=str, default="",
+                   help="write the packed form (bit-packed codes, bit map, ranges, mask) to this (new) directory")
     p.add_argument("--groupsize", type=int, default=-1, help="columns per quantization group; -1 = one grid per row")
     p.add_argument("--sym", action="store_true", help="symmetric quantization grid")
     p.add_argument("--nearest", action="store_true", help="round-to-nearest baseline (no calibration)")

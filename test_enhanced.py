@@ -435,6 +435,21 @@ def test_save_reload_gives_same_perplexity(tiny_dir, tmp_path):
     assert saved["summary"]["channels"] == res["summary"]["channels"]
 
 
+def test_export_reloads_to_the_same_perplexity(tiny_dir, tmp_path):
+    from export import load_compressed
+    code, res = cli(tiny_dir, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "3.5",
+                    "--bit_method", "budget", "--export", str(tmp_path / "packed"), "--save", str(tmp_path / "s"))
+    assert code == 0 and res["export"]["layers"] == 12
+    packed = load_compressed(str(tmp_path / "packed")).state_dict()
+    saved = OPTForCausalLM.from_pretrained(tmp_path / "s").state_dict()
+    assert packed.keys() == saved.keys() and all(torch.equal(packed[k], saved[k]) for k in saved)
+
+
+def test_export_without_quantization_is_refused(tiny_dir, tmp_path, capsys):
+    code, _ = cli(tiny_dir, tmp_path, "--sparsity", "0.5", "--export", str(tmp_path / "p"))
+    assert code == 2 and "add --wbits" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
 def test_nan_weight_is_reported_with_layer_name(tiny_dir, tmp_path, capsys):
     model = OPTForCausalLM.from_pretrained(tiny_dir[0])
     with torch.no_grad():
