@@ -75,6 +75,7 @@ class RunConfig:
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
     batch_size: int = 8
     device: str = ""
+    offload: bool = False
     quiet: bool = False
 
     @property
@@ -223,6 +224,7 @@ def plan_model_bits(model: nn.Module, hidden: torch.Tensor, kwargs: dict, cfg: R
                     log: Log) -> dict[str, torch.Tensor]:
     """--bit_scope model: score every channel on the dense model, then one allocation for all."""
     layers = model.model.decoder.layers
+    home = home_of(layers)
     names, scores, sizes = [], [], []
     hidden = hidden.clone()
     for i, layer in enumerate(layers):
@@ -236,7 +238,7 @@ def plan_model_bits(model: nn.Module, hidden: torch.Tensor, kwargs: dict, cfg: R
             scores.append(imp)
             sizes.append(torch.full_like(imp, linears[n].out_features))
         forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
-        layer.to("cpu" if dev.type == "cuda" and cfg_offload(model) else dev)
+        layer.to(home)
         log(f"scored layer {i + 1}/{len(layers)}")
     bits = allocate(torch.cat(scores), torch.cat(sizes), cfg)
     out, at = {}, 0
@@ -246,8 +248,9 @@ def plan_model_bits(model: nn.Module, hidden: torch.Tensor, kwargs: dict, cfg: R
     return out
 
 
-def cfg_offload(model: nn.Module) -> bool:
-    return getattr(model, "_offload", False)
+def home_of(layers: nn.ModuleList) -> torch.device:
+    """Where the decoder layers live between uses: the CPU when offloaded, else the GPU."""
+    return next(layers[0].parameters()).device
 
 
 @dataclass
@@ -265,6 +268,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     """The sequential loop: each layer is calibrated on the outputs of the already-compressed
     layers before it, compressed, and its compressed outputs feed the next layer."""
     layers = model.model.decoder.layers
+    home = home_of(layers)
     out = Compressed([], {}, {})
     calibrated = not (cfg.gmp or cfg.nearest)
     hidden = kwargs = None
@@ -286,8 +290,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
         if calibrated:
             forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
             check_finite(hidden, f"output of decoder layer {i}")
-        if cfg_offload(model):
-            layer.to("cpu")
+        layer.to(home)
         log(f"layer {i + 1}/{len(layers)} done in {time.time() - tick:.2f}s")
     return out
 
@@ -335,11 +338,11 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.devi
     nwin = ids.numel() // seqlen
     windows = ids[0, : nwin * seqlen].view(nwin, seqlen)
     hidden, kwargs = capture_layer_inputs(model, windows, dev, batch_size)
+    home = home_of(model.model.decoder.layers)
     for layer in model.model.decoder.layers:
         layer.to(dev)
         forward_layer(layer, hidden, kwargs, batch_size, hidden)
-        if cfg_offload(model):
-            layer.to("cpu")
+        layer.to(home)
     dec = model.model.decoder
     nll = torch.zeros((), dtype=torch.float64, device=dev)
     for start in range(0, nwin, batch_size):
@@ -389,12 +392,14 @@ def plot_bits(stats: list[LinearStats], path: str) -> None:
     os.replace(tmp, path)
 
 
-def place(model: nn.Module, dev: torch.device) -> None:
-    """Keep the whole model on the GPU when it fits easily; otherwise only one layer at a time."""
+def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
+    """Keep the whole model on the GPU when it fits easily; otherwise (or when asked) only the
+    layer at hand: the decoder layers stay on the CPU and visit the GPU one at a time."""
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    offload = dev.type == "cuda" and size > 0.4 * torch.cuda.mem_get_info(dev)[0]
-    model._offload = offload
-    if offload:
+    if dev.type == "cuda" and size > 0.4 * torch.cuda.mem_get_info(dev)[0]:
+        offload = True
+    if offload and dev.type == "cuda":
+        model.model.decoder.layers.to("cpu")
         for m in decoder_io_modules(model):
             m.to(dev)
     else:
@@ -449,7 +454,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
     with stage("load"):
         model = load_opt(cfg.model, cfg.quiet)
-        place(model, dev)
+        place(model, dev, cfg.offload)
     log(f"model {cfg.model}: {model.config.num_hidden_layers} layers, seqlen {seqlen}; device {dev}")
 
     done = Compressed([], {}, {})
@@ -570,6 +575,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--eval", type=_list(str), default=list(EVAL_DATASETS), help="datasets to report perplexity on")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", type=str, default="", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the model on the CPU, one decoder layer on the GPU at a time (automatic when it does not fit)")
     p.add_argument("--quiet", action="store_true", help="only errors and the final results")
     args = p.parse_args(argv)
     return RunConfig(**vars(args))
