@@ -95,16 +95,14 @@ def _batch_free(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def forward_layer(
-    layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Run one decoder layer over all windows in batches; returns (and fills) `out`."""
-    out = torch.empty_like(hidden) if out is None else out
+def forward_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
+                  out: torch.Tensor | None = None) -> None:
+    """Run one decoder layer over all windows in batches, writing into `out` (may be `hidden`
+    itself: each batch is read before its slice is overwritten) or, if None, only for the hooks."""
     for start in range(0, hidden.shape[0], batch_size):
         y = layer(hidden[start:start + batch_size], **kwargs)
-        out[start:start + batch_size] = y[0] if isinstance(y, tuple) else y
-    return out
+        if out is not None:
+            out[start:start + batch_size] = y[0] if isinstance(y, tuple) else y
 
 
 def hook_inputs(modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> list:
