@@ -88,12 +88,12 @@ def supports(count: int, prunen: int = 0, prunem: int = 0) -> bool:
 
 
 def _default_config(rows: int, cw: int, nch: int) -> tuple[int, int]:
-    """(BLOCK_R, num_warps), measured on an H100 for 128-column blocks (see test_kernels.py)."""
-    width = cw * nch
-    block_r = 32 if rows > 2048 else 16
-    block_r = max(8, min(block_r, 4096 // width))
-    num_warps = 4 if block_r * width >= 4096 else 2
-    return block_r, num_warps
+    """(BLOCK_R, num_warps). Triton lays a (BLOCK_R, CW) fp32 tile out as 4 columns per thread
+    and CW / 4 threads per row, so a warp covers 128 / CW rows; BLOCK_R = that x num_warps gives
+    every thread one row of each chunk (fewest registers, no layout conversions in the loop)."""
+    rows_per_warp = max(1, 128 // cw)
+    num_warps = 4
+    return rows_per_warp * num_warps, num_warps
 
 
 if triton is not None:
@@ -126,17 +126,16 @@ if triton is not None:
         return tl.load(ptr + r_off[:, None] + col[None, :], mask=rmask[:, None] & (col < count)[None, :], other=other)
 
     @triton.jit
-    def _prefetch(ptrs, INTERPRET: tl.constexpr):
-        """Pull the lines at `ptrs` into L1 ahead of use (no-op in the interpreter)."""
-        if not INTERPRET:
-            tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _load_u(U_ptr, su0, su1, i, count, base, cc):
-        """U[i, base + cc] right of the diagonal (the columns column i updates), zero elsewhere."""
+    def _load_u(U_ptr, su0, su1, i, count, base, cc, rzero, DIAG: tl.constexpr):
+        """U[i, base + cc] for every row of the tile (the same addresses, so L1 broadcasts), zero
+        at and left of the diagonal. Loading it at the tile's own shape gives it the tile's
+        register layout, so no layout conversion sits in the column loop."""
         col = base + cc
-        return tl.load(U_ptr + i * su0 + col * su1, mask=(col > i) & (col < count), other=0.0)
+        u = tl.load(U_ptr + i * su0 + rzero[:, None] + col[None, :] * su1,
+                    mask=(col < count)[None, :] & (i < count), other=0.0)
+        if DIAG:  # only the chunk that holds column i has entries at or left of the diagonal
+            u = tl.where(col[None, :] > i, u, 0.0)
+        return u
 
     @triton.jit
     def _finish_chunk(T, bits, base, cc, r_off, rmask, count, U_ptr, sud, M_ptr, S_ptr, Z_ptr, MQ_ptr,
@@ -176,14 +175,12 @@ if triton is not None:
         W_ptr, U_ptr, M_ptr, S_ptr, Z_ptr, MQ_ptr, Q_ptr, E_ptr, L_ptr,
         rows, count, su0, su1,
         BLOCK_R: tl.constexpr, CW: tl.constexpr, NCH: tl.constexpr, UN: tl.constexpr,
-        PRUNEN: tl.constexpr, HAS_MASK: tl.constexpr, QUANT: tl.constexpr, PREFETCH: tl.constexpr,
-        UNP: tl.constexpr, LINES: tl.constexpr, INTERPRET: tl.constexpr,
+        PRUNEN: tl.constexpr, HAS_MASK: tl.constexpr, QUANT: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         pid = tl.program_id(0)
         r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = r < rows
         r_off = r.to(tl.int64) * count  # W, Q, Err, mask, scale, zero are contiguous (rows, count)
-        r_pf = tl.minimum(r, rows - 1).to(tl.int64) * count  # in-bounds rows, for prefetches
         rzero = tl.zeros([BLOCK_R], dtype=tl.int32)
         cc = tl.arange(0, CW)
         sud = su0 + su1  # stride of U's diagonal
@@ -213,18 +210,6 @@ if triton is not None:
             else:
                 end = (c + 1) * CW  # chunks before the last are full
             for g in range(c * CW, end, UN):
-                if PREFETCH:
-                    # U rows of the next step into L1 (one address per 128-byte line), and each
-                    # row's scale/zero/mask line 32 columns ahead
-                    nxt = tl.minimum(g + UN + tl.arange(0, UNP), count - 1)
-                    lines = tl.arange(0, LINES) * 32
-                    _prefetch(U_ptr + nxt[:, None] * su0 + tl.minimum(lines, count - 1)[None, :] * su1, INTERPRET)
-                    ahead = tl.minimum(g + 32, count - 1)
-                    if QUANT:
-                        _prefetch(S_ptr + r_pf + ahead, INTERPRET)
-                        _prefetch(Z_ptr + r_pf + ahead, INTERPRET)
-                    if HAS_MASK:
-                        _prefetch(M_ptr + r_pf + ahead, INTERPRET)
                 # everything the UN columns of this step read besides W, loaded up front
                 ds = ()
                 ss = ()
@@ -247,38 +232,38 @@ if triton is not None:
                     if HAS_MASK:
                         ms = ms + (tl.load(M_ptr + r_off + i, mask=ok, other=0) != 0,)
                     if c <= 0:
-                        u0s = u0s + (_load_u(U_ptr, su0, su1, i, count, 0 * CW, cc),)
+                        u0s = u0s + (_load_u(U_ptr, su0, su1, i, count, 0 * CW, cc, rzero, c == 0),)
                     if NCH > 1 and c <= 1:
-                        u1s = u1s + (_load_u(U_ptr, su0, su1, i, count, 1 * CW, cc),)
+                        u1s = u1s + (_load_u(U_ptr, su0, su1, i, count, 1 * CW, cc, rzero, c == 1),)
                     if NCH > 2 and c <= 2:
-                        u2s = u2s + (_load_u(U_ptr, su0, su1, i, count, 2 * CW, cc),)
+                        u2s = u2s + (_load_u(U_ptr, su0, su1, i, count, 2 * CW, cc, rzero, c == 2),)
                     if NCH > 3:
-                        u3s = u3s + (_load_u(U_ptr, su0, su1, i, count, 3 * CW, cc),)
+                        u3s = u3s + (_load_u(U_ptr, su0, su1, i, count, 3 * CW, cc, rzero, c == 3),)
+                # the step's UN columns as they are now, read out of the tile together; within the
+                # step they are kept up to date as vectors, so the sequential chain per column is
+                # only quantize -> err -> one multiply-subtract, and the tile is updated once a step
+                vs = ()
+                for j in tl.static_range(UN):
+                    if c == 0:
+                        vj = _column(W0, cc, g + j - c * CW)
+                    elif c == 1:
+                        vj = _column(W1, cc, g + j - c * CW)
+                    elif c == 2:
+                        vj = _column(W2, cc, g + j - c * CW)
+                    else:
+                        vj = _column(W3, cc, g + j - c * CW)
+                    vs = vs + (vj,)
                 if NM:
-                    # N:M (UN == prunem): scores w^2 / d^2 of the group's columns as they are now;
-                    # columns past the block score +inf
+                    # N:M (UN == prunem): scores w^2 / d^2 of the group's columns as they are at
+                    # the group's first column; columns past the block score +inf
                     scores = ()
                     for j in tl.static_range(UN):
-                        if c == 0:
-                            wj = _column(W0, cc, g + j - c * CW)
-                        elif c == 1:
-                            wj = _column(W1, cc, g + j - c * CW)
-                        elif c == 2:
-                            wj = _column(W2, cc, g + j - c * CW)
-                        else:
-                            wj = _column(W3, cc, g + j - c * CW)
-                        sj = tl.math.div_rn(wj * wj, ds[j] * ds[j])
+                        sj = tl.math.div_rn(vs[j] * vs[j], ds[j] * ds[j])
                         scores = scores + (tl.where(g + j < count, sj, _INF),)
+                es = ()
                 for j in tl.static_range(UN):
                     i = g + j
-                    if c == 0:
-                        w = _column(W0, cc, i - c * CW)
-                    elif c == 1:
-                        w = _column(W1, cc, i - c * CW)
-                    elif c == 2:
-                        w = _column(W2, cc, i - c * CW)
-                    else:
-                        w = _column(W3, cc, i - c * CW)
+                    w = vs[j]
                     x = w
                     if PRUNE:
                         if NM:
@@ -307,15 +292,30 @@ if triton is not None:
                         q = _quantize(x, ss[j], zs[j], mqs[j], INTERPRET)
                     else:
                         q = x
-                    e2 = tl.math.div_rn(w - q, ds[j])[:, None]
+                    e = tl.math.div_rn(w - q, ds[j])
+                    es = es + (e,)
+                    # the later columns of the step get this column's update now (the same
+                    # multiply and subtract the tile update below does to them)
+                    nv = ()
+                    for k in tl.static_range(UN):
+                        if k > j:
+                            ujk = tl.load(U_ptr + i * su0 + (g + k) * su1 + rzero, mask=g + k < count, other=0.0)
+                            nv = nv + (vs[k] - e * ujk,)
+                        else:
+                            nv = nv + (vs[k],)
+                    vs = nv
+                # the step's rank-1 updates of the tile, in column order (so every element sees
+                # exactly the sequence of roundings of the column-by-column loop)
+                for j in tl.static_range(UN):
+                    e2 = es[j][:, None]
                     if c <= 0:
-                        W0 = W0 - e2 * u0s[j][None, :]
+                        W0 = W0 - e2 * u0s[j]
                     if NCH > 1 and c <= 1:
-                        W1 = W1 - e2 * u1s[j][None, :]
+                        W1 = W1 - e2 * u1s[j]
                     if NCH > 2 and c <= 2:
-                        W2 = W2 - e2 * u2s[j][None, :]
+                        W2 = W2 - e2 * u2s[j]
                     if NCH > 3:
-                        W3 = W3 - e2 * u3s[j][None, :]
+                        W3 = W3 - e2 * u3s[j]
 
         loss = _finish_chunk(W0, B0, 0 * CW, cc, r_off, rmask, count, U_ptr, sud, M_ptr, S_ptr, Z_ptr, MQ_ptr,
                              Q_ptr, E_ptr, BLOCK_R, CW, PRUNE, NM, QUANT, INTERPRET)
@@ -343,7 +343,6 @@ def solve_block_fused(
     *,
     block_rows: int | None = None,
     num_warps: int | None = None,
-    _prefetch: bool = True,
     _unroll: int = UNROLL,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The column loop of one block in one kernel launch; same results as `solve_block`.
@@ -402,8 +401,7 @@ def solve_block_fused(
         W1, U1, mask1.view(torch.uint8), scale, zero, maxq, Q1, Err1, partial,
         rows, count, U1.stride(0), U1.stride(1),
         BLOCK_R=br, CW=cw, NCH=nch, UN=prunem if nm else _unroll,
-        PRUNEN=prunen if nm else 0, HAS_MASK=not nm and has_mask, QUANT=quant, PREFETCH=_prefetch,
-        UNP=_next_pow2(prunem if nm else _unroll), LINES=_next_pow2(-(-count // 32)), INTERPRET=_INTERPRET,
+        PRUNEN=prunen if nm else 0, HAS_MASK=not nm and has_mask, QUANT=quant, INTERPRET=_INTERPRET,
         num_warps=nw, num_stages=1, enable_fp_fusion=False,
     )
     return Q1, Err1, mask1, partial.sum(dtype=torch.float64)

@@ -56,7 +56,7 @@ class SparseGPT:
         self.xtx = torch.zeros(columns, columns, device=device)
         self.peak = torch.zeros(columns, device=device)
         self.ntokens = 0
-        self._factors: dict[bool, InverseFactor] = {}
+        self._factors: dict[bytes | None, InverseFactor] = {}
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add inputs of shape (..., columns); fp32 accumulation whatever the activation dtype."""
@@ -71,15 +71,14 @@ class SparseGPT:
             raise RuntimeError("SparseGPT: no calibration inputs were added")
         return self.xtx * (2.0 / self.ntokens)
 
-    def inverse_factor(self, percdamp: float, act_order: bool = False, log=print) -> InverseFactor:
-        """Damped inverse Hessian factor; retries with 10x damping if H is not positive definite.
-
-        act_order solves the loudest input channels (largest H_jj) first, as GPTQ's --act-order:
-        their error is then spread over the most remaining columns."""
-        cached = self._factors.get(act_order)
+    def inverse_factor(self, percdamp: float, order: torch.Tensor | None = None, log=print) -> InverseFactor:
+        """Damped inverse Hessian factor for solving the columns in `order` (None: as stored);
+        retries with 10x damping if H is not positive definite. Cached per order, so weights
+        that share an input (q, k, v) share one factorization."""
+        key = None if order is None else order.cpu().numpy().tobytes()
+        cached = self._factors.get(key)
         if cached is not None and cached.percdamp >= percdamp:
             return cached
-        order = torch.argsort(self.xtx.diagonal(), descending=True, stable=True) if act_order else None
         damp_used = percdamp
         for _ in range(6):
             # Memory matters at OPT-175B widths (49152^2 fp32 = 9.7 GB): keep at most two n x n copies alive.
@@ -94,8 +93,8 @@ class SparseGPT:
                 del L
                 U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
                 if info.item() == 0 and torch.isfinite(U).all():
-                    self._factors[act_order] = InverseFactor(U, torch.diag(Hinv).clone(), dead, damp_used, order)
-                    return self._factors[act_order]
+                    self._factors[key] = InverseFactor(U, torch.diag(Hinv).clone(), dead, damp_used, order)
+                    return self._factors[key]
             retry = max(damp_used * 10, 0.01)
             log(f"warning: Hessian not positive definite at percdamp={damp_used:g}; retrying with {retry:g}")
             damp_used = retry
@@ -109,16 +108,16 @@ class SparseGPT:
         bits_per_column: torch.Tensor | None = None,
         blocksize: int = 128,
         percdamp: float = 0.01,
-        act_order: bool = False,
+        order: torch.Tensor | None = None,
     ) -> SolveResult:
-        """Prune and/or quantize `weight` column by column, pushing each column's error onto the
-        columns not yet processed through H^-1 (OBS update), in lazy blocks of `blocksize`."""
-        factor = self.inverse_factor(percdamp, act_order)
-        order = factor.order
+        """Prune and/or quantize `weight` column by column (in `order`, default as stored), pushing
+        each column's error onto the columns not yet processed through H^-1 (OBS update), in lazy
+        blocks of `blocksize`."""
+        factor = self.inverse_factor(percdamp, order)
         W = weight.float().clone()
         if order is not None:
             if grid is not None and grid.grouped:
-                raise ValueError("act-order with quantization groups is not supported")
+                raise ValueError("a solve order other than the stored one is not supported with quantization groups")
             W = W[:, order]
             bits_per_column = None if bits_per_column is None else bits_per_column[order.to(bits_per_column.device)]
         W[:, factor.dead] = 0
@@ -140,6 +139,25 @@ class SparseGPT:
             restore = torch.argsort(order)
             W, mask = W[:, restore], mask[:, restore]
         return SolveResult(W, mask, error)
+
+
+def solve_order(hessian_diag: torch.Tensor, bits_per_column: torch.Tensor | None, act_order: bool,
+                low_bits_first: bool) -> torch.Tensor | None:
+    """The column order for the solver, None for the stored order.
+
+    act_order (GPTQ's --act-order): loudest input channels (largest H_jj) first.
+    low_bits_first: with mixed widths, coarse columns first, so their large rounding errors are
+    absorbed by the finer columns solved after them rather than the other way round (ties keep
+    the act-order or stored order)."""
+    if not act_order and not (low_bits_first and bits_per_column is not None):
+        return None
+    order = torch.arange(len(hessian_diag), device=hessian_diag.device)
+    if act_order:
+        order = torch.argsort(hessian_diag, descending=True, stable=True)
+    if low_bits_first and bits_per_column is not None:
+        bits = bits_per_column.to(order.device)[order]
+        order = order[torch.argsort(bits, stable=True)]
+    return order
 
 
 def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float) -> torch.Tensor:

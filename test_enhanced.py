@@ -13,7 +13,7 @@ from transformers import OPTConfig, OPTForCausalLM
 import opt_enhanced as oe
 from quant import QuantGrid, quantize, round_to_nearest
 from sparsegpt_enhanced import (PruneSpec, SparseGPT, allocate_budget, allocate_quantile, magnitude_prune,
-                                tier_shares)
+                                solve_order, tier_shares)
 
 OPTIONS = [2, 3, 4, 6, 8]
 
@@ -138,6 +138,29 @@ def test_damping_retry_on_singular_hessian(capsys):
     assert factor.percdamp > 0 and len(logs) >= 1 and "not positive definite" in logs[0]
     res = s.fasterprune(torch.randn(8, 32), PruneSpec(sparsity=0.5), percdamp=0.0)
     assert torch.isfinite(res.weight).all()
+
+
+def test_solve_order():
+    h = torch.tensor([1.0, 5.0, 3.0, 4.0])
+    bits = torch.tensor([4, 2, 4, 3])
+    assert solve_order(h, bits, False, False) is None
+    assert solve_order(h, bits, True, False).tolist() == [1, 3, 2, 0]
+    assert solve_order(h, bits, False, True).tolist() == [1, 3, 0, 2]
+    assert solve_order(h, bits, True, True).tolist() == [1, 3, 2, 0]
+
+
+def test_reordered_solve_keeps_grid_sparsity_and_column_identity():
+    W = torch.randn(16, 48)
+    x = correlated_inputs(512, 48)
+    bits = torch.tensor([2, 3, 4, 6, 8, 4] * 8)
+    s = solver_for(x)
+    order = solve_order(s.xtx.diagonal(), bits, True, True)
+    res = s.fasterprune(W, PruneSpec(sparsity=0.5), QuantGrid.for_weight(W, False), bits, blocksize=16, order=order)
+    q, maxq = grid_codes(res.weight, W, bits)
+    assert torch.allclose(q, q.round(), atol=1e-3) and torch.all(q.round() <= maxq)
+    assert int(res.mask.sum()) == 16 * 48 // 2 and torch.all(res.weight[res.mask] == 0)
+    with pytest.raises(ValueError):
+        s.fasterprune(W, PruneSpec(), QuantGrid.for_weight(W, False, groupsize=16), bits, order=order)
 
 
 def test_dead_input_channels_are_zeroed():
@@ -368,6 +391,8 @@ BAD_INPUTS = [
     (["--nearest", "--sparsity", "0.5", "--wbits", "4"], "add --gmp"),
     (["--eval", "wikitext2,lambada"], "unknown dataset"),
     (["--seqlen", "4096"], "exceeds the model's 128 positions"),
+    (["--wbits", "4", "--low_bits_first"], "needs --target_avg_bits"),
+    (["--wbits", "4", "--act-order", "--groupsize", "16"], "--act-order works with"),
 ]
 
 
