@@ -70,7 +70,6 @@ class RunConfig:
     target_avg_bits: float | None = None
     bit_method: str = "quantile"
     bit_scope: str = "layer"
-    low_bits_first: bool = False
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
@@ -135,9 +134,6 @@ def validate(cfg: RunConfig) -> None:
     if cfg.act_order and (cfg.prunen or cfg.groupsize > 0 or cfg.gmp or cfg.nearest):
         raise UsageError("--act-order works with unstructured sparsity and per-row grids only; drop it or "
                          "--prunen/--prunem/--groupsize/--gmp/--nearest")
-    if cfg.low_bits_first and (not cfg.mixed or cfg.prunen or cfg.groupsize > 0):
-        raise UsageError("--low_bits_first reorders mixed-precision columns: it needs --target_avg_bits and "
-                         "no --prunen/--prunem or --groupsize")
     if cfg.gmp and not cfg.prune.active:
         raise UsageError("--gmp needs --sparsity (or --prunen/--prunem)")
     if cfg.gmp and cfg.quantize and not cfg.nearest:
@@ -320,7 +316,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
             grid = QuantGrid.rounding(Q, cfg.sym, cfg.groupsize)
             Q = grid.round(Q, bits)
     else:
-        order = solve_order(solver.xtx.diagonal(), bits, cfg.act_order, cfg.mixed and cfg.low_bits_first)
+        order = solve_order(solver.xtx.diagonal(), cfg.act_order)
         result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order)
         Q, error, damping = result.weight, result.error, solver.inverse_factor(cfg.percdamp, order).percdamp
     linear.weight.data = Q.to(W.dtype)
@@ -574,8 +570,6 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--target_avg_bits", type=float, default=None, help="mixed precision: average bits per weight")
     p.add_argument("--bit_method", choices=("quantile", "budget"), default="quantile", help="bit allocator")
     p.add_argument("--bit_scope", choices=("layer", "model"), default="layer", help="one budget per layer or per model")
-    p.add_argument("--low_bits_first", action="store_true",
-                   help="mixed precision: solve the coarsest columns first so finer ones absorb their error")
     p.add_argument("--bit_options", type=_list(int), default=[2, 3, 4, 6, 8], help="allowed widths, e.g. 2,3,4,6,8")
     p.add_argument("--importance_weights", type=_list(float), default=[1.0] * 5,
                    help="weights of energy,outlier,weight,obs,sensitivity")

@@ -141,23 +141,10 @@ class SparseGPT:
         return SolveResult(W, mask, error)
 
 
-def solve_order(hessian_diag: torch.Tensor, bits_per_column: torch.Tensor | None, act_order: bool,
-                low_bits_first: bool) -> torch.Tensor | None:
-    """The column order for the solver, None for the stored order.
-
-    act_order (GPTQ's --act-order): loudest input channels (largest H_jj) first.
-    low_bits_first: with mixed widths, coarse columns first, so their large rounding errors are
-    absorbed by the finer columns solved after them rather than the other way round (ties keep
-    the act-order or stored order)."""
-    if not act_order and not (low_bits_first and bits_per_column is not None):
-        return None
-    order = torch.arange(len(hessian_diag), device=hessian_diag.device)
-    if act_order:
-        order = torch.argsort(hessian_diag, descending=True, stable=True)
-    if low_bits_first and bits_per_column is not None:
-        bits = bits_per_column.to(order.device)[order]
-        order = order[torch.argsort(bits, stable=True)]
-    return order
+def solve_order(hessian_diag: torch.Tensor, act_order: bool) -> torch.Tensor | None:
+    """The column order for the solver: GPTQ's act-order solves the loudest input channels
+    (largest H_jj) first; None keeps the stored order."""
+    return torch.argsort(hessian_diag, descending=True, stable=True) if act_order else None
 
 
 def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float) -> torch.Tensor:

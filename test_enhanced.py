@@ -142,11 +142,8 @@ def test_damping_retry_on_singular_hessian(capsys):
 
 def test_solve_order():
     h = torch.tensor([1.0, 5.0, 3.0, 4.0])
-    bits = torch.tensor([4, 2, 4, 3])
-    assert solve_order(h, bits, False, False) is None
-    assert solve_order(h, bits, True, False).tolist() == [1, 3, 2, 0]
-    assert solve_order(h, bits, False, True).tolist() == [1, 3, 0, 2]
-    assert solve_order(h, bits, True, True).tolist() == [1, 3, 2, 0]
+    assert solve_order(h, False) is None
+    assert solve_order(h, True).tolist() == [1, 3, 2, 0]
 
 
 def test_reordered_solve_keeps_grid_sparsity_and_column_identity():
@@ -154,7 +151,7 @@ def test_reordered_solve_keeps_grid_sparsity_and_column_identity():
     x = correlated_inputs(512, 48)
     bits = torch.tensor([2, 3, 4, 6, 8, 4] * 8)
     s = solver_for(x)
-    order = solve_order(s.xtx.diagonal(), bits, True, True)
+    order = solve_order(s.xtx.diagonal(), True)
     res = s.fasterprune(W, PruneSpec(sparsity=0.5), QuantGrid.for_weight(W, False), bits, blocksize=16, order=order)
     q, maxq = grid_codes(res.weight, W, bits)
     assert torch.allclose(q, q.round(), atol=1e-3) and torch.all(q.round() <= maxq)
@@ -391,7 +388,6 @@ BAD_INPUTS = [
     (["--nearest", "--sparsity", "0.5", "--wbits", "4"], "add --gmp"),
     (["--eval", "wikitext2,lambada"], "unknown dataset"),
     (["--seqlen", "4096"], "exceeds the model's 128 positions"),
-    (["--wbits", "4", "--low_bits_first"], "needs --target_avg_bits"),
     (["--wbits", "4", "--act-order", "--groupsize", "16"], "--act-order works with"),
 ]
 
