@@ -76,6 +76,7 @@ class RunConfig:
     batch_size: int = 8
     device: str = ""
     offload: bool = False
+    no_fused: bool = False
     quiet: bool = False
 
     @property
@@ -317,7 +318,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
             Q = grid.round(Q, bits)
     else:
         order = solve_order(solver.xtx.diagonal(), cfg.act_order)
-        result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order)
+        result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order, not cfg.no_fused)
         Q, error, damping = result.weight, result.error, solver.inverse_factor(cfg.percdamp, order).percdamp
     linear.weight.data = Q.to(W.dtype)
     groups = grid.xmin.shape[1] if grid is not None else 1
@@ -578,6 +579,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--device", type=str, default="", help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--offload", action="store_true",
                    help="keep the model on the CPU, one decoder layer on the GPU at a time (automatic when it does not fit)")
+    p.add_argument("--no_fused", action="store_true",
+                   help="plain PyTorch column loop even on CUDA (the fused Triton kernel is the default there)")
     p.add_argument("--quiet", action="store_true", help="only errors and the final results")
     args = p.parse_args(argv)
     return RunConfig(**vars(args))

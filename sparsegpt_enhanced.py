@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
 from quant import QuantGrid, quantize
 
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -109,6 +110,7 @@ class SparseGPT:
         blocksize: int = 128,
         percdamp: float = 0.01,
         order: torch.Tensor | None = None,
+        fused: bool = True,
     ) -> SolveResult:
         """Prune and/or quantize `weight` column by column (in `order`, default as stored), pushing
         each column's error onto the columns not yet processed through H^-1 (OBS update), in lazy
@@ -124,21 +126,22 @@ class SparseGPT:
         U = factor.upper
         columns = W.shape[1]
         mask = torch.zeros_like(W, dtype=torch.bool)
-        error = 0.0
+        error = torch.zeros((), dtype=torch.float64, device=W.device)
         for i1 in range(0, columns, blocksize):
             i2 = min(i1 + blocksize, columns)
             params = None
             if grid is not None:
                 grid.fill_groups(W, i1, i2)
                 params = grid.column_params(i1, i2, bits_per_column[i1:i2])
-            Q1, Err1, mask[:, i1:i2], block_error = solve_block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], prune, params)
+            Q1, Err1, mask[:, i1:i2], block_error = solve_block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], prune, params,
+                                                                fused)
             W[:, i1:i2] = Q1
             W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
             error += block_error
         if order is not None:
             restore = torch.argsort(order)
             W, mask = W[:, restore], mask[:, restore]
-        return SolveResult(W, mask, error)
+        return SolveResult(W, mask, error.item())
 
 
 def solve_order(hessian_diag: torch.Tensor, act_order: bool) -> torch.Tensor | None:
@@ -162,18 +165,32 @@ def solve_block(
     U1: torch.Tensor,
     prune: PruneSpec,
     params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """The sequential column loop of one block; W1 is updated in place. Returns (Q1, Err1, mask1, error)."""
-    count = W1.shape[1]
+    fused: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block: its unstructured mask, then the sequential column loop, as one Triton kernel
+    launch on CUDA (`kernels.py`) or in plain PyTorch. Returns (Q1, Err1, mask1, error) with the
+    error as a 0-d tensor, so that the caller syncs once, not once per block."""
     d = torch.diag(U1)
-    Q1 = torch.zeros_like(W1)
-    Err1 = torch.zeros_like(W1)
-    losses = torch.zeros(W1.shape[0], device=W1.device)
     if prune.prunen == 0 and prune.sparsity > 0:
         mask1 = unstructured_mask(W1, d, prune.sparsity)
     else:
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
-    for i in range(count):
+    if fused and W1.is_cuda and kernels.is_available() and kernels.supports(W1.shape[1], prune.prunen, prune.prunem):
+        scale, zero, maxq = params if params is not None else (None, None, None)
+        return kernels.solve_block_fused(W1, U1, mask1, prune.prunen, prune.prunem, scale, zero, maxq)
+    return column_loop(W1, d, U1, mask1, prune, params)
+
+
+def column_loop(
+    W1: torch.Tensor, d: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor, prune: PruneSpec,
+    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference loop: per column, (N:M mask), zero the pruned, round, and push the error
+    err = (w - q) / d onto the columns to its right. W1 is updated in place."""
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    losses = torch.zeros(W1.shape[0], device=W1.device)
+    for i in range(W1.shape[1]):
         w = W1[:, i]
         if prune.prunen > 0 and i % prune.prunem == 0:
             score = W1[:, i:i + prune.prunem] ** 2 / d[None, i:i + prune.prunem] ** 2
@@ -187,7 +204,7 @@ def solve_block(
         err = (w - q) / d[i]
         W1[:, i:] -= err.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
         Err1[:, i] = err
-    return Q1, Err1, mask1, losses.sum().item() / 2
+    return Q1, Err1, mask1, losses.sum() / 2
 
 
 def magnitude_prune(weight: torch.Tensor, prune: PruneSpec) -> torch.Tensor:
