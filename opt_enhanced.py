@@ -335,29 +335,46 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.device, batch_size: int) -> float:
-    """The SparseGPT protocol: non-overlapping seqlen windows, mean token NLL per window, exp of the mean."""
+def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.device, batch_size: int,
+               whole_model: bool | None = None) -> float:
+    """The SparseGPT protocol: non-overlapping seqlen windows, mean token NLL per window, exp of the mean.
+
+    Whole-model batched forwards when the model sits on the device (the default there), else
+    layer by layer over all windows, for models that only visit the GPU one layer at a time."""
     nwin = ids.numel() // seqlen
     windows = ids[0, : nwin * seqlen].view(nwin, seqlen)
+    layers = model.model.decoder.layers
+    if whole_model is None:
+        whole_model = home_of(layers) == dev
+    nll = torch.zeros((), dtype=torch.float64, device=dev)
+    if whole_model:
+        for start in range(0, nwin, batch_size):
+            batch = windows[start:start + batch_size].to(dev)
+            nll += window_nll(model(batch, use_cache=False).logits, batch)
+        return math.exp(nll.item() / nwin)
     hidden, kwargs = capture_layer_inputs(model, windows, dev, batch_size)
-    home = home_of(model.model.decoder.layers)
-    for layer in model.model.decoder.layers:
+    home = home_of(layers)
+    for layer in layers:
         layer.to(dev)
         forward_layer(layer, hidden, kwargs, batch_size, hidden)
         layer.to(home)
     dec = model.model.decoder
-    nll = torch.zeros((), dtype=torch.float64, device=dev)
     for start in range(0, nwin, batch_size):
         h = hidden[start:start + batch_size]
         if dec.final_layer_norm is not None:
             h = dec.final_layer_norm(h)
         if dec.project_out is not None:
             h = dec.project_out(h)
-        logits = model.lm_head(h)[:, :-1].float()
-        labels = windows[start:start + batch_size, 1:].to(dev)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-        nll += loss.view(labels.shape).mean(1).double().sum()
+        nll += window_nll(model.lm_head(h), windows[start:start + batch_size].to(dev))
     return math.exp(nll.item() / nwin)
+
+
+def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Sum over windows of each window's mean next-token NLL (fp32 softmax)."""
+    logits = logits[:, :-1].float()
+    labels = ids[:, 1:]
+    loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    return loss.view(labels.shape).mean(1).double().sum()
 
 
 # ---------------------------------------------------------------- the run

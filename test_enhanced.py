@@ -286,6 +286,14 @@ def test_perplexity_batching_does_not_change_result():
     assert abs(a - b) / a < 1e-5
 
 
+def test_whole_model_and_layer_by_layer_evaluation_agree():
+    model = tiny_model()
+    ids = torch.randint(0, 64, (1, 64 * 5 + 7))
+    a = oe.perplexity(model, ids, 64, torch.device("cpu"), 2, whole_model=True)
+    b = oe.perplexity(model, ids, 64, torch.device("cpu"), 3, whole_model=False)
+    assert abs(a - b) / a < 1e-4
+
+
 def test_reference_filter_minlayer_prune_only():
     model = tiny_model()
     stats = run_cfg(model, torch.randint(0, 64, (4, 64)), sparsity=0.5, minlayer=1, prune_only="fc")
