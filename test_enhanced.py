@@ -495,3 +495,14 @@ def test_same_command_twice_is_bit_identical(tiny_dir, tmp_path):
     _, a = cli(tiny_dir, tmp_path, *flags)
     _, b = cli(tiny_dir, tmp_path, *flags)
     assert a["perplexity"] == b["perplexity"] and a["layers"][3]["bits_per_column"] == b["layers"][3]["bits_per_column"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hessian_from_16bit_activations_on_gpu_is_the_fp32_hessian():
+    x = (correlated_inputs(4096, 256) / 4).half().cuda()
+    fast, slow = SparseGPT(256, "cuda"), SparseGPT(256, "cuda")
+    for chunk in x.split(1024):
+        fast.add_batch(chunk)
+        slow.add_batch(chunk.float())
+    assert torch.allclose(fast.hessian, slow.hessian, rtol=1e-5, atol=1e-5 * slow.hessian.abs().max().item())
+    assert torch.equal(fast.peak, slow.peak)
