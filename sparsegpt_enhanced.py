@@ -174,7 +174,7 @@ def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float) -> tor
     mask = torch.zeros_like(score, dtype=torch.bool)
     k = int(score.numel() * sparsity)
     if k > 0:
-        mask[torch.topk(score, k, largest=False).indices] = True
+        mask[torch.sort(score).indices[:k]] = True  # a radix sort: far faster than topk for k ~ numel/2
     return mask.view(W1.shape)
 
 
