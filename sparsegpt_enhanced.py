@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,10 @@ from quant import QuantGrid, quantize
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+
+
+def warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 @functools.cache
@@ -90,7 +95,7 @@ class SparseGPT:
             raise RuntimeError("SparseGPT: no calibration inputs were added")
         return self.xtx * (2.0 / self.ntokens)
 
-    def inverse_factor(self, percdamp: float, order: torch.Tensor | None = None, log=print) -> InverseFactor:
+    def inverse_factor(self, percdamp: float, order: torch.Tensor | None = None, log=warn) -> InverseFactor:
         """Damped inverse Hessian factor for solving the columns in `order` (None: as stored);
         retries with 10x damping if H is not positive definite. Cached per order, so weights
         that share an input (q, k, v) share one factorization."""
