@@ -380,8 +380,9 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the run
 
 
-def plot_bits(stats: list[LinearStats], path: str) -> None:
-    """Heatmap of average bits per module (rows) and decoder layer (columns), written atomically."""
+def plot_bits(stats: list[LinearStats], path: str, options: list[int]) -> None:
+    """Heatmap of average bits per module (rows) and decoder layer (columns), written atomically.
+    The colour scale spans the bit options, so that a layer at its target does not look extreme."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -395,7 +396,7 @@ def plot_bits(stats: list[LinearStats], path: str) -> None:
     layers = sorted({i for _, i in cells})
     grid = [[cells.get((m, i), float("nan")) for i in layers] for m in modules]
     fig, ax = plt.subplots(figsize=(3.5 + 0.6 * len(layers), 1.2 + 0.45 * len(modules)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=min(options), vmax=max(options))
     for r, row in enumerate(grid):
         for c, v in enumerate(row):
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
@@ -513,7 +514,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         results["export"] = asdict(report)
         log(report.summary())
     if cfg.plot:
-        plot_bits(stats, cfg.plot)
+        plot_bits(stats, cfg.plot, cfg.bit_options)
     if cfg.results_json:
         write_json(results, cfg.results_json)
     return results

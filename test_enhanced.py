@@ -506,3 +506,9 @@ def test_hessian_from_16bit_activations_on_gpu_is_the_fp32_hessian():
         slow.add_batch(chunk.float())
     assert torch.allclose(fast.hessian, slow.hessian, rtol=1e-5, atol=1e-5 * slow.hessian.abs().max().item())
     assert torch.equal(fast.peak, slow.peak)
+
+
+def test_plot_writes_a_png(tiny_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    code, _ = cli(tiny_dir, tmp_path, "--wbits", "4", "--target_avg_bits", "3.5", "--plot", str(tmp_path / "b.png"))
+    assert code == 0 and (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
