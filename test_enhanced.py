@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -512,3 +513,15 @@ def test_plot_writes_a_png(tiny_dir, tmp_path):
     pytest.importorskip("matplotlib")
     code, _ = cli(tiny_dir, tmp_path, "--wbits", "4", "--target_avg_bits", "3.5", "--plot", str(tmp_path / "b.png"))
     assert code == 0 and (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_comparison_script_runs_and_checks_targets(tiny_dir, tmp_path):
+    import subprocess
+    env = dict(os.environ, MODEL=str(tiny_dir[0]), DATA_DIR=str(tiny_dir[1]), OUT=str(tmp_path),
+               EXTRA="--nsamples 4 --seqlen 64 --device cpu --eval ptb")
+    done = subprocess.run(["bash", str(Path(__file__).parent / "run_comparison_test_fixed.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| budget-4.0 " in done.stdout and "mixed runs on target" in done.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results) == 8 and all(r["summary"]["channels"] == 2 * (5 * 32 + 64) for r in results.values())

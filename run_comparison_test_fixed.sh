@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Uniform quantization vs activation-aware mixed precision at the same average bits, one table.
+#
+#   MODEL=../shared/models/opt-mini DATA_DIR=../shared/data bash run_comparison_test_fixed.sh
+#
+# Environment: MODEL (default facebook/opt-125m), CALIB (calibration set, default c4), DATA_DIR
+# (offline data; default: the hub), SPARSITY (default 0.5), EXTRA (more opt_enhanced.py flags for
+# every run), OUT (where the JSON goes; default a temporary directory).
+# Fails if a mixed-precision run reports no quantized channel or an average off its target.
+set -euo pipefail
+cd "$(dirname "$0")"
+MODEL=${MODEL:-facebook/opt-125m}
+CALIB=${CALIB:-c4}
+SPARSITY=${SPARSITY:-0.5}
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+common="--sparsity $SPARSITY ${EXTRA:-}"
+cat > "$OUT/configs.txt" <<CONFIGS
+uniform-4bit|$common --wbits 4
+quantile-4.0|$common --wbits 4 --target_avg_bits 4.0 --bit_method quantile
+budget-4.0|$common --wbits 4 --target_avg_bits 4.0 --bit_method budget
+budget-4.0-model|$common --wbits 4 --target_avg_bits 4.0 --bit_method budget --bit_scope model
+quantile-3.5|$common --wbits 4 --target_avg_bits 3.5 --bit_method quantile
+budget-3.5|$common --wbits 4 --target_avg_bits 3.5 --bit_method budget
+uniform-3bit|$common --wbits 3
+budget-3.0|$common --wbits 3 --target_avg_bits 3.0 --bit_method budget
+CONFIGS
+data=()
+if [ -n "${DATA_DIR:-}" ]; then data=(--data_dir "$DATA_DIR"); fi
+python3 bench.py "$MODEL" --dataset "$CALIB" --configs "$OUT/configs.txt" "${data[@]}" --json "$OUT/results.json"
+python3 - "$OUT/results.json" <<'CHECK'
+import json, sys
+bad = []
+for name, res in json.load(open(sys.argv[1])).items():
+    cfg, summary = res["config"], res["summary"]
+    if summary is None or summary["channels"] == 0:
+        bad.append(f"{name}: no quantized channel")
+    elif cfg["target_avg_bits"] is not None and abs(summary["avg_bits_weighted"] - cfg["target_avg_bits"]) > 0.01:
+        bad.append(f"{name}: average {summary['avg_bits_weighted']:.3f} bits, target {cfg['target_avg_bits']}")
+print("\n".join(bad) if bad else f"all {len(json.load(open(sys.argv[1])))} runs quantized, mixed runs on target")
+sys.exit(1 if bad else 0)
+CHECK
