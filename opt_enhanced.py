@@ -169,12 +169,21 @@ def validate(cfg: RunConfig) -> None:
 
 
 class Log:
+    """Progress lines and bars, silenced by --quiet."""
+
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
 
     def __call__(self, msg: str) -> None:
         if not self.quiet:
             print(msg, flush=True)
+
+    def bar(self, iterable, total: int, desc: str):
+        """A progress bar over a long loop (layers, evaluation windows); the bare iterable when quiet."""
+        if self.quiet:
+            return iterable
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
@@ -276,7 +285,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     if calibrated:
         hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
     plan = plan_model_bits(model, hidden, kwargs, cfg, dev, log) if cfg.mixed and cfg.bit_scope == "model" else {}
-    for i, layer in enumerate(layers):
+    for i, layer in log.bar(enumerate(layers), len(layers), "compress layers"):
         tick = time.time()
         layer.to(dev)
         linears = find_linears(layer)
@@ -336,7 +345,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.device, batch_size: int,
-               whole_model: bool | None = None) -> float:
+               whole_model: bool | None = None, log: Log = Log(True)) -> float:
     """The SparseGPT protocol: non-overlapping seqlen windows, mean token NLL per window, exp of the mean.
 
     Whole-model batched forwards when the model sits on the device (the default there), else
@@ -348,13 +357,13 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.devi
         whole_model = home_of(layers) == dev
     nll = torch.zeros((), dtype=torch.float64, device=dev)
     if whole_model:
-        for start in range(0, nwin, batch_size):
+        for start in log.bar(range(0, nwin, batch_size), -(-nwin // batch_size), f"evaluate {nwin} windows"):
             batch = windows[start:start + batch_size].to(dev)
             nll += window_nll(model(batch, use_cache=False).logits, batch)
         return math.exp(nll.item() / nwin)
     hidden, kwargs = capture_layer_inputs(model, windows, dev, batch_size)
     home = home_of(layers)
-    for layer in layers:
+    for layer in log.bar(layers, len(layers), f"evaluate {nwin} windows, layer by layer"):
         layer.to(dev)
         forward_layer(layer, hidden, kwargs, batch_size, hidden)
         layer.to(home)
@@ -486,7 +495,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     ppl: dict[str, float] = {}
     with stage("evaluate"):
         for d, ids in eval_ids.items():
-            ppl[d] = perplexity(model, ids, seqlen, dev, cfg.batch_size)
+            ppl[d] = perplexity(model, ids, seqlen, dev, cfg.batch_size, log=log)
             log(f"{d} perplexity: {ppl[d]:.3f}")
     timings = dict(stage.seconds, total=time.time() - started)
 
