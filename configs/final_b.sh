@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
+OUT=${OUT:-$(mktemp -d)}
+# Process overhead diagnosis, then scale: random-weight OPT shapes through the full compression path.
+export PYTHONUNBUFFERED=1 TIMEFORMAT="wall %R s"
+M=.local/opt-mini; D=.local/data
+exec > >(tee $OUT/final_b.log) 2>&1
+nvidia-smi --query-gpu=name --format=csv,noheader
+echo "== imports"; time python3 -c "import torch"; time python3 -c "import torch; torch.cuda.init()"; time python3 -c "import transformers"; time python3 -c "import opt_enhanced"
+python3 -X importtime -c "import opt_enhanced" 2> $OUT/importtime.txt
+echo "== profile of a warm headline run"
+python3 opt_enhanced.py $M c4 --data_dir $D --cache_dir /tmp/c1 --sparsity 0.5 --wbits 4 --quiet > /dev/null
+time python3 -m cProfile -o $OUT/headline.prof opt_enhanced.py $M c4 --data_dir $D --cache_dir /tmp/c1 --sparsity 0.5 --wbits 4 --quiet
+python3 -c "import pstats; pstats.Stats('$OUT/headline.prof').sort_stats('cumulative').print_stats(25)" | tail -40
+echo "== scale"
+for s in opt-125m opt-1.3b opt-6.7b; do python3 bench.py --synthetic $s; done
+python3 bench.py --synthetic opt-6.7b --layers 4 --offload
+python3 bench.py --synthetic opt-175b --layers 1 --offload
+python3 bench.py --synthetic opt-175b --layers 2 --offload
