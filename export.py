@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from quant import QuantGrid, codes
+from quant import QuantGrid, codes, dequantize
 from sparsegpt_enhanced import storage_bits
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def pack_linear(name: str, weight: torch.Tensor, grid: QuantGrid, bits: torch.Te
     scale, zero, maxq = grid.column_params(0, columns, bits)
     q = codes(W, scale, zero, maxq)
     keep = W != 0 if pruned else torch.ones_like(W, dtype=torch.bool)
-    rebuilt = torch.where(keep, scale * (q - zero), 0.0).to(weight.dtype)
+    rebuilt = torch.where(keep, dequantize(q, scale, zero), 0.0).to(weight.dtype)
     if not torch.equal(rebuilt, weight.detach()):
         bad = rebuilt != weight.detach()
         raise ValueError(f"{name}: {int(bad.sum())} of {W.numel()} weights are not on their quantization grid "
@@ -143,7 +143,7 @@ def unpack_linear(f, name: str, layout: dict[str, Any]) -> torch.Tensor:
         q[:, cols] = sub
     grid = QuantGrid(layout["sym"], layout["groupsize"], f.get_tensor(f"{name}.xmin"), f.get_tensor(f"{name}.xmax"))
     scale, zero, _ = grid.column_params(0, columns, bits)
-    return torch.where(keep, scale * (q - zero), 0.0).to(getattr(torch, layout["dtype"]))
+    return torch.where(keep, dequantize(q, scale, zero), 0.0).to(getattr(torch, layout["dtype"]))
 
 
 # ---------------------------------------------------------------- the model

@@ -12,15 +12,19 @@ from dataclasses import dataclass
 import torch
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
-    """Round x onto the grid scale * (q - zero), q in {0..maxq}; returns the dequantized value."""
-    q = torch.clamp(torch.round(x / scale) + zero, torch.zeros_like(maxq), maxq)
+def codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """The integer code q in {0..maxq} of each value (what a packed checkpoint stores)."""
+    return torch.clamp(torch.round(x / scale) + zero, torch.zeros_like(maxq), maxq)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The value of code q on the grid scale * (q - zero)."""
     return scale * (q - zero)
 
 
-def codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
-    """The integer code q of each value (what a packed checkpoint stores)."""
-    return torch.clamp(torch.round(x / scale) + zero, torch.zeros_like(maxq), maxq)
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
+    """Round x to the nearest point of its grid (the dequantized value)."""
+    return dequantize(codes(x, scale, zero, maxq), scale, zero)
 
 
 def weight_range(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
