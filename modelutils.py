@@ -17,6 +17,16 @@ def is_local_path(model: str) -> bool:
     return os.path.isdir(model) or model.startswith((".", "/", "~")) or model.count("/") > 1
 
 
+def model_source(model: str) -> str:
+    """What from_pretrained should get: the expanded local directory, or the hub id as given."""
+    if not is_local_path(model):
+        return model
+    path = os.path.expanduser(model)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {model}")
+    return path
+
+
 def load_opt(model: str, quiet: bool = False) -> nn.Module:
     """OPTForCausalLM from a local directory or the hub, in the checkpoint's dtype, eval mode."""
     from transformers import OPTForCausalLM
@@ -24,9 +34,7 @@ def load_opt(model: str, quiet: bool = False) -> nn.Module:
 
     if quiet:
         logging.disable_progress_bar()
-    if is_local_path(model) and not os.path.isdir(os.path.expanduser(model)):
-        raise FileNotFoundError(f"model directory not found: {model}")
-    net = OPTForCausalLM.from_pretrained(os.path.expanduser(model) if is_local_path(model) else model, dtype="auto")
+    net = OPTForCausalLM.from_pretrained(model_source(model), dtype="auto")
     net.config.use_cache = False
     return net.eval()
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import datautils
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, find_linears, forward_layer,
-                        hook_inputs, is_local_path, load_opt)
+                        hook_inputs, load_opt, model_source)
 from quant import QuantGrid, round_to_nearest
 from sparsegpt_enhanced import (LinearStats, PruneSpec, SparseGPT, allocate_budget, allocate_quantile,
                                 channel_metrics, combine_metrics, format_summary, magnitude_prune,
@@ -143,8 +143,7 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError(f"unknown dataset; choose from {', '.join(datautils.DATASETS)}")
     if cfg.nsamples < 1 or cfg.blocksize < 1 or cfg.batch_size < 1:
         raise UsageError("--nsamples, --blocksize and --batch_size must be positive")
-    if is_local_path(cfg.model) and not os.path.isdir(os.path.expanduser(cfg.model)):
-        raise UsageError(f"model directory not found: {cfg.model}")
+    model_source(cfg.model)  # a missing local model directory fails here
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise UsageError(f"--data_dir {cfg.data_dir} is not a directory")
     if cfg.plot:
@@ -218,7 +217,6 @@ def importance(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig, across_l
     if across_layers:
         combined = combined * relative_sensitivity(W, H, metrics[4]) / W.shape[1]
     return metrics, combined
-
 
 
 def allocate(scores: torch.Tensor, size: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
@@ -461,7 +459,7 @@ def max_positions(model: str) -> int:
     """The model's context length, from its config alone (no weights loaded)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(os.path.expanduser(model) if is_local_path(model) else model).max_position_embeddings
+    return AutoConfig.from_pretrained(model_source(model)).max_position_embeddings
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

@@ -100,7 +100,6 @@ class QuantGrid:
         scale, zero = grid_params(self.xmin[:, group], self.xmax[:, group], maxq, self.sym)
         return scale, zero, maxq
 
-
     @classmethod
     def rounding(cls, w: torch.Tensor, sym: bool, groupsize: int = 0) -> "QuantGrid":
         """The grid that round-to-nearest uses: every range (groups too) from `w` itself."""

@@ -105,7 +105,8 @@ class SparseGPT:
             return cached
         damp_used = percdamp
         for _ in range(6):
-            # Memory matters at OPT-175B widths (49152^2 fp32 = 9.7 GB): keep at most two n x n copies alive.
+            # Memory matters at OPT-175B widths (49152^2 fp32 = 9.7 GB): drop each n x n intermediate
+            # as soon as the next one exists.
             H = self.hessian if order is None else self.hessian[order][:, order]
             dead = torch.diag(H) == 0
             H[dead, dead] = 1
