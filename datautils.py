@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -216,6 +217,53 @@ def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[torc
     return [torch.tensor(ids, dtype=torch.int64) for ids in tokenizer(texts)["input_ids"]]
 
 
+# A space or newline that ends a whitespace run and precedes a letter or digit.
+_CUT = re.compile(r"[ \n](?=[A-Za-z0-9])")
+_PIECE_CHARS = 32768
+
+
+def _tokenize_long(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    """The ids of one long text, as `tokenizer(text)` gives them, but encoded in pieces on every core.
+
+    A Rust tokenizer encodes one string on one thread: the evaluation texts (1-2 M characters)
+    took seconds. GPT-2/OPT byte-level BPE first splits text with a regex whose tokens never
+    cross the point just before the last character of a whitespace run that precedes a letter or
+    digit (the run minus that character is one token, that character starts the next word), so
+    cutting there gives the same ids; test_datautils checks it on the real files. Other
+    tokenizers (prefix spaces, normalizers) are encoded whole.
+    """
+    prefix = _special_prefix(tokenizer)
+    if prefix is None or len(text) <= _PIECE_CHARS:
+        return _tokenize(tokenizer, [text])[0]
+    cuts = [0]
+    for k in range(1, -(-len(text) // _PIECE_CHARS)):
+        found = _CUT.search(text, max(cuts[-1] + 1, k * _PIECE_CHARS))
+        if found is None:
+            break
+        cuts.append(found.start())
+    cuts.append(len(text))
+    pieces = tokenizer([text[a:b] for a, b in zip(cuts, cuts[1:])], add_special_tokens=False)["input_ids"]
+    return torch.tensor(prefix + [i for ids in pieces for i in ids], dtype=torch.int64)
+
+
+def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
+    """The special ids a byte-level BPE tokenizer puts before a text (OPT: `</s>`), or None if the
+    tokenizer is not one whose pieces can be encoded separately (see _tokenize_long)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    if (pre.get("type"), pre.get("add_prefix_space"), pre.get("use_regex")) != ("ByteLevel", False, True) \
+            or spec.get("normalizer") is not None:
+        return None
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    if full[len(full) - len(plain):] != plain:
+        return None  # specials after the text: pieces cannot simply be concatenated
+    return full[:len(full) - len(plain)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The reference protocol
 
@@ -232,7 +280,7 @@ def get_eval_ids(name: str, tokenizer: PreTrainedTokenizerBase, seqlen: int,
     source = _source(name, split, data_dir)
     limit = _C4_EVAL_DOCS if name == "c4" else None
     (ids,) = _cached(_cache_key(f"{name}-eval", tokenizer, source), cache_dir,
-                     lambda: _tokenize(tokenizer, [sep.join(source.rows(limit))]))
+                     lambda: [_tokenize_long(tokenizer, sep.join(source.rows(limit)))])
     if name == "c4":
         ids = ids[:_C4_EVAL_WINDOWS * seqlen]
     if len(ids) < seqlen:
@@ -254,7 +302,7 @@ def get_calibration(name: str, tokenizer: PreTrainedTokenizerBase, nsamples: int
     source = _source(name, "train", data_dir)
     if name != "c4":
         (ids,) = _cached(_cache_key(f"{name}-calib", tokenizer, source), cache_dir,
-                         lambda: _tokenize(tokenizer, [" ".join(source.rows())]))
+                         lambda: [_tokenize_long(tokenizer, " ".join(source.rows()))])
         return _text_windows(ids, rng, nsamples, seqlen, f"{name} calibration text ({source.path or 'hub'})")
     if data_dir is not None:  # ~1k documents: tokenize them all at once, then the draw is cheap
         docs = _cached(_cache_key("c4-calib", tokenizer, source), cache_dir,

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import regex
 import torch
-from transformers import GPT2Tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import GPT2Tokenizer, PreTrainedTokenizerFast
 
 import datautils
 from datautils import DATASETS, DataError, get_calibration, get_eval_ids, get_tokenizer
@@ -142,6 +143,25 @@ def test_c4_eval_ids_are_cut_to_256_windows(mini, no_datasets):
     cut = get_eval_ids("c4", mini, 64, data_dir=str(DATA))
     assert cut.shape == (1, 256 * 64) and full.shape[1] > 256 * 64
     assert torch.equal(cut[0], full[0, :256 * 64])
+
+
+@needs_shared
+def test_long_text_in_pieces_gives_the_ids_of_the_whole(mini, monkeypatch):
+    assert datautils._special_prefix(mini) == [2]  # OPT's byte-level BPE is cut into pieces...
+    words = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert datautils._special_prefix(PreTrainedTokenizerFast(tokenizer_object=words)) is None  # ...others are not
+    tricky = "Title = \n\n a  b\n\nc 's 12 x\t\ty \u00a0z\n \n7 ,9 don't  \n\n\nEnd.\r\n ü ok "
+    monkeypatch.setattr(datautils, "_PIECE_CHARS", 5)
+    text = tricky * 40
+    assert datautils._tokenize_long(mini, text).tolist() == mini(text)["input_ids"]
+
+
+@needs_shared
+def test_c4_eval_ids_in_pieces_match_one_call(mini, no_datasets, fresh_memo):
+    rows = datautils._source("c4", "validation", DATA).rows(datautils._C4_EVAL_DOCS)
+    whole = mini(" ".join(rows))["input_ids"][:256 * 2048]
+    assert get_eval_ids("c4", mini, 2048, data_dir=str(DATA))[0].tolist() == whole
 
 
 @needs_shared
