@@ -15,10 +15,11 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -433,6 +434,47 @@ def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
         model.to(dev)
 
 
+def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
+    """Load and place the model, then run the solver once on a small random matrix with the run's
+    settings, so that CUDA, cuBLAS/cuSOLVER and the Triton kernel have started (about 1.5 s on
+    first use in a process) before the first real layer needs them."""
+    model = load_opt(cfg.model, cfg.quiet)
+    place(model, dev, cfg.offload)
+    if dev.type == "cuda" and not (cfg.gmp or cfg.nearest) and (cfg.prune.active or cfg.quantize):
+        columns = model.config.hidden_size
+        x = torch.randn(4 * columns, columns, generator=torch.Generator().manual_seed(0)).to(dev, torch.float16)
+        weight = torch.randn(columns, columns, generator=torch.Generator().manual_seed(1)).to(dev)
+        solver = SparseGPT(columns, dev)
+        solver.add_batch(x)
+        grid = QuantGrid.for_weight(weight, cfg.sym, cfg.groupsize) if cfg.quantize else None
+        bits = torch.full((columns,), cfg.wbits, dtype=torch.int64) if cfg.quantize else None
+        solver.fasterprune(weight, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, None, not cfg.no_fused)
+        torch.cuda.synchronize(dev)
+    return model
+
+
+class Background:
+    """Call `fn` on a thread now; `result()` waits for it and returns its value or raises its exception."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._call, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _call(self, fn: Callable[[], Any]) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # handed to the caller of result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 class Stages:
     """Wall time and peak GPU memory of each stage of a run (for --results_json and bench.py)."""
 
@@ -442,8 +484,9 @@ class Stages:
         self.peak_gib: dict[str, float] = {}
 
     @contextmanager
-    def __call__(self, name: str):
-        cuda = self.dev.type == "cuda"
+    def __call__(self, name: str, gpu: bool = True):
+        """Time a stage; `gpu=False` for CPU-only stages, which then neither wait for nor measure the GPU."""
+        cuda = gpu and self.dev.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.dev)
             torch.cuda.reset_peak_memory_stats(self.dev)
@@ -469,8 +512,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     stage = Stages(dev)
     started = time.time()
 
-    # Data first: a missing file or too little text must fail before the (possibly long) model load.
-    with stage("tokenize"):
+    # The model loads (and CUDA starts) on a thread while the data is tokenized; data errors are still
+    # raised first, before the model is waited for.
+    loading = Background(lambda: load_and_warm_up(cfg, dev))
+    with stage("tokenize", gpu=False):
         positions = max_positions(cfg.model)
         seqlen = cfg.seqlen or positions
         if seqlen > positions:
@@ -479,9 +524,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
                                                 cfg.data_dir, cfg.cache_dir)
         eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
-    with stage("load"):
-        model = load_opt(cfg.model, cfg.quiet)
-        place(model, dev, cfg.offload)
+    with stage("load"):  # what is left of the load after tokenizing
+        model = loading.result()
     log(f"model {cfg.model}: {model.config.num_hidden_layers} layers, seqlen {seqlen}; device {dev}")
 
     done = Compressed([], {}, {})
