@@ -439,6 +439,25 @@ def test_missing_offline_file_names_file_and_flag(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "s").exists()
 
 
+def test_data_error_is_reported_before_the_model_is_waited_for(tiny_dir, tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    for f in tiny_dir[0].iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    (model / "model.safetensors").write_bytes(b"not weights")  # loading it on the thread fails
+    data = tmp_path / "data"
+    write_data(data)
+    (data / "ptb" / "ptb.test.txt").unlink()
+    code = oe.main([str(model), "c4", "--data_dir", str(data), "--seqlen", "64", "--device", "cpu"])
+    assert code == 2 and "ptb.test.txt" in capsys.readouterr().err
+
+
+def test_background_returns_the_value_or_raises_the_error():
+    assert oe.Background(lambda: 42).result() == 42
+    with pytest.raises(ZeroDivisionError):
+        oe.Background(lambda: 1 / 0).result()
+
+
 def test_too_little_text(tiny_dir, tmp_path, capsys):
     data = tmp_path / "data"
     write_data(data, words=20)
