@@ -135,14 +135,14 @@ def _find(data_dir: str | os.PathLike, relpath: str) -> Path | None:
     return shards[0] if shards else None
 
 
-def _source(name: str, split: str, data_dir: str | os.PathLike | None) -> Source:
+def _source(name: str, split: str, data_dir: str | os.PathLike | None, quiet: bool = False) -> Source:
     """Resolve a split to the hub (data_dir None) or a local file, raising DataError if the file is missing."""
     if data_dir is None:
         return Source(name, split)
     path = _find(data_dir, _LOCAL[name, split])
     if path is None and (name, split) == ("wikitext2", "train"):
         path = _find(data_dir, _WIKITEXT2_FALLBACK)
-        if path is not None:
+        if path is not None and not quiet:
             print(f"wikitext2: raw WikiText-2 train split missing ({Path(data_dir) / _LOCAL[name, split]}); "
                   f"calibrating on {path} instead", file=sys.stderr)
     if path is None:
@@ -150,6 +150,15 @@ def _source(name: str, split: str, data_dir: str | os.PathLike | None) -> Source
         subset = " (or a .firstN subset of it)" if expected.name.endswith(".json.gz") else ""
         raise DataError(f"missing {expected}{subset}: --data_dir must hold {_LAYOUT}")
     return Source(name, split, path)
+
+
+def check_sources(calibration: str, evaluation: list[str], data_dir: str | os.PathLike | None) -> None:
+    """Raise DataError now for an unknown dataset or a missing local file, before any long work starts."""
+    for name in (calibration, *evaluation):
+        _check_name(name)
+    _source(calibration, "train", data_dir, quiet=True)
+    for name in evaluation:
+        _source(name, _EVAL[name][0], data_dir)
 
 
 def _check_name(name: str) -> None:

@@ -30,8 +30,8 @@ from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, 
                         hook_inputs, load_opt, model_source)
 from quant import QuantGrid, round_to_nearest
 from sparsegpt_enhanced import (LinearStats, PruneSpec, SparseGPT, allocate_budget, allocate_quantile,
-                                channel_metrics, combine_metrics, format_summary, magnitude_prune,
-                                relative_sensitivity, solve_order, storage_bits, summarize)
+                                channel_metrics, combine_metrics, format_summary, magnitude_prune, output_energy,
+                                solve_order, storage_bits, summarize)
 
 # Linear layers of an OPT decoder layer that read the same activations as another one: one Hessian serves them.
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj"}
@@ -201,28 +201,39 @@ def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, k
     return solvers
 
 
-def importance(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig, across_layers: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(five raw metrics, combined importance) of each input channel of `weight`.
-
-    Within a layer the metrics are normalised to mean 1; to compare channels across layers
-    (`across_layers`), each layer's scores are scaled by its relative rounding error at the base
-    width, spread over its channels, so layers that lose more of their output get more bits."""
+def importance(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(five raw metrics, combined importance normalised to mean 1 within the layer) of each input channel."""
     factor = solver.inverse_factor(cfg.percdamp)
     W = weight.float().clone()
     W[:, factor.dead] = 0
-    H = solver.hessian
-    metrics = channel_metrics(W, torch.diag(H), solver.peak, factor.inverse_diag,
+    metrics = channel_metrics(W, torch.diag(solver.hessian), solver.peak, factor.inverse_diag,
                               round_to_nearest(W, cfg.wbits, cfg.sym, cfg.groupsize))
-    combined = combine_metrics(metrics, tuple(cfg.importance_weights))
-    if across_layers:
-        combined = combined * relative_sensitivity(W, H, metrics[4]) / W.shape[1]
-    return metrics, combined
+    return metrics, combine_metrics(metrics, tuple(cfg.importance_weights))
 
 
-def allocate(scores: torch.Tensor, size: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+def allocation_score(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig, across_layers: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(importance, what the allocator ranks) for each input channel of `weight`.
+
+    quantile ranks the importance. budget minimises importance_j * error_j(b), the solver's own
+    estimate of its loss at each width (SparseGPT.rounding_error), so the five metrics weigh an
+    error whose size and shape across widths come from the Hessian and the grid. To compare
+    channels across layers (`across_layers`), errors are relative to the layer's output energy
+    tr(W H W^T), and quantile scores are scaled by the layer's relative rounding error."""
+    metrics, imp = importance(weight, solver, cfg)
+    energy = output_energy(weight, solver.hessian).clamp_min(1e-30) if across_layers else None
+    if cfg.bit_method == "quantile":
+        return imp, imp * metrics[4].sum() / energy / len(imp) if across_layers else imp
+    order = solve_order(solver.xtx.diagonal(), cfg.act_order)
+    error = solver.rounding_error(weight, cfg.prune, sorted(cfg.bit_options), cfg.sym, cfg.groupsize,
+                                  cfg.blocksize, cfg.percdamp, order)
+    score = imp[:, None] * error
+    return imp, score / energy if across_layers else score
+
+
+def allocate(score: torch.Tensor, size: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
     method = allocate_budget if cfg.bit_method == "budget" else allocate_quantile
-    return method(scores.cpu(), size.cpu(), cfg.bit_options, cfg.target_avg_bits)
+    return method(score.cpu(), size.cpu(), cfg.bit_options, cfg.target_avg_bits)
 
 
 def selected_names(layer: nn.Module, i: int, cfg: RunConfig) -> list[str]:
@@ -242,10 +253,10 @@ def plan_model_bits(model: nn.Module, hidden: torch.Tensor, kwargs: dict, cfg: R
         chosen = selected_names(layer, i, cfg)
         solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev)
         for n in chosen:
-            _, imp = importance(linears[n].weight.data, solvers[SHARED_INPUT.get(n, n)], cfg, across_layers=True)
+            _, score = allocation_score(linears[n].weight.data, solvers[SHARED_INPUT.get(n, n)], cfg, across_layers=True)
             names.append(f"model.decoder.layers.{i}.{n}")
-            scores.append(imp)
-            sizes.append(torch.full_like(imp, linears[n].out_features))
+            scores.append(score)
+            sizes.append(torch.full((len(score),), linears[n].out_features))
         forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
         layer.to(home)
         log(f"scored layer {i + 1}/{len(layers)}")
@@ -314,8 +325,8 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
     if cfg.quantize:
         bits = torch.full((columns,), cfg.wbits, dtype=torch.int64)
     if cfg.mixed:
-        _, imp = importance(W, solver, cfg)
-        bits = plan[name] if name in plan else allocate(imp, torch.full_like(imp, rows), cfg)
+        imp, score = allocation_score(W, solver, cfg)
+        bits = plan[name] if name in plan else allocate(score, torch.full((columns,), rows), cfg)
         imp_range = (imp.min().item(), imp.max().item())
     error, damping = 0.0, cfg.percdamp
     grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize) if cfg.quantize else None
@@ -468,6 +479,10 @@ class Background:
         except BaseException as e:  # handed to the caller of result()
             self._error = e
 
+    def join(self) -> None:
+        """Wait for `fn` to end, whatever its outcome."""
+        self._thread.join()
+
     def result(self) -> Any:
         self._thread.join()
         if self._error is not None:
@@ -505,16 +520,8 @@ def max_positions(model: str) -> int:
     return AutoConfig.from_pretrained(model_source(model)).max_position_embeddings
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
-    log = Log(cfg.quiet)
-    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch.manual_seed(cfg.seed)
-    stage = Stages(dev)
-    started = time.time()
-
-    # The model loads (and CUDA starts) on a thread while the data is tokenized; data errors are still
-    # raised first, before the model is waited for.
-    loading = Background(lambda: load_and_warm_up(cfg, dev))
+def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dict[str, torch.Tensor]]:
+    """(tokenizer, seqlen, calibration windows, evaluation ids by dataset)."""
     with stage("tokenize", gpu=False):
         positions = max_positions(cfg.model)
         seqlen = cfg.seqlen or positions
@@ -524,6 +531,24 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
                                                 cfg.data_dir, cfg.cache_dir)
         eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
+    return tokenizer, seqlen, calibration, eval_ids
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    log = Log(cfg.quiet)
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    stage = Stages(dev)
+    started = time.time()
+
+    # A missing file fails at once; then the model loads (and CUDA starts) on a thread while the data is tokenized.
+    datautils.check_sources(cfg.dataset, cfg.eval, cfg.data_dir)
+    loading = Background(lambda: load_and_warm_up(cfg, dev))
+    try:
+        tokenizer, seqlen, calibration, eval_ids = tokenize(cfg, stage)
+    except BaseException:
+        loading.join()  # from_pretrained patches torch process-wide while it runs: never leave it running behind
+        raise
     with stage("load"):  # what is left of the load after tokenizing
         model = loading.result()
     log(f"model {cfg.model}: {model.config.num_hidden_layers} layers, seqlen {seqlen}; device {dev}")

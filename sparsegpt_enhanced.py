@@ -167,6 +167,33 @@ class SparseGPT:
             W, mask = W[:, restore], mask[:, restore]
         return SolveResult(W, mask, error.item())
 
+    def rounding_error(self, weight: torch.Tensor, prune: PruneSpec, options: list[int], sym: bool, groupsize: int,
+                       blocksize: int = 128, percdamp: float = 0.01, order: torch.Tensor | None = None) -> torch.Tensor:
+        """The solver's loss for rounding each column at each width, estimated before solving:
+        (columns, len(options)), sum_i kept_ij (w_ij - Q_b(w_ij))^2 / U_jj^2.
+
+        The solver pushes each column's rounding error onto the columns after it; what it cannot
+        push costs 1/U_jj^2 per unit (U in solve order). That lies between 1/[H^-1]_jj (the first
+        column: all of it can be compensated) and H_jj (the last: none can), so it ranks channels
+        far better than H_jj alone. Pruned weights cost the same at every width, so only the
+        weights the mask rule keeps on the dense weights are counted (N:M masks are chosen during
+        the solve: there, every weight counts)."""
+        factor = self.inverse_factor(percdamp, order)
+        W = weight.float().clone() if order is None else weight.float()[:, order]
+        grid = QuantGrid.rounding(W, sym, groupsize)  # from the weights as given, like the solver's grid
+        W[:, factor.dead] = 0
+        d = torch.diag(factor.upper)
+        kept = torch.ones_like(W, dtype=torch.bool)
+        if prune.prunen == 0 and prune.sparsity > 0:
+            for i1 in range(0, W.shape[1], blocksize):
+                i2 = min(i1 + blocksize, W.shape[1])
+                kept[:, i1:i2] = ~unstructured_mask(W[:, i1:i2], d[i1:i2], prune.sparsity)
+        width = torch.empty(W.shape[1], dtype=torch.int64)
+        loss = torch.stack([(((W - grid.round(W, width.fill_(b))) ** 2) * kept).sum(0) for b in options], 1)
+        loss = loss / d[:, None] ** 2
+        loss[factor.dead] = 0
+        return loss if order is None else loss[torch.argsort(order)]
+
 
 def solve_order(hessian_diag: torch.Tensor, act_order: bool) -> torch.Tensor | None:
     """The column order for the solver: GPTQ's act-order solves the loudest input channels
@@ -282,10 +309,10 @@ def combine_metrics(metrics: torch.Tensor, weights: tuple[float, ...]) -> torch.
     return (w[:, None] * normalised).sum(0) / w.sum()
 
 
-def relative_sensitivity(weight: torch.Tensor, hessian: torch.Tensor, sensitivity: torch.Tensor) -> float:
-    """Share of the layer's output energy tr(W H W^T) that rounding at the base width costs."""
-    energy = ((weight @ hessian) * weight).sum()
-    return (sensitivity.sum() / energy.clamp_min(1e-30)).item()
+def output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """tr(W H W^T) = 2/n ||X W^T||^2: the layer's output energy, the yardstick for comparing errors across layers."""
+    W = weight.float()
+    return ((W @ hessian) * W).sum()
 
 
 # ---------------------------------------------------------------- bit allocation
@@ -361,30 +388,47 @@ def allocate_quantile(importance: torch.Tensor, size: torch.Tensor, options: lis
     return _fix_mean(bits, order, size.double(), options, target)
 
 
-def allocate_budget(importance: torch.Tensor, size: torch.Tensor, options: list[int], target: float) -> torch.Tensor:
-    """Greedy knapsack: start at the lowest width, buy the upgrades with the largest estimated
-    error reduction per extra bit until the budget is spent.
+def allocate_budget(error: torch.Tensor, size: torch.Tensor, options: list[int], target: float) -> torch.Tensor:
+    """Greedy knapsack: start every channel at the lowest width and buy the upgrades with the
+    largest error reduction per extra bit until the budget is spent.
 
-    A b-bit min-max grid has step range / (2^b - 1), so a channel's rounding error is
-    ∝ importance / (2^b - 1)^2 (≈ importance · 2^-2b, but exact at 2 and 3 bits, where it matters).
-    Each channel's upgrades have decreasing gain per bit, so one global sort is the greedy order.
+    error (channels, len(options)): each channel's estimated error at each width (sorted options).
+    Each channel's upgrades are the steps of the lower convex hull of its error curve, so their
+    gains per bit decrease and one global sort by gain is the greedy order.
     """
     options = sorted(options)
-    imp = importance.double().clamp_min(0)
     b = torch.tensor(options, dtype=torch.float64)
-    err = (2.0 ** b - 1) ** -2
-    step_bits = (b[1:] - b[:-1])  # (S,)
-    gain = imp[:, None] * (err[:-1] - err[1:])[None, :] / step_bits[None, :]  # (C, S)
-    cost = step_bits[None, :] * size.double()[:, None]  # extra bits of the whole channel
-    order = torch.argsort(gain.flatten(), descending=True, stable=True)
-    budget = (target - options[0]) * size.double().sum()
-    spent = torch.cumsum(cost.flatten()[order], 0)
-    take = order[spent <= budget + 1e-6]
-    steps = torch.zeros(gain.numel(), dtype=torch.int64)
-    steps[take] = 1
-    tier = steps.view(gain.shape).sum(1)
-    bits = torch.tensor(options)[tier]
-    return bits
+    err = error.double().cpu()
+    size = size.double().cpu()
+    channels, widths = err.shape
+    rows = torch.arange(channels)
+    tier = torch.zeros(channels, dtype=torch.int64)
+    steps = []  # (gain per bit, cost in bits, channel, tier before, tier after), a hull step per channel per round
+    for _ in range(widths - 1):
+        slope = (err[rows, tier][:, None] - err) / (b[None, :] - b[tier][:, None])
+        slope[torch.arange(widths)[None, :] <= tier[:, None]] = -math.inf
+        gain, to = slope.max(1)
+        live = gain > 0
+        steps.append((gain[live], (b[to] - b[tier])[live] * size[live], rows[live], tier[live], to[live]))
+        tier = torch.where(live, to, tier)
+    gain, cost, channel, start, to = (torch.cat(x) for x in zip(*steps))
+    order = torch.argsort(gain, descending=True, stable=True)
+    budget = (target - options[0]) * size.sum().item() + 1e-6
+    spent = torch.cumsum(cost[order], 0)
+    n = int((spent <= budget).sum())
+    take = order[:n]
+    tier = torch.zeros(channels, dtype=torch.int64).scatter_reduce(0, channel[take], to[take], "amax")
+    # A hull step can be several bits wide: spend what is left on the best later steps that still fit.
+    left = budget - (spent[n - 1].item() if n else 0.0)
+    smallest = cost.min().item() if len(cost) else math.inf
+    for k in order[n:].tolist():
+        if left < smallest:
+            break
+        j = channel[k].item()
+        if cost[k] <= left and tier[j] == start[k]:
+            tier[j] = to[k]
+            left -= cost[k].item()
+    return torch.tensor(options)[tier]
 
 
 # ---------------------------------------------------------------- statistics

@@ -12,7 +12,7 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 import opt_enhanced as oe
-from quant import QuantGrid, quantize, round_to_nearest
+from quant import QuantGrid, round_to_nearest
 from sparsegpt_enhanced import (PruneSpec, SparseGPT, allocate_budget, allocate_quantile, magnitude_prune,
                                 solve_order, tier_shares)
 
@@ -209,11 +209,16 @@ def test_quantile_natural_mean_is_equal_shares():
     assert [int((bits == b).sum()) for b in OPTIONS] == [100] * 5
 
 
+def min_max_error(imp: torch.Tensor) -> torch.Tensor:
+    """importance / (2^b - 1)^2 at each of OPTIONS: the error model of a min-max grid."""
+    return imp[:, None].double() * (2.0 ** torch.tensor(OPTIONS, dtype=torch.float64) - 1) ** -2
+
+
 @pytest.mark.parametrize("target", [2.5, 3.0, 4.0, 5.5])
 def test_budget_spends_target_within_one_channel(target):
     imp = torch.rand(300) ** 6
     size = torch.randint(1, 5, (300,)).double()
-    bits = allocate_budget(imp, size, OPTIONS, target)
+    bits = allocate_budget(min_max_error(imp), size, OPTIONS, target)
     assert set(bits.tolist()) <= set(OPTIONS)
     spent = (bits.double() * size).sum().item()
     assert 0 <= target * size.sum().item() - spent <= 2 * size.max().item() + 1e-6
@@ -223,8 +228,33 @@ def test_budget_spends_target_within_one_channel(target):
 def test_budget_gives_bits_to_important_channels():
     imp = torch.ones(100)
     imp[:5] = 1e4
-    bits = allocate_budget(imp, torch.ones(100), OPTIONS, 4.0)
+    bits = allocate_budget(min_max_error(imp), torch.ones(100), OPTIONS, 4.0)
     assert torch.all(bits[:5] > 4) and abs(bits.float().mean().item() - 4.0) <= 0.02
+
+
+def test_budget_skips_widths_off_the_convex_hull():
+    # channel 0: 3 bits buy nothing over 2, 4 bits buy everything; a step-by-step greedy would never get there
+    error = torch.tensor([[8.0, 8.0, 0.0, 0.0, 0.0], [4.0, 2.0, 1.0, 0.5, 0.25]])
+    bits = allocate_budget(error, torch.ones(2), OPTIONS, 3.0)
+    assert bits.tolist() == [4, 2]
+    bits = allocate_budget(error, torch.ones(2), OPTIONS, 2.0)
+    assert bits.tolist() == [2, 2]
+
+
+def test_rounding_error_is_the_solvers_loss_for_one_column():
+    torch.manual_seed(0)
+    solver = SparseGPT(16)
+    solver.add_batch(torch.randn(256, 16))
+    W = torch.randn(8, 16)
+    error = solver.rounding_error(W, PruneSpec(), OPTIONS, sym=False, groupsize=-1)
+    assert error.shape == (16, len(OPTIONS)) and torch.all(error[:, :-1] > error[:, 1:])
+    # the last column is solved after every other column has been fixed: its loss is its own rounding error
+    # over U_jj^2, exactly what the solver reports when only that column is quantized and rows round alike
+    U = solver.inverse_factor(0.01).upper
+    Q = QuantGrid.rounding(W, False).round(W, torch.full((16,), 2))
+    assert torch.allclose(error[-1, 0], ((W[:, -1] - Q[:, -1]) ** 2).sum() / U[-1, -1] ** 2)
+    pruned = solver.rounding_error(W, PruneSpec(sparsity=0.5), OPTIONS, sym=False, groupsize=-1)
+    assert torch.all(pruned <= error + 1e-6) and pruned.sum() < error.sum()  # pruned weights cost nothing extra
 
 
 # ---------------------------------------------------------------- model loop
@@ -439,17 +469,20 @@ def test_missing_offline_file_names_file_and_flag(tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "s").exists()
 
 
-def test_data_error_is_reported_before_the_model_is_waited_for(tiny_dir, tmp_path, capsys):
+def test_data_errors_come_before_model_errors(tiny_dir, tmp_path, capsys):
     model = tmp_path / "m"
     model.mkdir()
     for f in tiny_dir[0].iterdir():
         (model / f.name).write_bytes(f.read_bytes())
-    (model / "model.safetensors").write_bytes(b"not weights")  # loading it on the thread fails
+    (model / "model.safetensors").write_bytes(b"not weights")  # loading it (on the thread) fails
     data = tmp_path / "data"
     write_data(data)
-    (data / "ptb" / "ptb.test.txt").unlink()
+    (data / "ptb" / "ptb.test.txt").unlink()  # found missing before the load starts
     code = oe.main([str(model), "c4", "--data_dir", str(data), "--seqlen", "64", "--device", "cpu"])
     assert code == 2 and "ptb.test.txt" in capsys.readouterr().err
+    write_data(tmp_path / "short", words=20)  # found too short while tokenizing, as the load fails beside it
+    code = oe.main([str(model), "ptb", "--data_dir", str(tmp_path / "short"), "--nsamples", "4", "--device", "cpu"])
+    assert code == 2 and "tokens" in capsys.readouterr().err
 
 
 def test_background_returns_the_value_or_raises_the_error():
