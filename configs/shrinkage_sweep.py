@@ -1,6 +1,6 @@
 """Issue 3: choose opt_enhanced.ERROR_SHRINKAGE on validation text, and record the test perplexities too.
 
-    PYTHONPATH=. python3 configs/shrinkage_sweep.py OUT.json   # repository root, copies of ../shared in .local/
+    PYTHONPATH=. python3 configs/shrinkage_sweep.py OUT.json [0,0.25,0.5,0.75,1]   # repo root, ../shared copies in .local/
 
 Validation: WikiText-2 valid (wikitext-2/wiki.valid.tokens), PTB valid (ptb/ptb.valid.txt) and 32 C4 train
 windows drawn with seed 12345 (other windows of the same documents the calibration draws from). 50% + uniform 3/4-bit and 50% + budget at 3.0/4.0 bits for
@@ -16,6 +16,7 @@ import datautils
 import opt_enhanced as oe
 M, D, C = ".local/opt-mini", ".local/data", "/tmp/c1"
 dev = torch.device("cuda")
+SHRINKAGES = [float(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "0,0.25,0.5,0.75,1").split(",")]
 tok = datautils.get_tokenizer(M)
 ptb = datautils._tokenize_long(tok, " ".join(l.strip() for l in open(f"{D}/ptb/ptb.valid.txt")))[None]
 wt2 = datautils._tokenize_long(tok, "\n\n".join("" if l == " \n" else l for l in open(f"{D}/wikitext-2/wiki.valid.tokens")))[None]
@@ -35,6 +36,6 @@ def one(tag, lam, flags, seed):
 for seed in (0, 1, 2):
     for bits in (3, 4):
         one(f"uniform{bits}", None, ["--sparsity", "0.5", "--wbits", str(bits)], seed)
-        for lam in (0.0, 0.25, 0.5, 0.75, 1.0):
+        for lam in SHRINKAGES:
             one(f"budget{bits}", lam, ["--sparsity", "0.5", "--wbits", str(bits), "--target_avg_bits", str(bits), "--bit_method", "budget"], seed)
 json.dump(rows, open(sys.argv[1], "w"), indent=1)
