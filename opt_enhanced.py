@@ -30,7 +30,7 @@ from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, 
                         hook_inputs, load_opt, model_source)
 from quant import QuantGrid, round_to_nearest
 from sparsegpt_enhanced import (LinearStats, PruneSpec, SparseGPT, allocate_budget, allocate_quantile,
-                                channel_metrics, combine_metrics, format_summary, magnitude_prune, output_energy,
+                                channel_metrics, combine_metrics, format_summary, magnitude_prune,
                                 solve_order, storage_bits, summarize)
 
 # Linear layers of an OPT decoder layer that read the same activations as another one: one Hessian serves them.
@@ -210,7 +210,7 @@ def importance(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig) -> tuple
     factor = solver.inverse_factor(cfg.percdamp)
     W = weight.float().clone()
     W[:, factor.dead] = 0
-    metrics = channel_metrics(W, torch.diag(solver.hessian), solver.peak, factor.inverse_diag,
+    metrics = channel_metrics(W, solver.hessian_diag, solver.peak, factor.inverse_diag,
                               round_to_nearest(W, cfg.wbits, cfg.sym, cfg.groupsize))
     return metrics, combine_metrics(metrics, tuple(cfg.importance_weights))
 
@@ -225,7 +225,7 @@ def allocation_score(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig, ac
     channels across layers (`across_layers`), errors are relative to the layer's output energy
     tr(W H W^T), and quantile scores are scaled by the layer's relative rounding error."""
     metrics, imp = importance(weight, solver, cfg)
-    energy = output_energy(weight, solver.hessian).clamp_min(1e-30) if across_layers else None
+    energy = solver.output_energy(weight).clamp_min(1e-30) if across_layers else None
     if cfg.bit_method == "quantile":
         return imp, imp * metrics[4].sum() / energy / len(imp) if across_layers else imp
     order = solve_order(solver.xtx.diagonal(), cfg.act_order)

@@ -91,9 +91,23 @@ class SparseGPT:
 
     @property
     def hessian(self) -> torch.Tensor:
+        return self.xtx * self._scale()
+
+    @property
+    def hessian_diag(self) -> torch.Tensor:
+        """diag(H) without forming H (an n x n copy is 9.7 GB at OPT-175B's fc2)."""
+        return self.xtx.diagonal() * self._scale()
+
+    def output_energy(self, weight: torch.Tensor) -> torch.Tensor:
+        """tr(W H W^T) = 2/n ||X W^T||^2, the layer's output energy: the yardstick for comparing errors
+        across layers."""
+        W = weight.float()
+        return ((W @ self.xtx) * W).sum() * self._scale()
+
+    def _scale(self) -> float:
         if self.ntokens == 0:
             raise RuntimeError("SparseGPT: no calibration inputs were added")
-        return self.xtx * (2.0 / self.ntokens)
+        return 2.0 / self.ntokens
 
     def inverse_factor(self, percdamp: float, order: torch.Tensor | None = None, log=warn) -> InverseFactor:
         """Damped inverse Hessian factor for solving the columns in `order` (None: as stored);
@@ -307,12 +321,6 @@ def combine_metrics(metrics: torch.Tensor, weights: tuple[float, ...]) -> torch.
     normalised = torch.where(mean > 0, metrics / mean.clamp_min(1e-30), torch.ones_like(metrics))
     w = torch.tensor(weights, dtype=metrics.dtype, device=metrics.device)
     return (w[:, None] * normalised).sum(0) / w.sum()
-
-
-def output_energy(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """tr(W H W^T) = 2/n ||X W^T||^2: the layer's output energy, the yardstick for comparing errors across layers."""
-    W = weight.float()
-    return ((W @ hessian) * W).sum()
 
 
 # ---------------------------------------------------------------- bit allocation
