@@ -241,6 +241,15 @@ def test_budget_skips_widths_off_the_convex_hull():
     assert bits.tolist() == [2, 2]
 
 
+def test_hessian_diagonal_and_output_energy_without_forming_h():
+    solver = SparseGPT(12)
+    x = torch.randn(50, 12)
+    solver.add_batch(x)
+    W = torch.randn(5, 12)
+    assert torch.allclose(solver.hessian_diag, torch.diag(solver.hessian))
+    assert torch.allclose(solver.output_energy(W), 2 / 50 * ((x @ W.T) ** 2).sum(), rtol=1e-5)
+
+
 def test_rounding_error_is_the_solvers_loss_for_one_column():
     torch.manual_seed(0)
     solver = SparseGPT(16)
