@@ -298,6 +298,16 @@ def test_mixed_precision_totals_and_targets():
         assert abs(s.avg_bits - 3.5) <= 0.01 + 1 / s.columns, s.name
 
 
+@pytest.mark.parametrize("flags", [dict(groupsize=16), dict(sparsity=0, prunen=2, prunem=4), dict(act_order=True),
+                                   dict(sym=True)])
+def test_budget_hits_target_with_groups_nm_act_order_sym(flags):
+    model = tiny_model()
+    kw = dict(sparsity=0.5, wbits=3, target_avg_bits=3.0, bit_method="budget") | flags
+    stats = run_cfg(model, torch.randint(0, 64, (8, 64)), **kw)
+    for s in stats:
+        assert set(s.bits_per_column) <= set(OPTIONS) and abs(s.avg_bits - 3.0) <= 2 / s.columns, s.name
+
+
 def test_model_scope_budget_hits_global_target():
     model = tiny_model()
     with torch.no_grad():  # three loud input channels into layer 0's attention
