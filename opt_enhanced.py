@@ -330,8 +330,12 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
     if cfg.quantize:
         bits = torch.full((columns,), cfg.wbits, dtype=torch.int64)
     if cfg.mixed:
-        imp, score = allocation_score(W, solver, cfg)
-        bits = plan[name] if name in plan else allocate(score, torch.full((columns,), rows), cfg)
+        if name in plan:  # --bit_scope model allocated it already: only the importance is reported
+            _, imp = importance(W, solver, cfg)
+            bits = plan[name]
+        else:
+            imp, score = allocation_score(W, solver, cfg)
+            bits = allocate(score, torch.full((columns,), rows), cfg)
         imp_range = (imp.min().item(), imp.max().item())
     error, damping = 0.0, cfg.percdamp
     grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize) if cfg.quantize else None
