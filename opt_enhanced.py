@@ -215,25 +215,27 @@ def importance(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig) -> tuple
     return metrics, combine_metrics(metrics, tuple(cfg.importance_weights))
 
 
-def allocation_score(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig, across_layers: bool = False
+def allocation_score(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig, row_weight: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(importance, what the allocator ranks) for each input channel of `weight`.
 
     quantile ranks the importance. budget minimises importance_j * error_j(b), the solver's own
     estimate of its loss at each width (SparseGPT.rounding_error), so the five metrics weigh an
     error whose size and shape across widths come from the Hessian and the grid. To compare
-    channels across layers (`across_layers`), errors are relative to the layer's output energy
-    tr(W H W^T), and quantile scores are scaled by the layer's relative rounding error."""
-    metrics, imp = importance(weight, solver, cfg)
-    energy = solver.output_energy(weight).clamp_min(1e-30) if across_layers else None
-    if cfg.bit_method == "quantile":
-        return imp, imp * metrics[4].sum() / energy / len(imp) if across_layers else imp
+    channels across Linears (--bit_scope model), `row_weight` gives each output's cost to the model's
+    loss (output_sensitivity): errors are then in units of loss, and quantile scores are scaled by
+    the Linear's mean such error at the base width."""
+    _, imp = importance(weight, solver, cfg)
+    if cfg.bit_method == "quantile" and row_weight is None:
+        return imp, imp
     order = solve_order(solver.xtx.diagonal(), cfg.act_order)
-    error = solver.rounding_error(weight, cfg.prune, sorted(cfg.bit_options), cfg.sym, cfg.groupsize,
-                                  cfg.blocksize, cfg.percdamp, order)
+    options = [cfg.wbits] if cfg.bit_method == "quantile" else sorted(cfg.bit_options)
+    error = solver.rounding_error(weight, cfg.prune, options, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp,
+                                  order, row_weight)
+    if cfg.bit_method == "quantile":
+        return imp, imp * error.mean()
     error = (1 - ERROR_SHRINKAGE) * error + ERROR_SHRINKAGE * error.mean(0, keepdim=True)
-    score = imp[:, None] * error
-    return imp, score / energy if across_layers else score
+    return imp, imp[:, None] * error
 
 
 def allocate(score: torch.Tensor, size: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
@@ -245,21 +247,69 @@ def selected_names(layer: nn.Module, i: int, cfg: RunConfig) -> list[str]:
     return [n for n in find_linears(layer) if cfg.selected(i, n)]
 
 
-def plan_model_bits(model: nn.Module, hidden: torch.Tensor, kwargs: dict, cfg: RunConfig, dev: torch.device,
+def output_sensitivity(model: nn.Module, calibration: torch.Tensor, dev: torch.device, batch_size: int
+                       ) -> dict[str, torch.Tensor]:
+    """Mean over the calibration tokens of (dLoss/dy_i)^2 for every output y_i of every decoder Linear:
+    the diagonal Fisher of the dense model's next-token loss. An output error e_i costs the loss about
+    F_i e_i^2 / 2, so it puts the Hessian-weighted errors of different Linears in one unit.
+
+    One backward pass over the whole model, in fp32 (fp16 -> fp32 -> fp16 is exact): it needs the
+    model on one device, so not with the decoder layers offloaded to the CPU."""
+    layers = model.model.decoder.layers
+    if home_of(layers).type != dev.type:
+        raise RuntimeError("--bit_scope model needs the whole model on the GPU (one backward pass over it); "
+                           "drop --offload or use --bit_scope layer")
+    dtype = next(model.parameters()).dtype
+    sums: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str, grad: torch.Tensor) -> None:
+        g = grad.reshape(-1, grad.shape[-1]).float()
+        sums[name] = sums.get(name, 0) + (g ** 2).sum(0)
+
+    handles = [linear.register_full_backward_hook(lambda m, gin, gout, name=f"model.decoder.layers.{i}.{n}":
+                                                  accumulate(name, gout[0]))
+               for i, layer in enumerate(layers) for n, linear in find_linears(layer).items()]
+    # Gradients for the activations only: the embeddings' output is the one leaf that needs them.
+    handles.append(model.model.decoder.embed_tokens.register_forward_hook(lambda m, x, y: y.requires_grad_()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    tokens = 0
+    model.float()
+    try:
+        with torch.enable_grad():
+            for start in range(0, len(calibration), batch_size):
+                ids = calibration[start:start + batch_size].to(dev)
+                logits = model(ids, use_cache=False).logits[:, :-1]
+                nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+                tokens += ids[:, 1:].numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
+        model.to(dtype)
+    return {name: s / tokens for name, s in sums.items()}
+
+
+def plan_model_bits(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: torch.device,
                     log: Log) -> dict[str, torch.Tensor]:
     """--bit_scope model: score every channel on the dense model, then one allocation for all."""
     layers = model.model.decoder.layers
     home = home_of(layers)
+    sensitivity = output_sensitivity(model, calibration, dev, cfg.batch_size)
+    log("measured the loss's sensitivity to every Linear output")
+    hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
     names, scores, sizes = [], [], []
-    hidden = hidden.clone()
     for i, layer in enumerate(layers):
         layer.to(dev)
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
         solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev)
         for n in chosen:
-            _, score = allocation_score(linears[n].weight.data, solvers[SHARED_INPUT.get(n, n)], cfg, across_layers=True)
-            names.append(f"model.decoder.layers.{i}.{n}")
+            name = f"model.decoder.layers.{i}.{n}"
+            _, score = allocation_score(linears[n].weight.data, solvers[SHARED_INPUT.get(n, n)], cfg, sensitivity[name])
+            names.append(name)
             scores.append(score)
             sizes.append(torch.full((len(score),), linears[n].out_features))
         forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
@@ -299,7 +349,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     hidden = kwargs = None
     if calibrated:
         hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
-    plan = plan_model_bits(model, hidden, kwargs, cfg, dev, log) if cfg.mixed and cfg.bit_scope == "model" else {}
+    plan = plan_model_bits(model, calibration, cfg, dev, log) if cfg.mixed and cfg.bit_scope == "model" else {}
     for i, layer in log.bar(enumerate(layers), len(layers), "compress layers"):
         tick = time.time()
         layer.to(dev)

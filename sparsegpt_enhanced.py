@@ -98,12 +98,6 @@ class SparseGPT:
         """diag(H) without forming H (an n x n copy is 9.7 GB at OPT-175B's fc2)."""
         return self.xtx.diagonal() * self._scale()
 
-    def output_energy(self, weight: torch.Tensor) -> torch.Tensor:
-        """tr(W H W^T) = 2/n ||X W^T||^2, the layer's output energy: the yardstick for comparing errors
-        across layers."""
-        W = weight.float()
-        return ((W @ self.xtx) * W).sum() * self._scale()
-
     def _scale(self) -> float:
         if self.ntokens == 0:
             raise RuntimeError("SparseGPT: no calibration inputs were added")
@@ -182,9 +176,11 @@ class SparseGPT:
         return SolveResult(W, mask, error.item())
 
     def rounding_error(self, weight: torch.Tensor, prune: PruneSpec, options: list[int], sym: bool, groupsize: int,
-                       blocksize: int = 128, percdamp: float = 0.01, order: torch.Tensor | None = None) -> torch.Tensor:
+                       blocksize: int = 128, percdamp: float = 0.01, order: torch.Tensor | None = None,
+                       row_weight: torch.Tensor | None = None) -> torch.Tensor:
         """The solver's loss for rounding each column at each width, estimated before solving:
-        (columns, len(options)), sum_i kept_ij (w_ij - Q_b(w_ij))^2 / U_jj^2.
+        (columns, len(options)), sum_i r_i kept_ij (w_ij - Q_b(w_ij))^2 / U_jj^2, with r_i = row_weight
+        (default 1), what an error in output i costs downstream.
 
         The solver pushes each column's rounding error onto the columns after it; what it cannot
         push costs 1/U_jj^2 per unit (U in solve order). That lies between 1/[H^-1]_jj (the first
@@ -203,7 +199,8 @@ class SparseGPT:
                 i2 = min(i1 + blocksize, W.shape[1])
                 kept[:, i1:i2] = ~unstructured_mask(W[:, i1:i2], d[i1:i2], prune.sparsity)
         width = torch.empty(W.shape[1], dtype=torch.int64)
-        loss = torch.stack([(((W - grid.round(W, width.fill_(b))) ** 2) * kept).sum(0) for b in options], 1)
+        r = torch.ones_like(W[:, :1]) if row_weight is None else row_weight.float()[:, None]
+        loss = torch.stack([(r * (W - grid.round(W, width.fill_(b))) ** 2 * kept).sum(0) for b in options], 1)
         loss = loss / d[:, None] ** 2
         loss[factor.dead] = 0
         return loss if order is None else loss[torch.argsort(order)]

@@ -241,13 +241,10 @@ def test_budget_skips_widths_off_the_convex_hull():
     assert bits.tolist() == [2, 2]
 
 
-def test_hessian_diagonal_and_output_energy_without_forming_h():
+def test_hessian_diagonal_without_forming_h():
     solver = SparseGPT(12)
-    x = torch.randn(50, 12)
-    solver.add_batch(x)
-    W = torch.randn(5, 12)
+    solver.add_batch(torch.randn(50, 12))
     assert torch.allclose(solver.hessian_diag, torch.diag(solver.hessian))
-    assert torch.allclose(solver.output_energy(W), 2 / 50 * ((x @ W.T) ** 2).sum(), rtol=1e-5)
 
 
 def test_rounding_error_is_the_solvers_loss_for_one_column():
@@ -264,6 +261,20 @@ def test_rounding_error_is_the_solvers_loss_for_one_column():
     assert torch.allclose(error[-1, 0], ((W[:, -1] - Q[:, -1]) ** 2).sum() / U[-1, -1] ** 2)
     pruned = solver.rounding_error(W, PruneSpec(sparsity=0.5), OPTIONS, sym=False, groupsize=-1)
     assert torch.all(pruned <= error + 1e-6) and pruned.sum() < error.sum()  # pruned weights cost nothing extra
+
+
+def test_rounding_error_row_weight_weighs_each_rows_loss():
+    torch.manual_seed(0)
+    solver = SparseGPT(16)
+    solver.add_batch(torch.randn(256, 16))
+    W = torch.randn(6, 16)
+    r = torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0, 1.0])
+    plain = solver.rounding_error(W, PruneSpec(), OPTIONS, sym=False, groupsize=-1)
+    assert torch.equal(solver.rounding_error(W, PruneSpec(), OPTIONS, False, -1, row_weight=torch.ones(6)), plain)
+    per_row = [solver.rounding_error(W[i:i + 1], PruneSpec(), OPTIONS, sym=False, groupsize=-1) for i in range(6)]
+    weighted = solver.rounding_error(W, PruneSpec(), OPTIONS, sym=False, groupsize=-1, row_weight=r)
+    assert torch.allclose(weighted, sum(ri * e for ri, e in zip(r, per_row)), rtol=1e-5)
+    assert torch.allclose(plain, sum(per_row), rtol=1e-5)
 
 
 # ---------------------------------------------------------------- model loop
@@ -317,6 +328,24 @@ def test_model_scope_budget_hits_global_target():
     summary = oe.summarize(stats)
     assert abs(summary.avg_bits_weighted - 3.0) <= 0.05
     assert len({s.avg_bits for s in stats}) > 3  # layers get different shares of one budget
+
+
+def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
+    model = tiny_model()
+    ids = torch.randint(0, 64, (6, 32))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    fisher = oe.output_sensitivity(model, ids, torch.device("cpu"), batch_size=4)
+    assert len(fisher) == 12 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    # independently: autograd of the summed next-token loss w.r.t. layer 1's fc2 output, all windows at once
+    outputs = []
+    handle = model.model.decoder.layers[1].fc2.register_forward_hook(lambda m, x, y: outputs.append(y) or y.retain_grad())
+    logits = model(ids).logits[:, :-1]
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    handle.remove()
+    expected = (outputs[0].grad.reshape(-1, 32) ** 2).sum(0) / ids[:, 1:].numel()
+    assert torch.allclose(fisher["model.decoder.layers.1.fc2"], expected, rtol=1e-4)
+    assert fisher["model.decoder.layers.1.fc2"].shape == (32,) and fisher["model.decoder.layers.0.fc1"].shape == (64,)
 
 
 def test_known_tiny_perplexity_uniform_logits():
