@@ -9,17 +9,14 @@ Budget score = importance_j^alpha * error_j(b), with the error shrunk by lambda 
 geometric instead of an arithmetic mean. Validation as in configs/shrinkage_sweep.py: WikiText-2 valid,
 PTB valid, 32 C4 train windows drawn with seed 12345. Calibration seeds 0-2, 3.0 and 4.0 bits.
 """
-import json
 import sys
 
 import torch
 
-import datautils
 import opt_enhanced as oe
 import sparsegpt_enhanced
+from sweeplib import dev, record, setup
 
-M, D, C = ".local/opt-mini", ".local/data", "/tmp/c1"
-dev = torch.device("cuda")
 EQUAL = "1,1,1,1,1"
 SETS = {
     "alpha": [("a1", 0.25, 1.0, False, EQUAL), ("a0.5", 0.25, 0.5, False, EQUAL), ("a0", 0.25, 0.0, False, EQUAL),
@@ -30,12 +27,6 @@ SETS = {
 }
 VARIANTS = SETS[sys.argv[2]]
 SEEDS = [int(s) for s in (sys.argv[3] if len(sys.argv) > 3 else "0,1,2").split(",")]
-tok = datautils.get_tokenizer(M)
-ptb = datautils._tokenize_long(tok, " ".join(l.strip() for l in open(f"{D}/ptb/ptb.valid.txt")))[None]
-wt2 = datautils._tokenize_long(tok, "\n\n".join("" if l == " \n" else l for l in open(f"{D}/wikitext-2/wiki.valid.tokens")))[None]
-c4h = datautils.get_calibration("c4", tok, 32, 12345, 2048, D, C).reshape(1, -1)
-valid = {"wt2-valid": wt2, "ptb-valid": ptb, "c4-heldout": c4h}
-test = {d: datautils.get_eval_ids(d, tok, 2048, D, C) for d in oe.EVAL_DATASETS}
 arithmetic = sparsegpt_enhanced.combine_metrics
 shipped_importance = oe.importance
 
@@ -64,15 +55,9 @@ def one(tag, variant, flags, seed):
     oe.ERROR_SHRINKAGE = lam
     oe.combine_metrics = geometric if geo else arithmetic
     oe.importance = tempered(alpha)
-    cfg = oe.parse_args([M, "c4", "--data_dir", D, "--cache_dir", C, "--seed", str(seed), "--quiet", *flags,
-                        "--importance_weights", weights])
-    model = oe.load_opt(M, True); oe.place(model, dev)
-    calib = datautils.get_calibration("c4", tok, 128, seed, 2048, D, C)
+    cfg, model, calib = setup([*flags, "--importance_weights", weights], seed)
     oe.compress(model, calib, cfg, dev, oe.Log(True))
-    r = {"tag": tag, "variant": name, "seed": seed}
-    r.update({k: oe.perplexity(model, v, 2048, dev, 8) for k, v in {**valid, **test}.items()})
-    rows.append(r); print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}), flush=True)
-    json.dump(rows, open(sys.argv[1], "w"), indent=1)
+    record(rows, {"tag": tag, "variant": name, "seed": seed}, model, sys.argv[1])
 
 
 for seed in SEEDS:
