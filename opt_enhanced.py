@@ -292,14 +292,15 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, dev: torch.d
     return {name: s / tokens for name, s in sums.items()}
 
 
-def plan_model_bits(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: torch.device,
-                    log: Log) -> dict[str, torch.Tensor]:
-    """--bit_scope model: score every channel on the dense model, then one allocation for all."""
+def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
+                    dev: torch.device, log: Log) -> dict[str, torch.Tensor]:
+    """--bit_scope model: score every channel on the dense model (`hidden`: the inputs of its first
+    layer, left as they are), then one allocation for all."""
     layers = model.model.decoder.layers
     home = home_of(layers)
     sensitivity = output_sensitivity(model, calibration, dev, cfg.batch_size)
     log("measured the loss's sensitivity to every Linear output")
-    hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
+    hidden = hidden.clone()
     names, scores, sizes = [], [], []
     for i, layer in enumerate(layers):
         layer.to(dev)
@@ -328,6 +329,7 @@ def home_of(layers: nn.ModuleList) -> torch.device:
     return next(layers[0].parameters()).device
 
 
+
 @dataclass
 class Compressed:
     """What compression produced besides the new weights: statistics and, per quantized Linear
@@ -349,7 +351,9 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     hidden = kwargs = None
     if calibrated:
         hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
-    plan = plan_model_bits(model, calibration, cfg, dev, log) if cfg.mixed and cfg.bit_scope == "model" else {}
+    plan = {}
+    if cfg.mixed and cfg.bit_scope == "model":
+        plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
     for i, layer in log.bar(enumerate(layers), len(layers), "compress layers"):
         tick = time.time()
         layer.to(dev)
