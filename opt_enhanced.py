@@ -256,7 +256,7 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, dev: torch.d
     One backward pass over the whole model, in fp32 (fp16 -> fp32 -> fp16 is exact): it needs the
     model on one device, so not with the decoder layers offloaded to the CPU."""
     layers = model.model.decoder.layers
-    if home_of(layers).type != dev.type:
+    if not resident(layers, dev):
         raise RuntimeError("--bit_scope model needs the whole model on the GPU (one backward pass over it); "
                            "drop --offload or use --bit_scope layer")
     dtype = next(model.parameters()).dtype
@@ -328,6 +328,11 @@ def home_of(layers: nn.ModuleList) -> torch.device:
     """Where the decoder layers live between uses: the CPU when offloaded, else the GPU."""
     return next(layers[0].parameters()).device
 
+
+def resident(layers: nn.ModuleList, dev: torch.device) -> bool:
+    """Whether the decoder layers stay on `dev` (not offloaded). Compares the device type: `dev` is
+    often "cuda" where the layers report "cuda:0", and those two are not equal as torch.device."""
+    return home_of(layers).type == dev.type
 
 
 @dataclass
@@ -427,7 +432,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.devi
     windows = ids[0, : nwin * seqlen].view(nwin, seqlen)
     layers = model.model.decoder.layers
     if whole_model is None:
-        whole_model = home_of(layers) == dev
+        whole_model = resident(layers, dev)
     nll = torch.zeros((), dtype=torch.float64, device=dev)
     if whole_model:
         for start in log.bar(range(0, nwin, batch_size), -(-nwin // batch_size), f"evaluate {nwin} windows"):
