@@ -348,6 +348,13 @@ def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
     assert fisher["model.decoder.layers.1.fc2"].shape == (32,) and fisher["model.decoder.layers.0.fc1"].shape == (64,)
 
 
+def test_resident_ignores_the_device_index():
+    """The layers report "cuda:0" where the run asks for "cuda" (here: cpu vs cpu:0); both mean resident."""
+    layers = tiny_model().model.decoder.layers
+    assert oe.resident(layers, torch.device("cpu")) and oe.resident(layers, torch.device("cpu", 0))
+    assert not oe.resident(layers, torch.device("meta"))
+
+
 def test_known_tiny_perplexity_uniform_logits():
     """Zero output embedding => uniform logits => perplexity equals the vocabulary size."""
     model = tiny_model(vocab=50)
