@@ -110,7 +110,25 @@ def forward_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]
     for start in range(0, hidden.shape[0], batch_size):
         y = layer(hidden[start:start + batch_size], **kwargs)
         if out is not None:
-            out[start:start + batch_size] = y[0] if isinstance(y, tuple) else y
+            out[start:start + batch_size] = layer_output(y)
+
+
+def layer_output(y: Any) -> torch.Tensor:
+    """A decoder layer returns its hidden states, alone or first in a tuple, by transformers version."""
+    return y[0] if isinstance(y, tuple) else y
+
+
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules between the last decoder layer's output and the logits."""
+    dec = model.model.decoder
+    return [m for m in (dec.final_layer_norm, dec.project_out, model.lm_head) if m is not None]
+
+
+def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The vocabulary logits of the last decoder layer's output."""
+    for m in head_modules(model):
+        hidden = m(hidden)
+    return hidden
 
 
 def hook_inputs(modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> list:

@@ -27,7 +27,7 @@ import torch.nn as nn
 import datautils
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, find_linears, forward_layer,
-                        hook_inputs, load_opt, model_source)
+                        head_modules, hook_inputs, layer_output, load_opt, logits_from_hidden, model_source)
 from quant import QuantGrid, round_to_nearest
 from sparsegpt_enhanced import (LinearStats, PruneSpec, SparseGPT, allocate_budget, allocate_quantile,
                                 channel_metrics, combine_metrics, format_summary, magnitude_prune,
@@ -247,19 +247,23 @@ def selected_names(layer: nn.Module, i: int, cfg: RunConfig) -> list[str]:
     return [n for n in find_linears(layer) if cfg.selected(i, n)]
 
 
-def output_sensitivity(model: nn.Module, calibration: torch.Tensor, dev: torch.device, batch_size: int
-                       ) -> dict[str, torch.Tensor]:
+def output_sensitivity(model: nn.Module, calibration: torch.Tensor, hidden: torch.Tensor, kwargs: dict,
+                       dev: torch.device, batch_size: int) -> dict[str, torch.Tensor]:
     """Mean over the calibration tokens of (dLoss/dy_i)^2 for every output y_i of every decoder Linear:
     the diagonal Fisher of the dense model's next-token loss. An output error e_i costs the loss about
     F_i e_i^2 / 2, so it puts the Hessian-weighted errors of different Linears in one unit.
 
-    One backward pass over the whole model, in fp32 (fp16 -> fp32 -> fp16 is exact): it needs the
-    model on one device, so not with the decoder layers offloaded to the CPU."""
+    `hidden`: the inputs of decoder layer 0 (capture_layer_inputs). One forward and one backward pass,
+    a layer at a time in fp32 (fp16 -> fp32 -> fp16 is exact) with TF32 matmuls: the forward keeps only
+    each layer's input, and the backward runs the layer again with gradients when it gets there, so
+    the GPU holds one layer's activations rather than the whole model's (OPT-6.7B ran out of 80 GB
+    otherwise). Each layer is visited twice per batch, so the layers must stay on the GPU: not with
+    --offload."""
     layers = model.model.decoder.layers
     if not resident(layers, dev):
-        raise RuntimeError("--bit_scope model needs the whole model on the GPU (one backward pass over it); "
-                           "drop --offload or use --bit_scope layer")
-    dtype = next(model.parameters()).dtype
+        raise RuntimeError("--bit_scope model needs the whole model on the GPU (its loss gradients visit every "
+                           "layer twice per batch); drop --offload or use --bit_scope layer")
+    kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
     sums: dict[str, torch.Tensor] = {}
 
     def accumulate(name: str, grad: torch.Tensor) -> None:
@@ -269,27 +273,52 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, dev: torch.d
     handles = [linear.register_full_backward_hook(lambda m, gin, gout, name=f"model.decoder.layers.{i}.{n}":
                                                   accumulate(name, gout[0]))
                for i, layer in enumerate(layers) for n, linear in find_linears(layer).items()]
-    # Gradients for the activations only: the embeddings' output is the one leaf that needs them.
-    handles.append(model.model.decoder.embed_tokens.register_forward_hook(lambda m, x, y: y.requires_grad_()))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for p in trainable:
+    for p in trainable:  # gradients for the activations only
         p.requires_grad_(False)
     tokens = 0
-    model.float()
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls: several times faster, ample for a mean of squares
     try:
-        with torch.enable_grad():
-            for start in range(0, len(calibration), batch_size):
-                ids = calibration[start:start + batch_size].to(dev)
-                logits = model(ids, use_cache=False).logits[:, :-1]
+        for start in range(0, len(calibration), batch_size):
+            ids = calibration[start:start + batch_size].to(dev)
+            x = hidden[start:start + batch_size].float().detach()
+            inputs = []
+            for layer in layers:
+                inputs.append(x)
+                with torch.no_grad(), in_fp32(layer):
+                    x = layer_output(layer(x, **kwargs))
+            with torch.enable_grad(), in_fp32(*head_modules(model)):
+                x.requires_grad_()
+                logits = logits_from_hidden(model, x)[:, :-1]
                 nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
-                tokens += ids[:, 1:].numel()
+            grad = x.grad
+            for layer, x in zip(reversed(layers), reversed(inputs)):
+                with torch.enable_grad(), in_fp32(layer):
+                    x.requires_grad_()
+                    layer_output(layer(x, **kwargs)).backward(grad)
+                grad = x.grad
+            tokens += ids[:, 1:].numel()
     finally:
+        torch.set_float32_matmul_precision(precision)
         for h in handles:
             h.remove()
         for p in trainable:
             p.requires_grad_(True)
-        model.to(dtype)
     return {name: s / tokens for name, s in sums.items()}
+
+
+@contextmanager
+def in_fp32(*modules: nn.Module):
+    """Run the modules in fp32 for a while; fp16 -> fp32 -> fp16 gives back the same weights."""
+    dtype = next(modules[0].parameters()).dtype
+    for m in modules:
+        m.float()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to(dtype)
 
 
 def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
@@ -298,7 +327,7 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
     layer, left as they are), then one allocation for all."""
     layers = model.model.decoder.layers
     home = home_of(layers)
-    sensitivity = output_sensitivity(model, calibration, dev, cfg.batch_size)
+    sensitivity = output_sensitivity(model, calibration, hidden, kwargs, dev, cfg.batch_size)
     log("measured the loss's sensitivity to every Linear output")
     hidden = hidden.clone()
     names, scores, sizes = [], [], []
@@ -445,14 +474,9 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.devi
         layer.to(dev)
         forward_layer(layer, hidden, kwargs, batch_size, hidden)
         layer.to(home)
-    dec = model.model.decoder
     for start in range(0, nwin, batch_size):
-        h = hidden[start:start + batch_size]
-        if dec.final_layer_norm is not None:
-            h = dec.final_layer_norm(h)
-        if dec.project_out is not None:
-            h = dec.project_out(h)
-        nll += window_nll(model.lm_head(h), windows[start:start + batch_size].to(dev))
+        logits = logits_from_hidden(model, hidden[start:start + batch_size])
+        nll += window_nll(logits, windows[start:start + batch_size].to(dev))
     return math.exp(nll.item() / nwin)
 
 

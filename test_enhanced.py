@@ -330,11 +330,22 @@ def test_model_scope_budget_hits_global_target():
     assert len({s.avg_bits for s in stats}) > 3  # layers get different shares of one budget
 
 
-def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
+def loud_tiny_model() -> OPTForCausalLM:
+    """tiny_model with weights large enough that each layer changes the residual stream, as trained ones do
+    (at the initial scale a layer's output is nearly its input, which hides a layer fed the wrong input)."""
     model = tiny_model()
+    with torch.no_grad():
+        for linear in oe.find_linears(model.model.decoder.layers).values():
+            linear.weight.mul_(10)
+    return model
+
+
+def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
+    model = loud_tiny_model()
     ids = torch.randint(0, 64, (6, 32))
     before = {n: p.clone() for n, p in model.named_parameters()}
-    fisher = oe.output_sensitivity(model, ids, torch.device("cpu"), batch_size=4)
+    hidden, kwargs = oe.capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=4)
+    fisher = oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("cpu"), batch_size=4)
     assert len(fisher) == 12 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     # independently: autograd of the summed next-token loss w.r.t. layer 1's fc2 output, all windows at once
@@ -346,6 +357,29 @@ def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
     expected = (outputs[0].grad.reshape(-1, 32) ** 2).sum(0) / ids[:, 1:].numel()
     assert torch.allclose(fisher["model.decoder.layers.1.fc2"], expected, rtol=1e-4)
     assert fisher["model.decoder.layers.1.fc2"].shape == (32,) and fisher["model.decoder.layers.0.fc1"].shape == (64,)
+
+
+def test_output_sensitivity_of_a_half_precision_model_runs_in_fp32_and_restores_the_weights():
+    model = loud_tiny_model().half().float()  # the reference has the fp16 model's weights
+    ids = torch.randint(0, 64, (6, 32))
+    hidden, kwargs = oe.capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
+    reference = oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("cpu"), batch_size=3)
+    model.half()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    hidden, kwargs = oe.capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
+    fisher = oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("cpu"), batch_size=3)
+    assert all(p.dtype == torch.float16 and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    for name, f in reference.items():  # only the layer-0 inputs are rounded to fp16
+        assert fisher[name].dtype == torch.float32 and torch.allclose(fisher[name], f, rtol=0.02, atol=0)
+
+
+def test_output_sensitivity_refuses_layers_away_from_the_device():
+    """With --offload the layers live on the CPU while the run's device is the GPU (here: meta)."""
+    model = tiny_model()
+    ids = torch.randint(0, 64, (2, 16))
+    hidden, kwargs = oe.capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=2)
+    with pytest.raises(RuntimeError, match="drop --offload"):
+        oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("meta"), batch_size=2)
 
 
 def test_resident_ignores_the_device_index():

@@ -64,7 +64,11 @@ def one(tag, variant, flags, seed):
         plan = shipped_plan(model, calib, hidden, kwargs, cfg, dev, oe.Log(True))
         oe.compress_linear = split({n: b.double().mean().item() for n, b in plan.items()})
     elif variant in ("plan-layer", "fisher-layer") and cfg.mixed:
-        oe.plan_model_bits = layer_plan(None if variant == "plan-layer" else oe.output_sensitivity(model, calib, dev, 8))
+        fisher = None
+        if variant == "fisher-layer":
+            hidden, kwargs = oe.capture_layer_inputs(model, calib, dev, cfg.batch_size)
+            fisher = oe.output_sensitivity(model, calib, hidden, kwargs, dev, cfg.batch_size)
+        oe.plan_model_bits = layer_plan(fisher)
     if variant in ("plan-layer", "fisher-layer", "fisher-model"):
         cfg.bit_scope = "model"  # compress() then asks plan_model_bits for the bits
     out = oe.compress(model, calib, cfg, dev, oe.Log(True))
