@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 3, session 5: what mixed precision costs at the published OPT shapes (random weights, 128 x 2048
 # random calibration tokens), next to 50% + uniform 4-bit on the same machine. Needs no data.
-# Usage: bash configs/scale_mixed.sh [part1|part2]
+# Usage: bash configs/scale_mixed.sh [part1|part2|part3]
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
 exec > >(tee -a $OUT/scale_mixed.log) 2>&1
@@ -19,7 +19,15 @@ part1)
     shape opt-6.7b -- $Q
     shape opt-175b --layers 2 --offload -- $B ;;
 part2)
+    shape opt-125m -- $B  # a fresh machine compiles the mixed-bits kernel here: not a timing
+    shape opt-125m -- $U
+    shape opt-125m -- $B
+    shape opt-1.3b -- $U
     shape opt-1.3b -- $B
+    shape opt-1.3b -- $M
+    shape opt-6.7b -- $U
+    shape opt-6.7b -- $M ;;
+part3)  # after output_sensitivity went layer by layer (part2's opt-6.7b model scope ran out of memory)
     shape opt-1.3b -- $M
     shape opt-6.7b -- $M ;;
 esac
