@@ -253,12 +253,10 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, hidden: torc
     the diagonal Fisher of the dense model's next-token loss. An output error e_i costs the loss about
     F_i e_i^2 / 2, so it puts the Hessian-weighted errors of different Linears in one unit.
 
-    `hidden`: the inputs of decoder layer 0 (capture_layer_inputs). One forward and one backward pass,
-    a layer at a time in fp32 (fp16 -> fp32 -> fp16 is exact) with TF32 matmuls: the forward keeps only
-    each layer's input, and the backward runs the layer again with gradients when it gets there, so
-    the GPU holds one layer's activations rather than the whole model's (OPT-6.7B ran out of 80 GB
-    otherwise). Each layer is visited twice per batch, so the layers must stay on the GPU: not with
-    --offload."""
+    `hidden`: the inputs of decoder layer 0 (capture_layer_inputs). The backward pass goes a layer at a
+    time (backward_layer_by_layer), so the GPU holds one layer's activations rather than the whole
+    model's (OPT-6.7B ran out of 80 GB otherwise), in fp32 (fp16 -> fp32 -> fp16 is exact) with TF32
+    matmuls. Each layer is visited twice per batch, so the layers must stay on the GPU: not with --offload."""
     layers = model.model.decoder.layers
     if not resident(layers, dev):
         raise RuntimeError("--bit_scope model needs the whole model on the GPU (its loss gradients visit every "
@@ -282,22 +280,7 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, hidden: torc
     try:
         for start in range(0, len(calibration), batch_size):
             ids = calibration[start:start + batch_size].to(dev)
-            x = hidden[start:start + batch_size].float().detach()
-            inputs = []
-            for layer in layers:
-                inputs.append(x)
-                with torch.no_grad(), in_fp32(layer):
-                    x = layer_output(layer(x, **kwargs))
-            with torch.enable_grad(), in_fp32(*head_modules(model)):
-                x.requires_grad_()
-                logits = logits_from_hidden(model, x)[:, :-1]
-                nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
-            grad = x.grad
-            for layer, x in zip(reversed(layers), reversed(inputs)):
-                with torch.enable_grad(), in_fp32(layer):
-                    x.requires_grad_()
-                    layer_output(layer(x, **kwargs)).backward(grad)
-                grad = x.grad
+            backward_layer_by_layer(model, hidden[start:start + batch_size], kwargs, ids)
             tokens += ids[:, 1:].numel()
     finally:
         torch.set_float32_matmul_precision(precision)
@@ -306,6 +289,28 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, hidden: torc
         for p in trainable:
             p.requires_grad_(True)
     return {name: s / tokens for name, s in sums.items()}
+
+
+def backward_layer_by_layer(model: nn.Module, hidden: torch.Tensor, kwargs: dict, ids: torch.Tensor) -> None:
+    """Backpropagate the summed next-token loss of `ids` (decoder-layer-0 inputs `hidden`) through the
+    decoder in fp32, one layer at a time: the forward keeps each layer's input, the backward runs the
+    layer again with gradients. Backward hooks see every Linear's output gradient."""
+    layers = model.model.decoder.layers
+    x, inputs = hidden.float().detach(), []
+    for layer in layers:
+        inputs.append(x)
+        with torch.no_grad(), in_fp32(layer):
+            x = layer_output(layer(x, **kwargs))
+    with torch.enable_grad(), in_fp32(*head_modules(model)):
+        x.requires_grad_()
+        logits = logits_from_hidden(model, x)[:, :-1]
+        nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
+    grad = x.grad
+    for layer, x in zip(reversed(layers), reversed(inputs)):
+        with torch.enable_grad(), in_fp32(layer):
+            x.requires_grad_()
+            layer_output(layer(x, **kwargs)).backward(grad)
+        grad = x.grad
 
 
 @contextmanager
