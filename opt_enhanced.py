@@ -131,6 +131,8 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} is outside [{lo}, {hi}] of --bit_options")
         if cfg.nearest:
             raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
+        if cfg.offload and cfg.bit_scope == "model":
+            raise UsageError("--bit_scope model needs the whole model on the GPU; drop --offload or use --bit_scope layer")
     if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model"):
         raise UsageError("--bit_method is quantile|budget, --bit_scope is layer|model")
     if cfg.nearest and not cfg.quantize:

@@ -517,6 +517,7 @@ BAD_INPUTS = [
     (["--eval", "wikitext2,lambada"], "unknown dataset"),
     (["--seqlen", "4096"], "exceeds the model's 128 positions"),
     (["--wbits", "4", "--act-order", "--groupsize", "16"], "--act-order works with"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--bit_scope", "model", "--offload"], "drop --offload"),
 ]
 
 
