@@ -132,7 +132,8 @@ def validate(cfg: RunConfig) -> None:
         if cfg.nearest:
             raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
         if cfg.offload and cfg.bit_scope == "model":
-            raise UsageError("--bit_scope model needs the whole model on the GPU; drop --offload or use --bit_scope layer")
+            raise UsageError("--bit_scope model needs the whole model on the GPU; "
+                             "drop --offload or use --bit_scope layer")
     if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model"):
         raise UsageError("--bit_method is quantile|budget, --bit_scope is layer|model")
     if cfg.nearest and not cfg.quantize:
@@ -532,9 +533,11 @@ def plot_bits(stats: list[LinearStats], path: str, options: list[int]) -> None:
 
 def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
     """Keep the whole model on the GPU when it fits easily; otherwise (or when asked) only the
-    layer at hand: the decoder layers stay on the CPU and visit the GPU one at a time."""
+    layer at hand: the decoder layers stay on the CPU and visit the GPU one at a time. "Fits" counts
+    the memory the model already holds there as free (bench.py --synthetic builds it on the GPU)."""
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    if dev.type == "cuda" and size > 0.4 * torch.cuda.mem_get_info(dev)[0]:
+    there = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == dev.type)
+    if dev.type == "cuda" and size > 0.4 * (torch.cuda.mem_get_info(dev)[0] + there):
         offload = True
     if offload and dev.type == "cuda":
         model.model.decoder.layers.to("cpu")

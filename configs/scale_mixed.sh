@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 3, session 5: what mixed precision costs at the published OPT shapes (random weights, 128 x 2048
 # random calibration tokens), next to 50% + uniform 4-bit on the same machine. Needs no data.
-# Usage: bash configs/scale_mixed.sh [part1|part2|part3]
+# Usage: bash configs/scale_mixed.sh [part1|part2|part3|part4]
 OUT=${OUT:-$(mktemp -d)}
 export PYTHONUNBUFFERED=1
 exec > >(tee -a $OUT/scale_mixed.log) 2>&1
@@ -30,4 +30,8 @@ part2)
 part3)  # after output_sensitivity went layer by layer (part2's opt-6.7b model scope ran out of memory)
     shape opt-1.3b -- $M
     shape opt-6.7b -- $M ;;
+part4)
+    shape opt-125m -- $B  # compiles the kernel on a fresh machine: not a timing
+    shape opt-13b -- $U
+    shape opt-13b -- $M ;;
 esac
