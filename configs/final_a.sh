@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
-OUT=${OUT:-$(mktemp -d)}
 # Final measurements on opt-mini (issues 2-5). Each line's command is what BENCHMARKS.md cites.
-export PYTHONUNBUFFERED=1 TIMEFORMAT="wall %R s"
-M=.local/opt-mini; D=.local/data
-exec > >(tee $OUT/final_a.log) 2>&1
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+source configs/record.sh final_a
+nvidia-smi --query-gpu=driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 echo "== GPU tests"; python3 -m pytest -q -p no:cacheprovider test_kernels.py test_enhanced.py -k "fused or kernel or gpu" 2>&1 | tail -4
 echo "== headline 50%+4bit, cold then warm token cache (fresh process each)"

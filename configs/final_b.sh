@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
-OUT=${OUT:-$(mktemp -d)}
 # Process overhead diagnosis, then scale: random-weight OPT shapes through the full compression path.
-export PYTHONUNBUFFERED=1 TIMEFORMAT="wall %R s"
-M=.local/opt-mini; D=.local/data
-exec > >(tee $OUT/final_b.log) 2>&1
-nvidia-smi --query-gpu=name --format=csv,noheader
+source configs/record.sh final_b
 echo "== imports"; time python3 -c "import torch"; time python3 -c "import torch; torch.cuda.init()"; time python3 -c "import transformers"; time python3 -c "import opt_enhanced"
 python3 -X importtime -c "import opt_enhanced" 2> $OUT/importtime.txt
 echo "== profile of a warm headline run"

@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
-OUT=${OUT:-$(mktemp -d)}
 # Timings for the record: headline runs (fresh machine / cold token cache / warm), reference table, scale.
-export PYTHONUNBUFFERED=1 TIMEFORMAT="wall %R s" PYTHONPYCACHEPREFIX=/tmp/pyc
-M=.local/opt-mini; D=.local/data
+source configs/record.sh final_c
+export PYTHONPYCACHEPREFIX=/tmp/pyc
 H="python3 opt_enhanced.py $M c4 --data_dir $D --sparsity 0.5 --wbits 4 --quiet"
-exec > >(tee $OUT/final_c.log) 2>&1
-nvidia-smi --query-gpu=name --format=csv,noheader
 echo "== first run on a fresh machine (bytecode, Triton kernels and tokens all cold)"; time $H --cache_dir /tmp/c0
 echo "== cold token cache"; time $H --cache_dir /tmp/c1
 echo "== warm"; time $H --cache_dir /tmp/c1

@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
-OUT=${OUT:-$(mktemp -d)}
-export PYTHONUNBUFFERED=1 PYTHONPYCACHEPREFIX=/tmp/pyc
-M=.local/opt-mini; D=.local/data
-exec > >(tee $OUT/final_d.log) 2>&1
-nvidia-smi --query-gpu=name --format=csv,noheader
+source configs/record.sh final_d
+export PYTHONPYCACHEPREFIX=/tmp/pyc
 python3 opt_enhanced.py $M c4 --data_dir $D --cache_dir /tmp/c1 --sparsity 0.5 --wbits 4 --target_avg_bits 4 --bit_method budget --save /tmp/saved --export /tmp/packed --results_json $OUT/mixed_saved_h100.json --quiet
 python3 opt_enhanced.py /tmp/saved c4 --data_dir $D --cache_dir /tmp/c1 --quiet
 python3 - <<'PY'

@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Final measurements of this allocator and of the headline command on a fresh machine.
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
-OUT=${OUT:-$(mktemp -d)}
-export PYTHONUNBUFFERED=1 TIMEFORMAT="wall %R s"
-M=$PWD/.local/opt-mini; D=$PWD/.local/data
-exec > >(tee $OUT/final_e.log) 2>&1
-nvidia-smi --query-gpu=name --format=csv,noheader
+source configs/record.sh final_e
 U="--sparsity 0.5 --wbits 4 --quiet"
 B="--sparsity 0.5 --wbits 4 --target_avg_bits 4 --bit_method budget --quiet"
 headline() { tag=$1; shift; echo "== $tag"; time python3 opt_enhanced.py $M c4 --data_dir $D "$@" --results_json $OUT/$tag.json; }

@@ -2,14 +2,11 @@
 # Issue 3, session 5: what mixed precision costs at the published OPT shapes (random weights, 128 x 2048
 # random calibration tokens), next to 50% + uniform 4-bit on the same machine. Needs no data.
 # Usage: bash configs/scale_mixed.sh [part1|part2|part3|part4]
-OUT=${OUT:-$(mktemp -d)}
-export PYTHONUNBUFFERED=1
-exec > >(tee -a $OUT/scale_mixed.log) 2>&1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source configs/record.sh scale_mixed
 U="--sparsity 0.5 --wbits 4"
 B="$U --target_avg_bits 4 --bit_method budget"
 Q="$U --target_avg_bits 4 --bit_method quantile"
-M="$B --bit_scope model"
+S="$B --bit_scope model"
 shape() { echo "== $*"; timeout 580 python3 bench.py --synthetic "$@" || echo "exit $?"; }
 case ${1:-part1} in
 part1)
@@ -24,14 +21,14 @@ part2)
     shape opt-125m -- $B
     shape opt-1.3b -- $U
     shape opt-1.3b -- $B
-    shape opt-1.3b -- $M
+    shape opt-1.3b -- $S
     shape opt-6.7b -- $U
-    shape opt-6.7b -- $M ;;
+    shape opt-6.7b -- $S ;;
 part3)  # after output_sensitivity went layer by layer (part2's opt-6.7b model scope ran out of memory)
-    shape opt-1.3b -- $M
-    shape opt-6.7b -- $M ;;
+    shape opt-1.3b -- $S
+    shape opt-6.7b -- $S ;;
 part4)
     shape opt-125m -- $B  # compiles the kernel on a fresh machine: not a timing
     shape opt-13b -- $U
-    shape opt-13b -- $M ;;
+    shape opt-13b -- $S ;;
 esac

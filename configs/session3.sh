@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
 # (and, for the comparison with the previous allocator, the previous commit's *.py in .local/old).
-OUT=${OUT:-$(mktemp -d)}
-export PYTHONUNBUFFERED=1 TIMEFORMAT="wall %R s"
-M=$PWD/.local/opt-mini; D=$PWD/.local/data
-exec > >(tee $OUT/session3.log) 2>&1
-nvidia-smi --query-gpu=name --format=csv,noheader
+source configs/record.sh session3
 echo "== mixed precision, new allocator"
 python3 bench.py $M --configs configs/seeds.txt --data_dir $D --cache_dir /tmp/c1 --json $OUT/seeds.json
 if [ -d .local/old ]; then echo "== previous allocator"; (cd .local/old && python3 bench.py $M --configs ../old_seeds.txt --data_dir $D --cache_dir /tmp/c1 --json $OUT/old_seeds.json); fi

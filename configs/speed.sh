@@ -2,11 +2,8 @@
 # Issue 4 headline timings on a fresh machine: interpreter start-up, then the headline command
 # (50% + 4-bit, and 50% + mixed 4.0 budget) with a cold and a warm token cache.
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/.
-OUT=${OUT:-$(mktemp -d)}
-export PYTHONUNBUFFERED=1 TIMEFORMAT="wall %R s"
-M=.local/opt-mini; D=.local/data
-exec > >(tee $OUT/speed.log) 2>&1
-nvidia-smi --query-gpu=name --format=csv,noheader; nproc
+source configs/record.sh speed
+nproc
 echo "== imports: twice plain, then twice with a byte-code cache in /tmp/pyc"
 for i in 1 2; do time python3 -c "import opt_enhanced"; done
 for i in 1 2; do time PYTHONPYCACHEPREFIX=/tmp/pyc python3 -c "import opt_enhanced"; done
