@@ -51,8 +51,8 @@ def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
 def decoder_io_modules(model: nn.Module) -> list[nn.Module]:
     """The modules outside the decoder layers that produce layer-0 inputs or consume the last output."""
     dec = model.model.decoder
-    mods = [dec.embed_tokens, dec.embed_positions, dec.project_in, dec.project_out, dec.final_layer_norm, model.lm_head]
-    return [m for m in mods if m is not None]
+    inputs = [m for m in (dec.embed_tokens, dec.embed_positions, dec.project_in) if m is not None]
+    return inputs + head_modules(model)
 
 
 class _Captured(Exception):
