@@ -16,7 +16,6 @@ import argparse
 import json
 import shlex
 import sys
-
 import time
 
 import torch
