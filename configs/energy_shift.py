@@ -1,0 +1,66 @@
+"""How well the calibration text predicts each input channel's activation energy on other text.
+
+For every distinct Linear input of the dense opt-mini: e_j = mean over tokens of x_j^2 on the 128 C4 calibration
+windows (seed 0) and on PTB / WikiText-2 validation. rho_j = e_j(other) / e_j(C4), centred in log per Linear;
+printed: its spread sd(log rho), the Spearman correlation of log rho with the channel's C4 energy and with its
+window-to-window variability on C4 (coefficient of variation), and the R^2 of a fit of log rho on both. Channels
+that are silent on either text (fc2 inputs after the ReLU) are left out. If the C4 statistics predicted which
+channels other text excites more, a per-channel correction of the allocator would be possible; if not, only a
+uniform hedge (ERROR_SHRINKAGE) is.
+
+    PYTHONPATH=. python3 configs/energy_shift.py   # repo root, ../shared copies in .local/
+"""
+import torch
+
+import datautils
+from modelutils import find_linears, hook_inputs, load_opt
+from sweeplib import C, D, M, TEXTS, dev, tok
+
+SEQLEN = 2048
+
+
+def windows(ids: torch.Tensor, n: int) -> torch.Tensor:
+    k = min(n, ids.numel() // SEQLEN)
+    return ids.flatten()[: k * SEQLEN].reshape(k, SEQLEN)
+
+
+@torch.no_grad()
+def energies(model, linears: dict, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(windows, columns) mean x_j^2 per window, for each Linear input."""
+    out = {k: [] for k in linears}
+    handles = hook_inputs(linears, lambda k, x: out[k].append((x.double() ** 2).reshape(-1, x.shape[-1]).mean(0)))
+    for w in ids:
+        model(w[None].to(dev))
+    for h in handles:
+        h.remove()
+    return {k: torch.stack(v).cpu() for k, v in out.items()}
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.argsort().argsort().double(), b.argsort().argsort().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def r2(y: torch.Tensor, *xs: torch.Tensor) -> float:
+    X = torch.stack([torch.ones_like(y), *xs], 1)
+    fit = X @ torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+    return 1 - float(((y - fit) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+model = load_opt(M, True).float().to(dev).eval()
+linears = {f"{i}.{n}": m for i, layer in enumerate(model.model.decoder.layers)
+           for n, m in find_linears(layer).items() if n not in ("self_attn.k_proj", "self_attn.v_proj")}
+calib = energies(model, linears, datautils.get_calibration("c4", tok, 128, 0, SEQLEN, D, C))
+other = {t: energies(model, linears, windows(TEXTS[t], 128)) for t in ("ptb-valid", "wt2-valid")}
+print("Linear input         | " + " | ".join(f"{t}: sd(log rho) corr(energy) corr(cv) R^2" for t in other))
+for k, c in calib.items():
+    mean, cv = c.mean(0), c.std(0) / c.mean(0)
+    cells = []
+    for t, e in other.items():
+        live = (mean > 0) & (e[k].mean(0) > 0)
+        log_rho = (e[k].mean(0)[live] / mean[live]).log()
+        log_rho -= log_rho.mean()
+        cells.append(f"{float(log_rho.std()):.2f} {spearman(log_rho, mean[live]):+.2f} "
+                     f"{spearman(log_rho, cv[live]):+.2f} {r2(log_rho, mean[live].log(), cv[live].log()):.2f}")
+    print(f"{k:20s} | " + " | ".join(cells))
