@@ -6,7 +6,8 @@ ones (quiet on the calibration text) hardest; with act-order each block holds ch
 every loudness tier keeps half its weights. Variants, each with uniform and budget mixed widths:
   act     --act-order (the CLI as shipped)
   global  the mask of each block prunes as many weights as the whole matrix's OBS ranking (dense weights, solve
-          order) puts in it, so blocks no longer have equal sparsity (a scratch change, patched in here)
+          order) puts in it, so blocks no longer have equal sparsity (a scratch change, patched in here);
+          in stored order and with act-order
   damp    --percdamp 0.1, which makes quiet channels look less free to the mask and the allocator
 plus pruning alone and quantization alone, with and without act-order, to see which step the PTB gain is in.
 
@@ -58,6 +59,8 @@ def one(tag: str, flags: list[str], seed: int, globally_ranked: bool = False) ->
 for seed in [int(s) for s in sys.argv[2].split(",")]:
     one("prune", ["--sparsity", "0.5"], seed)
     one("prune-act", ["--sparsity", "0.5", "--act-order"], seed)
+    one("prune-global", ["--sparsity", "0.5"], seed, globally_ranked=True)
+    one("prune-act-global", ["--sparsity", "0.5", "--act-order"], seed, globally_ranked=True)
     one("gptq3", ["--wbits", "3"], seed)
     one("gptq3-act", ["--wbits", "3", "--act-order"], seed)
     for b in (3, 4):
@@ -66,4 +69,5 @@ for seed in [int(s) for s in sys.argv[2].split(",")]:
             one(f"{kind}{b}", flags, seed)
             one(f"{kind}{b}-act", flags + ["--act-order"], seed)
             one(f"{kind}{b}-global", flags, seed, globally_ranked=True)
+            one(f"{kind}{b}-act-global", flags + ["--act-order"], seed, globally_ranked=True)
             one(f"{kind}{b}-damp", flags + ["--percdamp", "0.1"], seed)
