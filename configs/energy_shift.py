@@ -54,13 +54,26 @@ linears = {f"{i}.{n}": m for i, layer in enumerate(model.model.decoder.layers)
 calib = energies(model, linears, datautils.get_calibration("c4", tok, 128, 0, SEQLEN, D, C))
 other = {t: energies(model, linears, windows(TEXTS[t], 128)) for t in ("ptb-valid", "wt2-valid")}
 print("Linear input         | " + " | ".join(f"{t}: sd(log rho) corr(energy) corr(cv) R^2" for t in other))
+found = []  # (text, Linear input, sd, corr energy, corr cv, R^2)
 for k, c in calib.items():
     mean, cv = c.mean(0), c.std(0) / c.mean(0)
-    cells = []
     for t, e in other.items():
         live = (mean > 0) & (e[k].mean(0) > 0)
         log_rho = (e[k].mean(0)[live] / mean[live]).log()
         log_rho -= log_rho.mean()
-        cells.append(f"{float(log_rho.std()):.2f} {spearman(log_rho, mean[live]):+.2f} "
-                     f"{spearman(log_rho, cv[live]):+.2f} {r2(log_rho, mean[live].log(), cv[live].log()):.2f}")
-    print(f"{k:20s} | " + " | ".join(cells))
+        found.append((t, k, float(log_rho.std()), spearman(log_rho, mean[live]), spearman(log_rho, cv[live]),
+                      r2(log_rho, mean[live].log(), cv[live].log())))
+    print(f"{k:20s} | " + " | ".join(f"{sd:.2f} {ce:+.2f} {cc:+.2f} {fit:.2f}" for _, _, sd, ce, cc, fit in found[-2:]))
+
+
+def summary(rows: list) -> str:
+    sds = [r[2] for r in rows]
+    return f"sd(log rho) {min(sds):.2f}-{max(sds):.2f}" if rows else "none"
+
+
+for t in other:
+    mine = [r for r in found if r[0] == t]
+    deep_fc2 = [r for r in mine if r[1].endswith("fc2") and not r[1].startswith("0.")]
+    print(f"{t}: fc2 of layers 1-7 {summary(deep_fc2)}; other inputs {summary([r for r in mine if r not in deep_fc2])}; "
+          f"max |Spearman| {max(max(abs(r[3]), abs(r[4])) for r in mine):.2f}; max R^2 {max(r[5] for r in mine):.2f}, "
+          f"R^2 <= 0.10 for {sum(r[5] <= 0.10 for r in mine)} of {len(mine)}")
