@@ -166,7 +166,7 @@ def _time_ms(fn, reps: int) -> float:
 def bench(rows_list=(384, 1536, 12288), count: int = 128, compile_only: bool = False) -> None:
     """Per-block times (CUDA events, after a warm-up call) of solve_block and solve_block_fused,
     on 4-bit blocks; "fused+mask" adds what the caller does besides the kernel (the unstructured
-    mask's topk, or a zero mask for N:M), "fused" is the call alone."""
+    mask (a sort), or a zero mask for N:M), "fused" is the call alone."""
     if not compile_only:
         print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; per-block times, count={count}")
         print(f"{'case':<14} {'rows':>6} {'solve_block ms':>15} {'fused ms':>9} {'fused+mask ms':>14} {'speedup':>8}")
