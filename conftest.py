@@ -1,0 +1,101 @@
+"""Shared test setup: one torch thread, the `slow` marker, and tiny OPT models and data built once.
+
+Why one thread: the machines have 2 cores, and the tests' matrices are tiny. With torch's default
+of one thread per core, anything else running on the machine (a second test process, a run of the
+CLI) makes torch's threads wait on each other: beside one busy process, test_enhanced.py and
+test_export.py took 160-197 s on 2 threads and 14 s on one. The environment variables pass the
+same setting to the subprocesses that some tests start.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
+
+torch.set_num_threads(1)
+
+# End-to-end tests in modules this file does not own, marked here by name (the rest carry @pytest.mark.slow).
+SLOW_ELSEWHERE = {"test_enhanced.py::test_comparison_script_runs_and_checks_targets"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: end-to-end runs (CLI, subprocesses, real data, Triton's interpreter); "
+                                       "still in the default run, skip them with -m 'not slow'")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.split("[")[0] in SLOW_ELSEWHERE:
+            item.add_marker(pytest.mark.slow)
+
+
+# ---------------------------------------------------------------- tiny models and data
+
+
+def tiny_model(layers: int = 2, hidden: int = 32, ffn: int = 64, vocab: int = 64, positions: int = 64,
+               attn: str | None = None) -> OPTForCausalLM:
+    """A random OPT (seed 0), fp32, eval mode. `attn="eager"` makes a layer called without its attention
+    mask attend to later tokens (sdpa, the default, would fall back to causal attention by itself)."""
+    torch.manual_seed(0)
+    extra = {} if attn is None else {"attn_implementation": attn}
+    cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
+                    num_attention_heads=4, max_position_embeddings=positions, word_embed_proj_dim=hidden,
+                    dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2, **extra)
+    return OPTForCausalLM(cfg).eval()
+
+
+def write_tokenizer(path: Path) -> None:
+    """A byte-level BPE with no merges: every byte is a token (enough to exercise the real loaders)."""
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    shifted = iter(range(256, 512))  # GPT-2's byte-to-character map: unprintable bytes move past 255
+    for byte in range(256):
+        vocab[chr(byte if byte in printable else next(shifted))] = len(vocab)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "bos_token": "</s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "add_prefix_space": False}))
+
+
+def write_data(root: Path, words: int = 4000) -> None:
+    """Files laid out like ../shared/data (WikiText-2, PTB, C4), of random words from a small lexicon."""
+    g = torch.Generator().manual_seed(0)
+    lexicon = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "with", "it"]
+
+    def text(n: int) -> str:
+        return " ".join(lexicon[i] for i in torch.randint(0, len(lexicon), (n,), generator=g).tolist())
+
+    (root / "wikitext-2-raw").mkdir(parents=True)
+    (root / "wikitext-2-raw" / "wiki.test.raw").write_text("".join(f" {text(40)} \n \n" for _ in range(words // 40)))
+    (root / "wikitext-2-raw" / "wiki.train.raw").write_text("".join(f" {text(40)} \n" for _ in range(words // 40)))
+    (root / "ptb").mkdir()
+    for split in ("train", "valid", "test"):
+        (root / "ptb" / f"ptb.{split}.txt").write_text("".join(f" {text(20)} \n" for _ in range(words // 20)))
+    (root / "c4").mkdir()
+    for name in ("c4-train.00000-of-01024.json.gz", "c4-validation.00000-of-00008.json.gz"):
+        with gzip.open(root / "c4" / name, "wt") as f:
+            for _ in range(30):
+                f.write(json.dumps({"text": text(300)}) + "\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model directory, data directory): a 2-layer OPT with a byte tokenizer, and offline data for it.
+    Built once per session; tests must not write into it."""
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny_model(vocab=260, positions=128)
+    model.save_pretrained(root / "model")
+    write_tokenizer(root / "model")
+    write_data(root / "data")
+    return root / "model", root / "data"
