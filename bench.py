@@ -45,7 +45,7 @@ def row(name: str, res: dict) -> str:
     t = res["timings"]
     mem = max(res["peak_gpu_gib"].values(), default=0.0)
     cells = [f"{ppl.get(d, float('nan')):8.2f}" for d in oe.EVAL_DATASETS]
-    cells += [f"{s.get('avg_bits_weighted', 16):5.2f}", f"{s.get('effective_bits', 16):5.2f}"]
+    cells += [f"{s.get(k, 16):5.3f}" for k in ("avg_bits_weighted", "stored_bits", "effective_bits")]
     cells += [f"{t.get(k, 0):7.2f}" for k in STAGES] + [f"{mem:6.2f}"]
     return f"| {name:18s} | " + " | ".join(cells) + " |"
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     common = [args.model, args.dataset, "--quiet"]
     common += ["--data_dir", args.data_dir] if args.data_dir else []
     common += ["--cache_dir", args.cache_dir] if args.cache_dir else []
-    header = ["wikitext2", "ptb", "c4", "bits", "eff.b"] + [f"{k} s" for k in STAGES] + ["GiB"]
+    header = ["wikitext2", "ptb", "c4", "nominal b", "stored b", "effective b"] + [f"{k} s" for k in STAGES] + ["GiB"]
     print("| config             | " + " | ".join(header) + " |", flush=True)
     print("|---" * (len(header) + 1) + "|", flush=True)
     results = {}

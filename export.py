@@ -9,6 +9,7 @@ A directory written by `export_compressed` holds
         NAME.bitmap       uint8: each column's index into the layer's widths, `index_bits` each (mixed widths only)
         NAME.mask         uint8: 1 bit per weight, set where the weight is nonzero (pruned models only)
         NAME.xmin, .xmax  float32 (rows, groups): the ranges every width derives its scale and zero from
+        NAME.shrink       float32: the range factor of each clipped width (layout `shrink_widths`), if any
     dense.safetensors     every other tensor at its own dtype (embeddings, norms, biases, unquantized Linears)
     compression.json      the run's config and results (`extra`), if given
 
@@ -29,8 +30,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
-from quant import QuantGrid, codes, dequantize
-from sparsegpt_enhanced import storage_bits
+from compression_stats import storage_bits
+from quant import MAX_WIDTH, QuantGrid, codes, dequantize
 
 if TYPE_CHECKING:
     from transformers import OPTForCausalLM
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 FORMAT = "opt-enhanced-packed"
 VERSION = 1
 PACKED, DENSE, CONFIG, EXTRA = "packed.safetensors", "dense.safetensors", "config.json", "compression.json"
-MAX_WIDTH = 16
 
 
 # ---------------------------------------------------------------- bit streams
@@ -90,7 +90,8 @@ def pack_linear(name: str, weight: torch.Tensor, grid: QuantGrid, bits: torch.Te
     widths = sorted(set(bits.tolist()))
     if widths[0] < 1 or widths[-1] > MAX_WIDTH:
         raise ValueError(f"{name}: widths {widths} outside 1..{MAX_WIDTH}")
-    grid = QuantGrid(grid.sym, grid.groupsize, grid.xmin.to(W.device).float(), grid.xmax.to(W.device).float())
+    grid = QuantGrid(grid.sym, grid.groupsize, grid.xmin.to(W.device).float(), grid.xmax.to(W.device).float(),
+                     grid.shrink)
     scale, zero, maxq = grid.column_params(0, columns, bits)
     q = codes(W, scale, zero, maxq)
     keep = W != 0 if pruned else torch.ones_like(W, dtype=torch.bool)
@@ -105,7 +106,10 @@ def pack_linear(name: str, weight: torch.Tensor, grid: QuantGrid, bits: torch.Te
     if pruned:
         tensors[f"{name}.mask"] = pack_bits(keep.flatten(), 1).cpu()
     layout: dict[str, Any] = dict(rows=rows, columns=columns, dtype=str(weight.dtype).removeprefix("torch."),
-                                  sym=grid.sym, groupsize=grid.groupsize, pruned=pruned, widths=widths, counts=[])
+                                  sym=grid.sym, groupsize=grid.groupsize, pruned=pruned, widths=widths, counts=[],
+                                  shrink_widths=sorted(grid.shrink))
+    if grid.shrink:
+        tensors[f"{name}.shrink"] = torch.tensor([grid.shrink[b] for b in layout["shrink_widths"]], dtype=torch.float32)
     if len(widths) > 1:
         layout["index_bits"] = index_bits(n_options)
         if len(widths) > 2 ** layout["index_bits"]:
@@ -141,7 +145,10 @@ def unpack_linear(f, name: str, layout: dict[str, Any]) -> torch.Tensor:
         sub = torch.zeros(rows, len(cols))
         sub[sub_keep] = unpack_bits(f.get_tensor(f"{name}.codes.{b}"), b, count).float()
         q[:, cols] = sub
-    grid = QuantGrid(layout["sym"], layout["groupsize"], f.get_tensor(f"{name}.xmin"), f.get_tensor(f"{name}.xmax"))
+    clipped = layout.get("shrink_widths", [])
+    shrink = dict(zip(clipped, f.get_tensor(f"{name}.shrink").tolist())) if clipped else {}
+    grid = QuantGrid(layout["sym"], layout["groupsize"], f.get_tensor(f"{name}.xmin"), f.get_tensor(f"{name}.xmax"),
+                     shrink)
     scale, zero, _ = grid.column_params(0, columns, bits)
     return torch.where(keep, dequantize(q, scale, zero), 0.0).to(getattr(torch, layout["dtype"]))
 
@@ -219,7 +226,9 @@ def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[
                 tensors, layouts[name] = pack_linear(name, weight, grids[name], bits[name], pruned, n_options)
                 packed.update(tensors)
                 groups = grids[name].xmin.shape[1]
-                predicted += storage_bits(weight.detach(), bits[name], groups, pruned, n_options)
+                kept = (weight != 0).sum(0) if pruned else torch.full((weight.shape[1],), weight.shape[0])
+                predicted += storage_bits(weight.shape[0], kept, bits[name], groups, pruned, n_options,
+                                          len(grids[name].shrink))
         dense, aliases = dense_tensors(model, {f"{name}.weight" for name in grids})
         header = {"format": FORMAT, "version": str(VERSION), "layers": json.dumps(layouts)}
         safetensors.torch.save_file(packed, os.path.join(tmp, PACKED), metadata=header)

@@ -25,21 +25,18 @@ import torch
 import torch.nn as nn
 
 import datautils
+import bitalloc
+from bitalloc import MixedPrecision
+from compression_stats import LinearStats, code_bits, format_summary, storage_bits, summarize
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, find_linears, forward_layer,
                         head_modules, hook_inputs, layer_output, load_opt, logits_from_hidden, model_source)
 from quant import QuantGrid, round_to_nearest
-from sparsegpt_enhanced import (LinearStats, PruneSpec, SparseGPT, allocate_budget, allocate_quantile,
-                                channel_metrics, combine_metrics, format_summary, magnitude_prune,
-                                solve_order, storage_bits, summarize)
+from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 # Linear layers of an OPT decoder layer that read the same activations as another one: one Hessian serves them.
 SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj"}
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
-# Share of each channel's estimated rounding error replaced by its layer's mean before bits are allocated.
-# The estimate sees only the calibration text: channels it rarely excites look free and get 2 bits, and other
-# text pays for that (PTB: +1 perplexity at 3 bits without shrinkage). Chosen on validation text (BENCHMARKS.md).
-ERROR_SHRINKAGE = 0.25
 
 
 @dataclass
@@ -75,6 +72,8 @@ class RunConfig:
     target_avg_bits: float | None = None
     bit_method: str = "quantile"
     bit_scope: str = "layer"
+    bit_granularity: str = "channel"
+    clip: str = "auto"
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
@@ -95,6 +94,16 @@ class RunConfig:
     @property
     def mixed(self) -> bool:
         return self.target_avg_bits is not None
+
+    @property
+    def clipped(self) -> bool:
+        """Whether widths get a shrunk range: asked for, or by default in mixed runs."""
+        return self.clip == "width" or (self.clip == "auto" and self.mixed)
+
+    @property
+    def mixed_precision(self) -> MixedPrecision:
+        return MixedPrecision(self.target_avg_bits, tuple(self.bit_options), self.bit_method, self.bit_scope,
+                              self.bit_granularity, tuple(self.importance_weights), clip=self.clipped)
 
     def selected(self, layer: int, name: str) -> bool:
         """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""
@@ -134,8 +143,16 @@ def validate(cfg: RunConfig) -> None:
         if cfg.offload and cfg.bit_scope == "model":
             raise UsageError("--bit_scope model needs the whole model on the GPU; "
                              "drop --offload or use --bit_scope layer")
-    if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model"):
-        raise UsageError("--bit_method is quantile|budget, --bit_scope is layer|model")
+    if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
+            cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width"):
+        raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
+                         "--clip auto|none|width")
+    if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope == "model"):
+        raise UsageError("--bit_granularity linear allocates one width per Linear across the whole model: "
+                         "add --target_avg_bits and --bit_scope model")
+    if cfg.clip == "width" and (not cfg.quantize or cfg.nearest or cfg.gmp):
+        raise UsageError("--clip width chooses ranges from calibration statistics: it needs --wbits and "
+                         "no --nearest/--gmp")
     if cfg.nearest and not cfg.quantize:
         raise UsageError("--nearest rounds weights: add --wbits 4 (or another width)")
     if cfg.nearest and cfg.prune.active and not cfg.gmp:
@@ -208,42 +225,12 @@ def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, k
     return solvers
 
 
-def importance(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(five raw metrics, combined importance normalised to mean 1 within the layer) of each input channel."""
-    factor = solver.inverse_factor(cfg.percdamp)
-    W = weight.float().clone()
-    W[:, factor.dead] = 0
-    metrics = channel_metrics(W, solver.hessian_diag, solver.peak, factor.inverse_diag,
-                              round_to_nearest(W, cfg.wbits, cfg.sym, cfg.groupsize))
-    return metrics, combine_metrics(metrics, tuple(cfg.importance_weights))
-
-
-def allocation_score(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig, row_weight: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(importance, what the allocator ranks) for each input channel of `weight`.
-
-    quantile ranks the importance. budget minimises importance_j * error_j(b), the solver's own
-    estimate of its loss at each width (SparseGPT.rounding_error), so the five metrics weigh an
-    error whose size and shape across widths come from the Hessian and the grid. To compare
-    channels across Linears (--bit_scope model), `row_weight` gives each output's cost to the model's
-    loss (output_sensitivity): errors are then in units of loss, and quantile scores are scaled by
-    the Linear's mean such error at the base width."""
-    _, imp = importance(weight, solver, cfg)
-    if cfg.bit_method == "quantile" and row_weight is None:
-        return imp, imp
+def channel_costs(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig,
+                  row_weight: torch.Tensor | None = None) -> bitalloc.ChannelCosts:
+    """The mixed-precision costs of one Linear's channels, with the run's solve settings."""
     order = solve_order(solver.xtx.diagonal(), cfg.act_order)
-    options = [cfg.wbits] if cfg.bit_method == "quantile" else sorted(cfg.bit_options)
-    error = solver.rounding_error(weight, cfg.prune, options, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp,
-                                  order, row_weight)
-    if cfg.bit_method == "quantile":
-        return imp, imp * error.mean()
-    error = (1 - ERROR_SHRINKAGE) * error + ERROR_SHRINKAGE * error.mean(0, keepdim=True)
-    return imp, imp[:, None] * error
-
-
-def allocate(score: torch.Tensor, size: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
-    method = allocate_budget if cfg.bit_method == "budget" else allocate_quantile
-    return method(score.cpu(), size.cpu(), cfg.bit_options, cfg.target_avg_bits)
+    return bitalloc.channel_costs(weight, solver, cfg.prune, cfg.wbits, cfg.sym, cfg.groupsize, cfg.blocksize,
+                                  cfg.percdamp, order, cfg.mixed_precision, row_weight)
 
 
 def selected_names(layer: nn.Module, i: int, cfg: RunConfig) -> list[str]:
@@ -329,36 +316,45 @@ def in_fp32(*modules: nn.Module):
             m.to(dtype)
 
 
+@dataclass
+class BitPlan:
+    """What an allocation across the model fixed before compression: each Linear's share of the
+    stored-bit budget (channel granularity) or its one width (linear granularity)."""
+
+    budgets: dict[str, float] = field(default_factory=dict)
+    widths: dict[str, int] = field(default_factory=dict)
+    sensitivity: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
-                    dev: torch.device, log: Log) -> dict[str, torch.Tensor]:
-    """--bit_scope model: score every channel on the dense model (`hidden`: the inputs of its first
-    layer, left as they are), then one allocation for all."""
+                    dev: torch.device, log: Log) -> BitPlan:
+    """--bit_scope model: cost every channel on the dense model (`hidden`: the inputs of its first
+    layer, left as they are), errors in units of loss, then one allocation for all."""
     layers = model.model.decoder.layers
     home = home_of(layers)
     sensitivity = output_sensitivity(model, calibration, hidden, kwargs, dev, cfg.batch_size)
     log("measured the loss's sensitivity to every Linear output")
     hidden = hidden.clone()
-    names, scores, sizes = [], [], []
+    costs: dict[str, bitalloc.ChannelCosts] = {}
+    tied: list[list[str]] = []
     for i, layer in enumerate(layers):
         layer.to(dev)
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
         solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev)
+        groups: dict[str, list[str]] = {}
         for n in chosen:
             name = f"model.decoder.layers.{i}.{n}"
-            _, score = allocation_score(linears[n].weight.data, solvers[SHARED_INPUT.get(n, n)], cfg, sensitivity[name])
-            names.append(name)
-            scores.append(score)
-            sizes.append(torch.full((len(score),), linears[n].out_features))
+            costs[name] = channel_costs(linears[n].weight.data, solvers[SHARED_INPUT.get(n, n)], cfg, sensitivity[name])
+            groups.setdefault(SHARED_INPUT.get(n, n), []).append(name)  # q/k/v: one width
+        tied += groups.values()
         forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
         layer.to(home)
-        log(f"scored layer {i + 1}/{len(layers)}")
-    bits = allocate(torch.cat(scores), torch.cat(sizes), cfg)
-    out, at = {}, 0
-    for n, s in zip(names, scores):
-        out[n] = bits[at:at + len(s)]
-        at += len(s)
-    return out
+        log(f"costed layer {i + 1}/{len(layers)}")
+    mp = cfg.mixed_precision
+    if mp.granularity == "linear":
+        return BitPlan(widths=bitalloc.plan_linear_widths(costs, tied, mp))
+    return BitPlan(budgets=bitalloc.plan_budgets(costs, mp), sensitivity=sensitivity)
 
 
 def home_of(layers: nn.ModuleList) -> torch.device:
@@ -393,9 +389,10 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     hidden = kwargs = None
     if calibrated:
         hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
-    plan = {}
+    plan = BitPlan()
     if cfg.mixed and cfg.bit_scope == "model":
         plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
+    budget = StoredBits(cfg.target_avg_bits or 0.0, cfg.mixed_precision.drift_correction if cfg.mixed else False)
     for i, layer in log.bar(enumerate(layers), len(layers), "compress layers"):
         tick = time.time()
         layer.to(dev)
@@ -404,7 +401,8 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
         solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev) if calibrated and chosen else {}
         for n in chosen:
             name = f"model.decoder.layers.{i}.{n}"
-            stats, grid, bits = compress_linear(name, linears[n], solvers.get(SHARED_INPUT.get(n, n)), plan, cfg)
+            stats, grid, bits = compress_linear(name, linears[n], solvers.get(SHARED_INPUT.get(n, n)), plan, budget,
+                                                cfg)
             out.stats.append(stats)
             if grid is not None:
                 out.grids[name], out.bits[name] = grid, bits
@@ -416,41 +414,78 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     return out
 
 
-def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan: dict[str, torch.Tensor],
+@dataclass
+class StoredBits:
+    """The stored-bit budget as the loop spends it, Linear by Linear.
+
+    The allocator prices each channel by the weights the mask rule keeps on the dense weights; the
+    solver's mask, chosen on the error-updated weights, keeps the same number per block but not per
+    column, so a Linear stores a little more or less than planned. That surplus or deficit is
+    carried into the next Linear's budget, which keeps the whole model's stored average on target."""
+
+    target: float
+    carry_drift: bool
+    carried: float = 0.0  # planned minus stored code bits so far
+
+    def linear_target(self, planned_bits: float, predicted_kept: float) -> float:
+        """Stored bits per kept weight for the next Linear."""
+        extra = self.carried if self.carry_drift else 0.0
+        return (planned_bits + extra) / max(predicted_kept, 1.0)
+
+    def spent(self, planned_bits: float, stored_bits: int) -> None:
+        self.carried += planned_bits - stored_bits
+
+
+def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan: BitPlan, budget: StoredBits,
                     cfg: RunConfig) -> tuple[LinearStats, QuantGrid | None, torch.Tensor | None]:
     tick = time.time()
     W = linear.weight.data
     check_finite(W, f"weight of {name}")
     rows, columns = W.shape
-    bits = imp_range = None
+    bits = imp_range = planned = None
+    shrink: dict[int, float] = {}
     if cfg.quantize:
         bits = torch.full((columns,), cfg.wbits, dtype=torch.int64)
     if cfg.mixed:
-        if name in plan:  # --bit_scope model allocated it already: only the importance is reported
-            _, imp = importance(W, solver, cfg)
-            bits = plan[name]
+        costs = channel_costs(W, solver, cfg, plan.sensitivity.get(name))
+        imp_range = (costs.importance.min().item(), costs.importance.max().item())
+        shrink = costs.shrink
+        if name in plan.widths:
+            bits = torch.full((columns,), plan.widths[name], dtype=torch.int64)
         else:
-            imp, score = allocation_score(W, solver, cfg)
-            bits = allocate(score, torch.full((columns,), rows), cfg)
-        imp_range = (imp.min().item(), imp.max().item())
+            kept = costs.size.sum().item()
+            planned = plan.budgets.get(name, cfg.target_avg_bits * kept)
+            bits = bitalloc.allocate(costs, cfg.mixed_precision, budget.linear_target(planned, kept))
+    elif cfg.quantize and cfg.clipped and solver is not None:
+        order = solve_order(solver.xtx.diagonal(), cfg.act_order)
+        rounding = solver.rounding_model(W, cfg.prune, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp, order)
+        shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], bitalloc.CLIP_FACTORS)
     error, damping = 0.0, cfg.percdamp
-    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize) if cfg.quantize else None
+    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink) if cfg.quantize else None
     if solver is None:  # the baselines: magnitude pruning and/or round-to-nearest
         Q = magnitude_prune(W.float(), cfg.prune) if cfg.gmp else W.float()
+        mask = (Q == 0) if cfg.gmp else torch.zeros_like(Q, dtype=torch.bool)
         if cfg.nearest:
             grid = QuantGrid.rounding(Q, cfg.sym, cfg.groupsize)
             Q = grid.round(Q, bits)
     else:
         order = solve_order(solver.xtx.diagonal(), cfg.act_order)
         result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order, not cfg.no_fused)
-        Q, error, damping = result.weight, result.error, solver.inverse_factor(cfg.percdamp, order).percdamp
+        Q, mask, error, damping = result.weight, result.mask, result.error, solver.inverse_factor(cfg.percdamp, order).percdamp
     linear.weight.data = Q.to(W.dtype)
+    kept = (~mask).sum(0) if cfg.prune.active else torch.full((columns,), rows)
+    codes = 0 if bits is None else code_bits(kept, bits)
+    if planned is not None:
+        budget.spent(planned, codes)
     groups = grid.xmin.shape[1] if grid is not None else 1
+    # The packed form stores a code for each nonzero weight of a pruned matrix (a kept weight that rounded to zero
+    # needs none), so its size counts those; the bit target counts every kept weight.
+    packed = (linear.weight.data != 0).sum(0) if cfg.prune.active else kept
     stats = LinearStats(
         name=name, rows=rows, columns=columns, groups=groups, nonzero=int((linear.weight.data != 0).sum()),
-        pruned=cfg.prune.active, bits_per_column=None if bits is None else bits.tolist(),
-        importance_range=imp_range, error=error, damping=damping, seconds=time.time() - tick,
-        storage_bits=storage_bits(linear.weight.data, bits, groups, cfg.prune.active, len(cfg.bit_options)),
+        kept=int(kept.sum()), pruned=cfg.prune.active, bits_per_column=None if bits is None else bits.tolist(),
+        code_bits=codes, importance_range=imp_range, error=error, damping=damping, seconds=time.time() - tick,
+        storage_bits=storage_bits(rows, packed, bits, groups, cfg.prune.active, len(cfg.bit_options), len(shrink)),
     )
     return stats, grid, bits
 
@@ -764,9 +799,15 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="cache of tokenized data (default: $OPT_ENHANCED_CACHE, else none)")
     p.add_argument("--results_json", type=str, default="", help="write config, perplexities, statistics, timings here")
     p.add_argument("--plot", type=str, default="", help="PNG heatmap of average bits per module and layer")
-    p.add_argument("--target_avg_bits", type=float, default=None, help="mixed precision: average bits per weight")
+    p.add_argument("--target_avg_bits", type=float, default=None,
+                   help="mixed precision: average code bits per stored weight (with sparsity: per kept weight)")
     p.add_argument("--bit_method", choices=("quantile", "budget"), default="quantile", help="bit allocator")
     p.add_argument("--bit_scope", choices=("layer", "model"), default="layer", help="one budget per layer or per model")
+    p.add_argument("--bit_granularity", choices=("channel", "linear"), default="channel",
+                   help="one width per input channel, or per Linear (q/k/v tied; needs --bit_scope model)")
+    p.add_argument("--clip", choices=("auto", "none", "width"), default="auto",
+                   help="shrink each width's range by the factor (per Linear) that minimises the estimated "
+                        "error; auto = on for mixed precision, off (the reference grid) for uniform runs")
     p.add_argument("--bit_options", type=_list(int), default=[2, 3, 4, 6, 8], help="allowed widths, e.g. 2,3,4,6,8")
     p.add_argument("--importance_weights", type=_list(float), default=[1.0] * 5,
                    help="weights of energy,outlier,weight,obs,sensitivity")

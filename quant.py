@@ -4,13 +4,18 @@ One grid per row (or per group of columns within a row), as in GPTQ: the scale a
 point come from the range [min(w, 0), max(w, 0)] of that row. Every bit-width derives its
 scale/zero from the same range, so a layer whose columns use different widths stores one
 range per row (group) -- no more than a uniform layer -- plus the per-column bit map.
+
+A width may shrink that range by one factor per layer (`QuantGrid.shrink`): at 2-3 bits the
+min-max grid spends its few levels on rare extremes, and a clipped one loses far less. The
+factor is one number per width and layer, so it costs next to nothing to store.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+MAX_WIDTH = 16
 
 def codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor) -> torch.Tensor:
     """The integer code q in {0..maxq} of each value (what a packed checkpoint stores)."""
@@ -69,16 +74,19 @@ class QuantGrid:
     groupsize: int
     xmin: torch.Tensor
     xmax: torch.Tensor
+    shrink: dict[int, float] = field(default_factory=dict)  # width -> factor on the range; absent = 1
 
     @classmethod
-    def for_weight(cls, w: torch.Tensor, sym: bool, groupsize: int = 0) -> "QuantGrid":
+    def for_weight(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None
+                   ) -> "QuantGrid":
         rows, columns = w.shape
+        shrink = dict(shrink or {})
         if groupsize <= 0 or groupsize >= columns:
             xmin, xmax = weight_range(w, sym)
-            return cls(sym, columns, xmin[:, None], xmax[:, None])
+            return cls(sym, columns, xmin[:, None], xmax[:, None], shrink)
         ngroups = -(-columns // groupsize)
         empty = torch.zeros(rows, ngroups, device=w.device)
-        return cls(sym, groupsize, empty, empty.clone())
+        return cls(sym, groupsize, empty, empty.clone(), shrink)
 
     @property
     def grouped(self) -> bool:
@@ -96,14 +104,22 @@ class QuantGrid:
     def column_params(self, start: int, stop: int, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scale, zero (rows, stop-start) and maxq (stop-start,) for columns [start, stop) at widths `bits`."""
         group = torch.arange(start, stop, device=self.xmin.device) // self.groupsize
-        maxq = (2 ** bits.to(self.xmin.device, torch.int64) - 1).float()
-        scale, zero = grid_params(self.xmin[:, group], self.xmax[:, group], maxq, self.sym)
+        bits = bits.to(self.xmin.device, torch.int64)
+        maxq = (2 ** bits - 1).float()
+        xmin, xmax = self.xmin[:, group], self.xmax[:, group]
+        if self.shrink:
+            factor = torch.ones(MAX_WIDTH + 1, device=bits.device)
+            for b, f in self.shrink.items():
+                factor[b] = f
+            xmin, xmax = xmin * factor[bits], xmax * factor[bits]
+        scale, zero = grid_params(xmin, xmax, maxq, self.sym)
         return scale, zero, maxq
 
     @classmethod
-    def rounding(cls, w: torch.Tensor, sym: bool, groupsize: int = 0) -> "QuantGrid":
+    def rounding(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None
+                 ) -> "QuantGrid":
         """The grid that round-to-nearest uses: every range (groups too) from `w` itself."""
-        grid = cls.for_weight(w, sym, groupsize)
+        grid = cls.for_weight(w, sym, groupsize, shrink)
         grid.fill_groups(w, 0, w.shape[1])
         return grid
 

@@ -175,35 +175,76 @@ class SparseGPT:
             W, mask = W[:, restore], mask[:, restore]
         return SolveResult(W, mask, error.item())
 
-    def rounding_error(self, weight: torch.Tensor, prune: PruneSpec, options: list[int], sym: bool, groupsize: int,
-                       blocksize: int = 128, percdamp: float = 0.01, order: torch.Tensor | None = None,
-                       row_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """The solver's loss for rounding each column at each width, estimated before solving:
-        (columns, len(options)), sum_i r_i kept_ij (w_ij - Q_b(w_ij))^2 / U_jj^2, with r_i = row_weight
-        (default 1), what an error in output i costs downstream.
+    def rounding_model(self, weight: torch.Tensor, prune: PruneSpec, sym: bool, groupsize: int, blocksize: int = 128,
+                       percdamp: float = 0.01, order: torch.Tensor | None = None,
+                       row_weight: torch.Tensor | None = None) -> "RoundingModel":
+        """The solver's loss for rounding each column at any width, estimated before solving.
 
         The solver pushes each column's rounding error onto the columns after it; what it cannot
         push costs 1/U_jj^2 per unit (U in solve order). That lies between 1/[H^-1]_jj (the first
         column: all of it can be compensated) and H_jj (the last: none can), so it ranks channels
         far better than H_jj alone. Pruned weights cost the same at every width, so only the
-        weights the mask rule keeps on the dense weights are counted (N:M masks are chosen during
-        the solve: there, every weight counts)."""
+        weights that the mask rule keeps on the dense weights are counted; the same prediction
+        gives each column's count of stored weights, which the bit budget is spent on."""
         factor = self.inverse_factor(percdamp, order)
         W = weight.float().clone() if order is None else weight.float()[:, order]
-        grid = QuantGrid.rounding(W, sym, groupsize)  # from the weights as given, like the solver's grid
         W[:, factor.dead] = 0
         d = torch.diag(factor.upper)
-        kept = torch.ones_like(W, dtype=torch.bool)
-        if prune.prunen == 0 and prune.sparsity > 0:
-            for i1 in range(0, W.shape[1], blocksize):
-                i2 = min(i1 + blocksize, W.shape[1])
-                kept[:, i1:i2] = ~unstructured_mask(W[:, i1:i2], d[i1:i2], prune.sparsity)
-        width = torch.empty(W.shape[1], dtype=torch.int64)
+        kept = ~predicted_mask(W, d, prune, blocksize)
+        cost = 1 / d ** 2
+        cost[factor.dead] = 0
         r = torch.ones_like(W[:, :1]) if row_weight is None else row_weight.float()[:, None]
-        loss = torch.stack([(r * (W - grid.round(W, width.fill_(b))) ** 2 * kept).sum(0) for b in options], 1)
-        loss = loss / d[:, None] ** 2
-        loss[factor.dead] = 0
-        return loss if order is None else loss[torch.argsort(order)]
+        return RoundingModel(W, kept, cost, r, sym, groupsize, None if order is None else torch.argsort(order))
+
+
+@dataclass
+class RoundingModel:
+    """Estimated solver loss of rounding a matrix's columns (`SparseGPT.rounding_model`).
+
+    loss_j(b) = sum_i r_i kept_ij (w_ij - Q_b(w_ij))^2 / U_jj^2, with r_i = row_weight (default 1),
+    what an error in output i costs downstream. Everything is held in solve order; results come
+    back in stored order."""
+
+    weight: torch.Tensor  # solve order, dead columns zeroed
+    kept: torch.Tensor  # bool: weights the mask rule keeps on the dense weights
+    cost: torch.Tensor  # (columns,) 1 / U_jj^2, 0 for dead columns
+    row_weight: torch.Tensor  # (rows, 1)
+    sym: bool
+    groupsize: int
+    restore: torch.Tensor | None  # argsort of the solve order; None = stored order
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.restore is None else x[..., self.restore]
+
+    def kept_per_column(self) -> torch.Tensor:
+        """Predicted count of stored (kept) weights in each column."""
+        return self._stored(self.kept.sum(0))
+
+    def loss(self, width: int, shrink: float = 1.0) -> torch.Tensor:
+        """(columns,) estimated loss of rounding every column at `width`, its range scaled by `shrink`."""
+        grid = QuantGrid.rounding(self.weight, self.sym, self.groupsize, {width: shrink})
+        bits = torch.full((self.weight.shape[1],), width, dtype=torch.int64)
+        err = self.row_weight * (self.weight - grid.round(self.weight, bits)) ** 2 * self.kept
+        return self._stored(err.sum(0) * self.cost)
+
+
+def predicted_mask(W: torch.Tensor, d: torch.Tensor, prune: PruneSpec, blocksize: int) -> torch.Tensor:
+    """The solver's mask rule applied to the weights as given (True = pruned): exact for the first
+    block, a prediction for the later ones, whose weights the solver changes before it masks them.
+    Each block (unstructured) or row group (N:M) keeps exactly what the solver's keeps."""
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    if prune.prunen > 0:
+        for i1 in range(0, W.shape[1], blocksize):
+            i2 = min(i1 + blocksize, W.shape[1])
+            for g in range(i1, i2, prune.prunem):
+                score = W[:, g:min(g + prune.prunem, i2)] ** 2 / d[None, g:min(g + prune.prunem, i2)] ** 2
+                n = min(prune.prunen, score.shape[1])
+                mask[:, g:g + score.shape[1]].scatter_(1, torch.topk(score, n, dim=1, largest=False).indices, True)
+    elif prune.sparsity > 0:
+        for i1 in range(0, W.shape[1], blocksize):
+            i2 = min(i1 + blocksize, W.shape[1])
+            mask[:, i1:i2] = unstructured_mask(W[:, i1:i2], d[i1:i2], prune.sparsity)
+    return mask
 
 
 def solve_order(hessian_diag: torch.Tensor, act_order: bool) -> torch.Tensor | None:
@@ -283,247 +324,3 @@ def magnitude_prune(weight: torch.Tensor, prune: PruneSpec) -> torch.Tensor:
     if k > 0:
         W.view(-1)[torch.topk(W.abs().flatten(), k, largest=False).indices] = 0
     return W
-
-
-# ---------------------------------------------------------------- channel importance
-
-METRICS = ("energy", "outlier", "weight", "obs", "sensitivity")
-
-
-def channel_metrics(
-    weight: torch.Tensor, hessian_diag: torch.Tensor, peak: torch.Tensor, inverse_diag: torch.Tensor,
-    quantized: torch.Tensor,
-) -> torch.Tensor:
-    """The five raw importance metrics of every input channel, shape (5, columns).
-
-    energy       sqrt(H_jj) ~ ||X[:, j]||: how much signal the channel carries.
-    outlier      peak |X[:, j]| / rms(X[:, j]): rare large activations that a coarse grid clips.
-    weight       ||W[:, j]||: how much the layer reads from the channel.
-    obs          sum_i W_ij^2 / [H^-1]_jj: OBS cost of removing the channel given all others.
-    sensitivity  H_jj * ||W[:, j] - Q(W[:, j])||^2: output error of rounding it at the base width.
-    """
-    W = weight.float()
-    rms = torch.sqrt(hessian_diag / 2)  # H = 2/n X^T X, so H_jj / 2 is the mean square
-    energy = rms
-    outlier = torch.where(rms > 0, peak / rms.clamp_min(1e-30), torch.zeros_like(rms))
-    col_norm2 = (W ** 2).sum(0)
-    obs = col_norm2 / inverse_diag
-    sensitivity = hessian_diag * ((W - quantized) ** 2).sum(0)
-    return torch.stack([energy, outlier, col_norm2.sqrt(), obs, sensitivity])
-
-
-def combine_metrics(metrics: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
-    """Each metric normalised to mean 1 within the layer, then the weighted mean of the five."""
-    mean = metrics.mean(1, keepdim=True)
-    normalised = torch.where(mean > 0, metrics / mean.clamp_min(1e-30), torch.ones_like(metrics))
-    w = torch.tensor(weights, dtype=metrics.dtype, device=metrics.device)
-    return (w[:, None] * normalised).sum(0) / w.sum()
-
-
-# ---------------------------------------------------------------- bit allocation
-
-
-def tier_shares(options: list[int], target: float) -> list[float]:
-    """Maximum-entropy shares p_k ∝ exp(λ b_k) over the options whose mean equals `target`.
-
-    At the options' own mean (λ = 0) every tier gets the same share; the exponential family is
-    the most even split the target allows.
-    """
-    b = torch.tensor(options, dtype=torch.float64)
-    lo, hi = -50.0, 50.0
-    for _ in range(200):
-        lam = (lo + hi) / 2
-        p = torch.softmax(lam * b, 0)
-        if (p * b).sum() < target:
-            lo = lam
-        else:
-            hi = lam
-    return torch.softmax((lo + hi) / 2 * b, 0).tolist()
-
-
-def _fix_mean(bits: torch.Tensor, order: torch.Tensor, size: torch.Tensor, options: list[int], target: float) -> torch.Tensor:
-    """Move channels one tier up or down (least important first down, most important first up)
-    until the size-weighted mean is as close to `target` as one move allows."""
-    total = size.sum().item()
-    opts = torch.tensor(options, device=bits.device)
-    tier = torch.searchsorted(opts, bits)
-    for _ in range(4 * len(bits)):
-        mean = (bits.double() * size).sum().item() / total
-        gap = target - mean
-        if gap > 0:  # promote the most important channel that can move up without overshooting
-            for j in order.flip(0).tolist():
-                t = tier[j].item()
-                if t + 1 < len(options):
-                    step = (options[t + 1] - options[t]) * size[j].item() / total
-                    if step <= gap + 1e-12 or abs(gap - step) < abs(gap):
-                        tier[j] = t + 1
-                        bits[j] = options[t + 1]
-                        break
-            else:
-                break
-        elif gap < 0:
-            for j in order.tolist():
-                t = tier[j].item()
-                if t > 0:
-                    step = (options[t] - options[t - 1]) * size[j].item() / total
-                    if step <= -gap + 1e-12 or abs(gap + step) < abs(gap):
-                        tier[j] = t - 1
-                        bits[j] = options[t - 1]
-                        break
-            else:
-                break
-        else:
-            break
-        new_gap = target - (bits.double() * size).sum().item() / total
-        if abs(new_gap) >= abs(gap):
-            break
-    return bits
-
-
-def allocate_quantile(importance: torch.Tensor, size: torch.Tensor, options: list[int], target: float) -> torch.Tensor:
-    """Rank channels by importance and fill the tiers from the bottom by their shares of weights."""
-    options = sorted(options)
-    shares = tier_shares(options, target)
-    order = torch.argsort(importance, stable=True)
-    cum = torch.cumsum(size[order].double(), 0) / size.sum()
-    edges = torch.tensor(shares, dtype=torch.float64).cumsum(0)
-    tier = torch.searchsorted(edges, cum - size[order].double() / size.sum() / 2).clamp_max(len(options) - 1)
-    bits = torch.empty_like(importance, dtype=torch.int64)
-    bits[order] = torch.tensor(options)[tier]
-    return _fix_mean(bits, order, size.double(), options, target)
-
-
-def allocate_budget(error: torch.Tensor, size: torch.Tensor, options: list[int], target: float) -> torch.Tensor:
-    """Greedy knapsack: start every channel at the lowest width and buy the upgrades with the
-    largest error reduction per extra bit until the budget is spent.
-
-    error (channels, len(options)): each channel's estimated error at each width (sorted options).
-    Each channel's upgrades are the steps of the lower convex hull of its error curve, so their
-    gains per bit decrease and one global sort by gain is the greedy order.
-    """
-    options = sorted(options)
-    b = torch.tensor(options, dtype=torch.float64)
-    err = error.double().cpu()
-    size = size.double().cpu()
-    channels, widths = err.shape
-    rows = torch.arange(channels)
-    tier = torch.zeros(channels, dtype=torch.int64)
-    steps = []  # (gain per bit, cost in bits, channel, tier before, tier after), a hull step per channel per round
-    for _ in range(widths - 1):
-        slope = (err[rows, tier][:, None] - err) / (b[None, :] - b[tier][:, None])
-        slope[torch.arange(widths)[None, :] <= tier[:, None]] = -math.inf
-        gain, to = slope.max(1)
-        live = gain > 0
-        steps.append((gain[live], (b[to] - b[tier])[live] * size[live], rows[live], tier[live], to[live]))
-        tier = torch.where(live, to, tier)
-    gain, cost, channel, start, to = (torch.cat(x) for x in zip(*steps))
-    order = torch.argsort(gain, descending=True, stable=True)
-    budget = (target - options[0]) * size.sum().item() + 1e-6
-    spent = torch.cumsum(cost[order], 0)
-    n = int((spent <= budget).sum())
-    take = order[:n]
-    tier = torch.zeros(channels, dtype=torch.int64).scatter_reduce(0, channel[take], to[take], "amax")
-    # A hull step can be several bits wide: spend what is left on the best later steps that still fit.
-    left = budget - (spent[n - 1].item() if n else 0.0)
-    smallest = cost.min().item() if len(cost) else math.inf
-    for k in order[n:].tolist():
-        if left < smallest:
-            break
-        j = channel[k].item()
-        if cost[k] <= left and tier[j] == start[k]:
-            tier[j] = to[k]
-            left -= cost[k].item()
-    return torch.tensor(options)[tier]
-
-
-# ---------------------------------------------------------------- statistics
-
-RANGE_BITS = 64  # one fp32 (xmin, xmax) pair per row and group, the source of every width's scale/zero
-
-
-@dataclass
-class LinearStats:
-    """What one compressed Linear cost and where its bits went."""
-
-    name: str
-    rows: int
-    columns: int
-    groups: int
-    nonzero: int  # weights left after pruning (pruned ones are exactly zero)
-    pruned: bool
-    bits_per_column: list[int] | None  # None: not quantized
-    importance_range: tuple[float, float] | None
-    error: float
-    damping: float
-    seconds: float
-    storage_bits: int
-
-    @property
-    def avg_bits(self) -> float | None:
-        return None if self.bits_per_column is None else sum(self.bits_per_column) / self.columns
-
-
-def storage_bits(weight: torch.Tensor, bits_per_column: torch.Tensor | None, groups: int, pruned: bool,
-                 n_options: int) -> int:
-    """Bits of the packed form of one compressed matrix: the kept codes at their column's width,
-    a bitmask if pruned, a per-column bit map if widths differ, and the per-row(group) ranges."""
-    rows, columns = weight.shape
-    if bits_per_column is None:
-        return 16 * rows * columns
-    kept = (weight != 0).sum(0) if pruned else torch.full((columns,), rows, device=weight.device)
-    codes = int((kept.cpu() * bits_per_column.cpu()).sum())
-    mask = rows * columns if pruned else 0
-    mixed = len(set(bits_per_column.tolist())) > 1
-    bitmap = columns * max(1, math.ceil(math.log2(n_options))) if mixed else 0
-    return codes + mask + bitmap + RANGE_BITS * rows * groups
-
-
-@dataclass
-class Summary:
-    channels: int
-    bit_counts: dict[int, int]
-    avg_bits: float  # mean over channels
-    avg_bits_weighted: float  # mean over weights (channels weighted by rows)
-    effective_bits: float  # storage bits per weight, everything counted
-    sparsity: float
-
-
-def summarize(stats: list[LinearStats]) -> Summary:
-    quantized = [s for s in stats if s.bits_per_column is not None]
-    counts: dict[int, int] = {}
-    for s in quantized:
-        for b in s.bits_per_column:
-            counts[b] = counts.get(b, 0) + 1
-    channels = sum(s.columns for s in quantized)
-    weights = sum(s.rows * s.columns for s in stats)
-    qweights = sum(s.rows * s.columns for s in quantized)
-    return Summary(
-        channels=channels,
-        bit_counts=dict(sorted(counts.items())),
-        avg_bits=sum(b * c for b, c in counts.items()) / channels if channels else 0.0,
-        avg_bits_weighted=sum(s.rows * sum(s.bits_per_column) for s in quantized) / qweights if qweights else 0.0,
-        effective_bits=sum(s.storage_bits for s in stats) / weights if weights else 0.0,
-        sparsity=1 - sum(s.nonzero for s in stats) / weights if weights else 0.0,
-    )
-
-
-def format_summary(summary: Summary, stats: list[LinearStats]) -> str:
-    bar = "=" * 72
-    lines = [bar, "量化统计摘要 (Quantization Statistics Summary)", bar,
-             f"总通道数 (Total channels): {summary.channels}", "位宽分布 (Bit distribution):"]
-    for b, c in summary.bit_counts.items():
-        lines.append(f"  {b}-bit: {c:8d} channels ({100 * c / summary.channels:5.1f}%)")
-    lines += [
-        f"平均位宽 (Average bits): {summary.avg_bits:.3f} per channel, {summary.avg_bits_weighted:.3f} per weight",
-        f"有效存储 (Effective storage): {summary.effective_bits:.3f} bits/weight "
-        "(codes + scales/zeros + sparsity mask + bit map)",
-        f"稀疏度 (Sparsity): {100 * summary.sparsity:.2f}%",
-        "每层统计 (Per-layer): name, average bits, importance range",
-    ]
-    for s in stats:
-        if s.bits_per_column is None:
-            continue
-        rng = "" if s.importance_range is None else f"  [{s.importance_range[0]:.3g}, {s.importance_range[1]:.3g}]"
-        lines.append(f"  {s.name:48s} {s.avg_bits:5.2f}{rng}")
-    lines.append(bar)
-    return "\n".join(lines)

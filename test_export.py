@@ -71,10 +71,13 @@ def test_pack_layout_is_lsb_first_and_wide_widths_work():
     dict(sparsity=0.5, wbits=4, groupsize=16, target_avg_bits=3.0, bit_method="budget"),
     dict(wbits=4, nearest=True),
     dict(sparsity=0.5, wbits=4, minlayer=1),
-], ids=["sparse-mixed", "uniform4", "group16", "2:4-sym", "sparse-mixed-group16", "rtn", "layer1-only"])
+    dict(sparsity=0.5, wbits=3, clip="width"),
+], ids=["sparse-mixed", "uniform4", "group16", "2:4-sym", "sparse-mixed-group16", "rtn", "layer1-only", "clipped3"])
 def test_export_load_is_bit_exact(tmp_path, kw):
     model = tiny_model()
     out, report = export_run(model, tmp_path / "export", **kw)
+    if "target_avg_bits" in kw or "clip" in kw:  # clipped ranges travel with the export
+        assert any(g.shrink for g in out.grids.values())
     assert report.layers == len(out.grids) == (6 if "minlayer" in kw else 12)
     assert sorted(os.listdir(tmp_path)) == ["export"]  # no temp directory left beside it
     assert {"config.json", "packed.safetensors", "dense.safetensors", "compression.json"} <= set(

@@ -1,0 +1,321 @@
+"""Activation-aware mixed precision: which input channel of a Linear gets which bit-width.
+
+Model-agnostic, like the solver: it sees a weight matrix, its solver (the Hessian of its inputs)
+and the solve settings, never the network. The model walk (opt_enhanced.py) asks it for each
+Linear's channel costs, and for one allocation per Linear or one across the model.
+
+The pieces:
+- five importance metrics per channel, combined into one importance (`channel_metrics`,
+  `combine_metrics`);
+- an error model: the solver's own estimate of its loss when a channel is rounded at each width
+  (`SparseGPT.rounding_model`), weighted by the importance, with each width's range shrunk by the
+  factor that minimises that estimate (`choose_shrink`);
+- the bit target counted on *stored* weights: with sparsity only the weights the mask keeps carry
+  codes, so each channel is priced by its predicted count of kept weights;
+- two allocators under that target: `budget` (the unconstrained optimum of the error model, a greedy
+  knapsack) and `quantile` (channels ranked by importance, each width a contiguous range of the
+  ranking, its boundaries placed by dynamic programming to minimise the same error).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from quant import round_to_nearest
+from sparsegpt_enhanced import PruneSpec, SparseGPT
+
+# Range factors tried for each width (1 = the min-max range).
+CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """Every parameter of a mixed-precision allocation; experiments pass variants of it."""
+
+    target: float  # average code bits per stored weight
+    options: tuple[int, ...] = (2, 3, 4, 6, 8)
+    method: str = "quantile"  # quantile | budget
+    scope: str = "layer"  # layer: each Linear meets the target; model: one allocation over the whole model
+    granularity: str = "channel"  # channel | linear (one width per Linear, q/k/v tied; needs scope model)
+    importance_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
+    # Share of each channel's estimated error replaced by its layer's mean. The estimate sees only the
+    # calibration text: channels it rarely excites look free and get 2 bits, and other text pays for that.
+    error_shrinkage: float = 0.25
+    clip: bool = True  # shrink each width's range by the factor that minimises the estimated error
+    clip_factors: tuple[float, ...] = CLIP_FACTORS
+    drift_correction: bool = True  # carry each Linear's stored-bit surplus or deficit to the next
+
+
+# ---------------------------------------------------------------- channel importance
+
+METRICS = ("energy", "outlier", "weight", "obs", "sensitivity")
+
+
+def channel_metrics(
+    weight: torch.Tensor, hessian_diag: torch.Tensor, peak: torch.Tensor, inverse_diag: torch.Tensor,
+    quantized: torch.Tensor,
+) -> torch.Tensor:
+    """The five raw importance metrics of every input channel, shape (5, columns).
+
+    energy       sqrt(H_jj) ~ ||X[:, j]||: how much signal the channel carries.
+    outlier      peak |X[:, j]| / rms(X[:, j]): rare large activations that a coarse grid clips.
+    weight       ||W[:, j]||: how much the layer reads from the channel.
+    obs          sum_i W_ij^2 / [H^-1]_jj: OBS cost of removing the channel given all others.
+    sensitivity  H_jj * ||W[:, j] - Q(W[:, j])||^2: output error of rounding it at the base width.
+    """
+    W = weight.float()
+    rms = torch.sqrt(hessian_diag / 2)  # H = 2/n X^T X, so H_jj / 2 is the mean square
+    energy = rms
+    outlier = torch.where(rms > 0, peak / rms.clamp_min(1e-30), torch.zeros_like(rms))
+    col_norm2 = (W ** 2).sum(0)
+    obs = col_norm2 / inverse_diag
+    sensitivity = hessian_diag * ((W - quantized) ** 2).sum(0)
+    return torch.stack([energy, outlier, col_norm2.sqrt(), obs, sensitivity])
+
+
+def combine_metrics(metrics: torch.Tensor, weights: tuple[float, ...]) -> torch.Tensor:
+    """Each metric normalised to mean 1 within the layer, then the weighted mean of the five."""
+    mean = metrics.mean(1, keepdim=True)
+    normalised = torch.where(mean > 0, metrics / mean.clamp_min(1e-30), torch.ones_like(metrics))
+    w = torch.tensor(weights, dtype=metrics.dtype, device=metrics.device)
+    return (w[:, None] * normalised).sum(0) / w.sum()
+
+
+# ---------------------------------------------------------------- the error model
+
+
+@dataclass
+class ChannelCosts:
+    """One Linear's channels as the allocators see them."""
+
+    importance: torch.Tensor  # (columns,) combined importance, mean 1 within the Linear
+    metrics: torch.Tensor  # (5, columns) the raw metrics
+    rank: torch.Tensor  # (columns,) the order quantile's tiers follow
+    cost: torch.Tensor  # (columns, len(options)) estimated error at each width (sorted options)
+    size: torch.Tensor  # (columns,) predicted stored weights
+    shrink: dict[int, float] = field(default_factory=dict)  # width -> range factor (clipped widths only)
+
+
+def importance(weight: torch.Tensor, solver: SparseGPT, base_bits: int, sym: bool, groupsize: int, percdamp: float,
+               weights: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(five raw metrics, combined importance normalised to mean 1 within the layer) of each input channel."""
+    factor = solver.inverse_factor(percdamp)
+    W = weight.float().clone()
+    W[:, factor.dead] = 0
+    metrics = channel_metrics(W, solver.hessian_diag, solver.peak, factor.inverse_diag,
+                              round_to_nearest(W, base_bits, sym, groupsize))
+    return metrics, combine_metrics(metrics, weights)
+
+
+def choose_shrink(model, widths: list[int], factors: tuple[float, ...]) -> dict[int, float]:
+    """For each width, the range factor with the least estimated loss over the whole matrix (only
+    factors below 1 are returned). One number per width and Linear: nothing per row to store."""
+    shrink = {}
+    for b in widths:
+        losses = torch.stack([model.loss(b, f).sum() for f in factors])
+        best = factors[int(torch.argmin(losses))]
+        if best != 1.0:
+            shrink[b] = best
+    return shrink
+
+
+def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, base_bits: int, sym: bool,
+                  groupsize: int, blocksize: int, percdamp: float, order: torch.Tensor | None, mp: MixedPrecision,
+                  row_weight: torch.Tensor | None = None) -> ChannelCosts:
+    """Each channel's importance, its estimated error at each width and its stored-weight count.
+
+    The cost the allocators minimise is importance_j * error_j(b): the five metrics weigh an error
+    whose size and shape across widths come from the Hessian and the grid. With `row_weight` (each
+    output's cost to the model's loss) errors are in units of loss and comparable across Linears;
+    quantile's ranking is then scaled by the Linear's mean error at the base width."""
+    metrics, imp = importance(weight, solver, base_bits, sym, groupsize, percdamp, mp.importance_weights)
+    model = solver.rounding_model(weight, prune, sym, groupsize, blocksize, percdamp, order, row_weight)
+    options = sorted(mp.options)
+    shrink = choose_shrink(model, options, mp.clip_factors) if mp.clip else {}
+    error = torch.stack([model.loss(b, shrink.get(b, 1.0)) for b in options], 1)
+    error = (1 - mp.error_shrinkage) * error + mp.error_shrinkage * error.mean(0, keepdim=True)
+    rank = imp if row_weight is None else imp * error[:, options.index(base_bits)].mean()
+    return ChannelCosts(imp, metrics, rank, imp[:, None] * error, model.kept_per_column().to(error.dtype), shrink)
+
+
+# ---------------------------------------------------------------- allocators
+
+
+def allocate(costs: ChannelCosts, mp: MixedPrecision, target: float | None = None) -> torch.Tensor:
+    """Bits per channel at `target` stored bits (default the configured one) with the configured method."""
+    target = mp.target if target is None else target
+    target = min(max(target, min(mp.options)), max(mp.options))
+    if mp.method == "budget":
+        return allocate_budget(costs.cost.cpu(), costs.size.cpu(), list(mp.options), target)
+    return allocate_quantile(costs.rank.cpu(), costs.cost.cpu(), costs.size.cpu(), list(mp.options), target)
+
+
+def monotone_tiers(cost: torch.Tensor) -> torch.Tensor:
+    """The tier of each channel (rows of `cost`, in rank order) minimising the summed cost among the
+    allocations whose tier never decreases along the ranking: a dynamic programme over the K-1 tier
+    boundaries, F_t(p) = P_t(p) + min_{q<=p} (F_{t-1}(q) - P_t(q)) with P_t the prefix sums of
+    tier t's costs, one cumulative minimum per tier."""
+    n, K = cost.shape
+    prefix = torch.cat([torch.zeros(1, K, dtype=cost.dtype), cost.cumsum(0)])
+    best = prefix[:, 0]
+    starts = []
+    for t in range(1, K):
+        low, where = torch.cummin(best - prefix[:, t], 0)
+        best = prefix[:, t] + low
+        starts.append(where)
+    tier = torch.zeros(n, dtype=torch.int64)
+    p = n
+    for t in range(K - 1, 0, -1):
+        q = int(starts[t - 1][p])
+        tier[q:p] = t
+        p = q
+    return tier
+
+
+def allocate_quantile(rank: torch.Tensor, cost: torch.Tensor, size: torch.Tensor, options: list[int],
+                      target: float) -> torch.Tensor:
+    """Channels ranked by `rank` (ascending), each width a contiguous range of the ranking (a tier may
+    be empty), the boundaries chosen to minimise the summed cost at `target` stored bits.
+
+    A Lagrange multiplier prices a bit; for each price `monotone_tiers` gives the best monotone
+    allocation, and bisection finds the cheapest price that fits the budget. The budget the price
+    leaves unspent goes to the best single-channel boundary moves that still fit."""
+    options = sorted(options)
+    order = torch.argsort(rank, stable=True)
+    C, s = cost.double()[order], size.double()[order]
+    b = torch.tensor(options, dtype=torch.float64)
+    budget = target * s.sum().item() + 1e-6
+
+    def at_price(price: float) -> tuple[torch.Tensor, float]:
+        tier = monotone_tiers(C + price * s[:, None] * b[None, :])
+        return tier, (s * b[tier]).sum().item()
+
+    tier, spent = at_price(0.0)
+    if spent > budget:
+        lo, hi = 0.0, 1.0
+        while at_price(hi)[1] > budget:
+            lo, hi = hi, hi * 4
+            if hi > 1e300:
+                break
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if at_price(mid)[1] > budget:
+                lo = mid
+            else:
+                hi = mid
+        tier, spent = at_price(hi)
+        tier = _fill_boundaries(tier, C, s, b, budget - spent)
+    bits = torch.empty(len(rank), dtype=torch.int64)
+    bits[order] = b.long()[tier]
+    return bits
+
+
+def _fill_boundaries(tier: torch.Tensor, C: torch.Tensor, s: torch.Tensor, b: torch.Tensor, left: float
+                     ) -> torch.Tensor:
+    """Spend `left` bits on moves that keep the allocation monotone: the last channel of a tier one tier
+    up, best error reduction per bit first, while one fits."""
+    K = len(b)
+    counts = torch.bincount(tier, minlength=K).tolist()
+    tier = tier.clone()
+    while True:
+        best, move = 0.0, None
+        end = 0
+        for t in range(K - 1):
+            end += counts[t]
+            if counts[t] == 0:
+                continue
+            j = end - 1  # tiers are contiguous in rank order: the last channel of tier t
+            price = (b[t + 1] - b[t]).item() * s[j].item()
+            gain = (C[j, t] - C[j, t + 1]).item()
+            if price <= left and gain > 0 and gain > best * price:
+                best, move = gain / max(price, 1e-300), (j, t, price)
+        if move is None:
+            return tier
+        j, t, price = move
+        tier[j] = t + 1
+        counts[t] -= 1
+        counts[t + 1] += 1
+        left -= price
+
+
+def allocate_budget(error: torch.Tensor, size: torch.Tensor, options: list[int], target: float) -> torch.Tensor:
+    """Greedy knapsack: start every channel at the lowest width and buy the upgrades with the
+    largest error reduction per extra bit until the budget is spent.
+
+    error (channels, len(options)): each channel's estimated error at each width (sorted options).
+    Each channel's upgrades are the steps of the lower convex hull of its error curve, so their
+    gains per bit decrease and one global sort by gain is the greedy order.
+    """
+    options = sorted(options)
+    b = torch.tensor(options, dtype=torch.float64)
+    err = error.double().cpu()
+    size = size.double().cpu()
+    channels, widths = err.shape
+    rows = torch.arange(channels)
+    tier = torch.zeros(channels, dtype=torch.int64)
+    steps = []  # (gain per bit, cost in bits, channel, tier before, tier after), a hull step per channel per round
+    for _ in range(widths - 1):
+        slope = (err[rows, tier][:, None] - err) / (b[None, :] - b[tier][:, None])
+        slope[torch.arange(widths)[None, :] <= tier[:, None]] = -math.inf
+        gain, to = slope.max(1)
+        live = gain > 0
+        steps.append((gain[live], (b[to] - b[tier])[live] * size[live], rows[live], tier[live], to[live]))
+        tier = torch.where(live, to, tier)
+    gain, cost, channel, start, to = (torch.cat(x) for x in zip(*steps))
+    order = torch.argsort(gain, descending=True, stable=True)
+    budget = (target - options[0]) * size.sum().item() + 1e-6
+    spent = torch.cumsum(cost[order], 0)
+    n = int((spent <= budget).sum())
+    take = order[:n]
+    tier = torch.zeros(channels, dtype=torch.int64).scatter_reduce(0, channel[take], to[take], "amax")
+    # A hull step can be several bits wide: spend what is left on the best later steps that still fit.
+    left = budget - (spent[n - 1].item() if n else 0.0)
+    smallest = cost.min().item() if len(cost) else math.inf
+    for k in order[n:].tolist():
+        if left < smallest:
+            break
+        j = channel[k].item()
+        if cost[k] <= left and tier[j] == start[k]:
+            tier[j] = to[k]
+            left -= cost[k].item()
+    return torch.tensor(options)[tier]
+
+
+# ---------------------------------------------------------------- across the model
+
+
+def concat(costs: list[ChannelCosts]) -> ChannelCosts:
+    """The channels of several Linears as one set (for an allocation across the model)."""
+    return ChannelCosts(torch.cat([c.importance.cpu() for c in costs]), torch.cat([c.metrics.cpu() for c in costs], 1),
+                        torch.cat([c.rank.cpu() for c in costs]), torch.cat([c.cost.cpu() for c in costs]),
+                        torch.cat([c.size.cpu() for c in costs]))
+
+
+def plan_budgets(costs: dict[str, ChannelCosts], mp: MixedPrecision) -> dict[str, float]:
+    """--bit_scope model: one allocation over every channel of the model; each Linear's share of the
+    budget (planned code bits) is what its own allocation is later given."""
+    names = list(costs)
+    bits = allocate(concat([costs[n] for n in names]), mp)
+    out, at = {}, 0
+    for n in names:
+        size = costs[n].size.cpu()
+        out[n] = float((bits[at:at + len(size)].double() * size.double()).sum())
+        at += len(size)
+    return out
+
+
+def plan_linear_widths(costs: dict[str, ChannelCosts], tied: list[list[str]], mp: MixedPrecision) -> dict[str, int]:
+    """--bit_granularity linear: one width per unit (a Linear, or Linears that must share a width, such
+    as q/k/v), each unit priced by its channels' summed cost and size, allocated across the model."""
+    units = ChannelCosts(
+        importance=torch.tensor([float(sum(costs[n].importance.sum() for n in u)) for u in tied]),
+        metrics=torch.zeros(5, len(tied)),
+        rank=torch.tensor([float(sum((costs[n].rank.cpu() * costs[n].size.cpu()).sum() for n in u)
+                                 / max(sum(costs[n].size.sum() for n in u), 1)) for u in tied]),
+        cost=torch.stack([sum(costs[n].cost.cpu().sum(0) for n in u) for u in tied]),
+        size=torch.tensor([float(sum(costs[n].size.sum() for n in u)) for u in tied]),
+    )
+    widths = allocate(units, mp)
+    return {n: int(w) for u, w in zip(tied, widths) for n in u}

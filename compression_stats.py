@@ -1,0 +1,119 @@
+"""What a compression run stored: per-Linear statistics, the bit counts, and the summary printed and saved.
+
+Three averages answer different questions, and a mixed run is judged by the second:
+- nominal: code bits per weight over all weights (pruned ones counted at their column's width);
+- stored: code bits per *stored* weight (with sparsity the weights the mask keeps, dense all of them):
+  what `--target_avg_bits` asks for, so a mixed run stores no more code bits than a uniform one;
+- effective: everything the packed form holds per weight: codes (of the nonzero weights, when pruned: a
+  kept weight that rounded to zero needs none), ranges, the sparsity mask, the bit map of a mixed layer
+  and its range shrink factors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+RANGE_BITS = 64  # one fp32 (xmin, xmax) pair per row and group, the source of every width's scale/zero
+SHRINK_BITS = 32  # one fp32 range factor per clipped width and layer
+
+
+@dataclass
+class LinearStats:
+    """What one compressed Linear cost and where its bits went."""
+
+    name: str
+    rows: int
+    columns: int
+    groups: int
+    nonzero: int  # weights left nonzero after compression
+    kept: int  # weights the pruning mask keeps (all of them without sparsity): the stored ones
+    pruned: bool
+    bits_per_column: list[int] | None  # None: not quantized
+    code_bits: int  # sum over columns of kept weights x width
+    importance_range: tuple[float, float] | None
+    error: float
+    damping: float
+    seconds: float
+    storage_bits: int
+
+    @property
+    def avg_bits(self) -> float | None:
+        return None if self.bits_per_column is None else sum(self.bits_per_column) / self.columns
+
+
+def code_bits(kept_per_column: torch.Tensor, bits_per_column: torch.Tensor) -> int:
+    """Bits of the codes: each stored weight at its column's width."""
+    return int((kept_per_column.cpu().long() * bits_per_column.cpu().long()).sum())
+
+
+def storage_bits(rows: int, kept_per_column: torch.Tensor, bits_per_column: torch.Tensor | None, groups: int,
+                 pruned: bool, n_options: int, clipped_widths: int = 0) -> int:
+    """Bits of the packed form of one compressed matrix: the kept codes at their column's width,
+    a bitmask if pruned, a per-column bit map if widths differ, the per-row(group) ranges and
+    the range factors of clipped widths."""
+    columns = kept_per_column.numel()
+    if bits_per_column is None:
+        return 16 * rows * columns
+    mask = rows * columns if pruned else 0
+    mixed = len(set(bits_per_column.tolist())) > 1
+    bitmap = columns * max(1, math.ceil(math.log2(n_options))) if mixed else 0
+    return (code_bits(kept_per_column, bits_per_column) + mask + bitmap + RANGE_BITS * rows * groups
+            + SHRINK_BITS * clipped_widths)
+
+
+@dataclass
+class Summary:
+    channels: int
+    bit_counts: dict[int, int]
+    avg_bits: float  # mean over channels
+    avg_bits_weighted: float  # nominal: mean over all weights (channels weighted by rows)
+    stored_bits: float  # mean code width over the stored (kept) weights: what --target_avg_bits sets
+    effective_bits: float  # storage bits per weight, everything counted
+    sparsity: float
+
+
+def summarize(stats: list[LinearStats]) -> Summary:
+    quantized = [s for s in stats if s.bits_per_column is not None]
+    counts: dict[int, int] = {}
+    for s in quantized:
+        for b in s.bits_per_column:
+            counts[b] = counts.get(b, 0) + 1
+    channels = sum(s.columns for s in quantized)
+    weights = sum(s.rows * s.columns for s in stats)
+    qweights = sum(s.rows * s.columns for s in quantized)
+    kept = sum(s.kept for s in quantized)
+    return Summary(
+        channels=channels,
+        bit_counts=dict(sorted(counts.items())),
+        avg_bits=sum(b * c for b, c in counts.items()) / channels if channels else 0.0,
+        avg_bits_weighted=sum(s.rows * sum(s.bits_per_column) for s in quantized) / qweights if qweights else 0.0,
+        stored_bits=sum(s.code_bits for s in quantized) / kept if kept else 0.0,
+        effective_bits=sum(s.storage_bits for s in stats) / weights if weights else 0.0,
+        sparsity=1 - sum(s.nonzero for s in stats) / weights if weights else 0.0,
+    )
+
+
+def format_summary(summary: Summary, stats: list[LinearStats]) -> str:
+    bar = "=" * 72
+    lines = [bar, "量化统计摘要 (Quantization Statistics Summary)", bar,
+             f"总通道数 (Total channels): {summary.channels}", "位宽分布 (Bit distribution):"]
+    for b, c in summary.bit_counts.items():
+        lines.append(f"  {b}-bit: {c:8d} channels ({100 * c / summary.channels:5.1f}%)")
+    lines += [
+        f"平均位宽 (Average bits): {summary.avg_bits:.3f} per channel, {summary.avg_bits_weighted:.3f} per weight "
+        "(nominal)",
+        f"存储位宽 (Stored bits): {summary.stored_bits:.3f} per stored weight (the --target_avg_bits measure)",
+        f"有效存储 (Effective storage): {summary.effective_bits:.3f} bits/weight "
+        "(codes + scales/zeros + sparsity mask + bit map)",
+        f"稀疏度 (Sparsity): {100 * summary.sparsity:.2f}%",
+        "每层统计 (Per-layer): name, average bits, importance range",
+    ]
+    for s in stats:
+        if s.bits_per_column is None:
+            continue
+        rng = "" if s.importance_range is None else f"  [{s.importance_range[0]:.3g}, {s.importance_range[1]:.3g}]"
+        lines.append(f"  {s.name:48s} {s.avg_bits:5.2f}{rng}")
+    lines.append(bar)
+    return "\n".join(lines)

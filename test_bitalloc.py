@@ -1,0 +1,309 @@
+"""Mixed precision (bitalloc.py): metrics, the error model, clipping, the allocators and the stored-bit target."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+import bitalloc
+import opt_enhanced as oe
+from bitalloc import MixedPrecision, allocate_budget, allocate_quantile, channel_metrics, combine_metrics
+from compression_stats import summarize
+from quant import QuantGrid, round_to_nearest
+from sparsegpt_enhanced import PruneSpec, SparseGPT
+
+OPTIONS = [2, 3, 4, 6, 8]
+
+
+def tiny_model(layers: int = 2, hidden: int = 32, ffn: int = 64) -> OPTForCausalLM:
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=hidden, dropout=0.0, pad_token_id=1,
+                    bos_token_id=2, eos_token_id=2)
+    model = OPTForCausalLM(cfg).eval()
+    with torch.no_grad():  # loud channels, as in trained models, so that importance varies
+        model.model.decoder.layers[0].self_attn_layer_norm.weight[:3] *= 30
+    return model
+
+
+def solver_for(x: torch.Tensor) -> SparseGPT:
+    s = SparseGPT(x.shape[1])
+    s.add_batch(x)
+    return s
+
+
+def min_max_error(imp: torch.Tensor) -> torch.Tensor:
+    """importance / (2^b - 1)^2 at each of OPTIONS: the error model of a min-max grid."""
+    return imp[:, None].double() * (2.0 ** torch.tensor(OPTIONS, dtype=torch.float64) - 1) ** -2
+
+
+class MaskRecorder:
+    """Records the mask and widths of every solve (the solver's own output, not the statistics')."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.solves: list[tuple[torch.Tensor, torch.Tensor]] = []
+        original = SparseGPT.fasterprune
+
+        def recording(solver, weight, prune, grid=None, bits_per_column=None, *args, **kw):
+            result = original(solver, weight, prune, grid, bits_per_column, *args, **kw)
+            self.solves.append((result.mask.clone(), bits_per_column.clone()))
+            return result
+
+        monkeypatch.setattr(SparseGPT, "fasterprune", recording)
+
+    def stored_average(self) -> float:
+        bits = sum(int(((~m).sum(0) * b).sum()) for m, b in self.solves)
+        return bits / sum(int((~m).sum()) for m, _ in self.solves)
+
+
+def compress_tiny(model, **kw) -> list:
+    cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=8, blocksize=16, **kw)
+    oe.validate(cfg)
+    calib = torch.randint(0, 64, (8, 64), generator=torch.Generator().manual_seed(1))
+    return oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True)).stats
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_each_metric_is_its_documented_formula_in_order():
+    torch.manual_seed(0)
+    x = torch.randn(200, 10) * torch.linspace(0.5, 3, 10)
+    x[7, 3] = 40.0  # one outlier
+    W, Q = torch.randn(6, 10), torch.randn(6, 10)
+    H = 2 / 200 * x.T @ x
+    Hinv = torch.linalg.inv(H)
+    got = channel_metrics(W, torch.diag(H), x.abs().amax(0), torch.diag(Hinv), Q)
+    rms = x.pow(2).mean(0).sqrt()
+    expected = [rms, x.abs().amax(0) / rms, W.norm(dim=0), (W ** 2).sum(0) / torch.diag(Hinv),
+                torch.diag(H) * ((W - Q) ** 2).sum(0)]
+    assert bitalloc.METRICS == ("energy", "outlier", "weight", "obs", "sensitivity")
+    for k, e in enumerate(expected):
+        assert torch.allclose(got[k], e, rtol=1e-4), bitalloc.METRICS[k]
+
+
+def test_one_hot_importance_weights_give_exactly_that_metric():
+    metrics = torch.rand(5, 40) * torch.tensor([1.0, 10, 100, 1000, 1e4])[:, None]
+    for k in range(5):
+        weights = tuple(1.0 if i == k else 0.0 for i in range(5))
+        assert torch.allclose(combine_metrics(metrics, weights), metrics[k] / metrics[k].mean())
+    both = combine_metrics(metrics, (1.0, 0, 0, 0, 3.0))
+    assert torch.allclose(both, (metrics[0] / metrics[0].mean() + 3 * metrics[4] / metrics[4].mean()) / 4)
+
+
+# ---------------------------------------------------------------- the error model and clipping
+
+
+def test_rounding_model_is_the_solvers_loss_for_the_last_column():
+    torch.manual_seed(0)
+    solver = solver_for(torch.randn(256, 16))
+    W = torch.randn(8, 16)
+    model = solver.rounding_model(W, PruneSpec(), sym=False, groupsize=-1)
+    error = torch.stack([model.loss(b) for b in OPTIONS], 1)
+    assert torch.all(error[:, :-1] > error[:, 1:])
+    # the last column is solved after every other one: what it loses is its own rounding error over U_jj^2
+    U = solver.inverse_factor(0.01).upper
+    Q = QuantGrid.rounding(W, False).round(W, torch.full((16,), 2))
+    assert torch.allclose(error[-1, 0], ((W[:, -1] - Q[:, -1]) ** 2).sum() / U[-1, -1] ** 2)
+
+
+def test_rounding_model_row_weight_weighs_each_rows_loss():
+    torch.manual_seed(0)
+    solver = solver_for(torch.randn(256, 16))
+    W = torch.randn(6, 16)
+    r = torch.tensor([0.0, 1.0, 2.0, 0.5, 3.0, 1.0])
+    per_row = [solver.rounding_model(W[i:i + 1], PruneSpec(), False, -1).loss(3) for i in range(6)]
+    weighted = solver.rounding_model(W, PruneSpec(), False, -1, row_weight=r).loss(3)
+    assert torch.allclose(weighted, sum(ri * e for ri, e in zip(r, per_row)), rtol=1e-5)
+
+
+def test_predicted_kept_counts_match_the_solvers_mask_where_it_is_chosen_first():
+    torch.manual_seed(0)
+    solver = solver_for(torch.randn(512, 48) * torch.linspace(0.2, 4, 48))
+    W = torch.randn(24, 48)
+    # unstructured masks are chosen per block, N:M per group: the first one is chosen before any update
+    for prune, first in ((PruneSpec(sparsity=0.5), 16), (PruneSpec(prunen=2, prunem=4), 4)):
+        predicted = solver.rounding_model(W, prune, False, -1, blocksize=16).kept_per_column()
+        mask = solver.fasterprune(W, prune, blocksize=16, fused=False).mask
+        assert torch.equal(predicted[:first], (~mask[:, :first]).sum(0))
+        assert not torch.equal(predicted, (~mask).sum(0))  # later ones drift: what the run corrects for
+        for i in range(0, 48, first):  # every block (group) keeps exactly what the solver keeps
+            assert predicted[i:i + first].sum() == (~mask[:, i:i + first]).sum()
+
+
+def test_choose_shrink_takes_the_factor_with_the_least_estimated_loss():
+    torch.manual_seed(0)
+    solver = solver_for(torch.randn(256, 32))
+    W = torch.randn(16, 32)
+    W[0, 0] = 12.0  # one extreme weight stretches row 0's range
+    model = solver.rounding_model(W, PruneSpec(), False, -1)
+    shrink = bitalloc.choose_shrink(model, [2, 8], bitalloc.CLIP_FACTORS)
+    for b in (2, 8):
+        losses = {f: model.loss(b, f).sum().item() for f in bitalloc.CLIP_FACTORS}
+        assert losses[shrink.get(b, 1.0)] == min(losses.values())
+    assert shrink[2] < 1.0  # at 2 bits the min-max range is not the best
+
+
+def test_clipped_grid_keeps_pruned_weights_zero_and_values_on_the_shrunk_grid():
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    W = torch.randn(16, 32)
+    shrink = {2: 0.6, 3: 0.8}
+    for sym in (False, True):
+        grid = QuantGrid.for_weight(W, sym, -1, shrink)
+        bits = torch.tensor([2, 3, 4, 8] * 8)
+        result = solver_for(x).fasterprune(W, PruneSpec(sparsity=0.5), grid, bits, blocksize=16, fused=False)
+        assert torch.all(result.weight[result.mask] == 0)
+        assert int(result.mask.sum()) == 16 * 32 // 2
+        plain = QuantGrid.for_weight(W, sym, -1)
+        for j, b in enumerate(bits.tolist()):
+            f = shrink.get(b, 1.0)
+            scale = (plain.xmax[:, 0] - plain.xmin[:, 0]) * f / (2 ** b - 1)
+            zero = torch.full_like(scale, 2 ** (b - 1)) if sym else torch.round(-plain.xmin[:, 0] * f / scale)
+            code = result.weight[:, j] / scale + zero
+            assert torch.allclose(code, code.round(), atol=1e-3), (sym, j)
+            assert code.min() >= -1e-3 and code.max() <= 2 ** b - 1 + 1e-3
+
+
+# ---------------------------------------------------------------- allocators
+
+
+def test_monotone_tiers_is_the_best_monotone_allocation():
+    torch.manual_seed(0)
+    for _ in range(30):
+        cost = torch.rand(7, 3, dtype=torch.float64)
+        tier = bitalloc.monotone_tiers(cost)
+        best = min(sum(cost[j, t[j]].item() for j in range(7))
+                   for t in itertools.product(range(3), repeat=7) if list(t) == sorted(t))
+        assert (tier.diff() >= 0).all()
+        assert math.isclose(sum(cost[j, tier[j]].item() for j in range(7)), best, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("target", [2.5, 3.0, 3.5, 4.0, 5.0, 7.5])
+def test_quantile_is_monotone_in_importance_and_spends_the_stored_target(target):
+    torch.manual_seed(0)
+    imp = torch.rand(384) ** 4
+    size = torch.randint(10, 100, (384,)).double()  # kept weights per channel differ with sparsity
+    bits = allocate_quantile(imp, min_max_error(imp), size, OPTIONS, target)
+    assert set(bits.tolist()) <= set(OPTIONS)
+    order = torch.argsort(imp)
+    assert torch.all(bits[order].diff() >= 0)  # more important channels never get fewer bits
+    spent = (bits.double() * size).sum().item() / size.sum().item()
+    assert target - 0.02 <= spent <= target + 1e-9  # counted by stored weights, not by channels
+
+
+def test_quantile_beats_uniform_and_no_boundary_move_that_fits_would_lower_its_cost():
+    torch.manual_seed(0)
+    for _ in range(20):
+        imp = torch.rand(40)
+        cost = min_max_error(imp) * torch.rand(40, 1)
+        size = torch.randint(1, 6, (40,)).double()
+        bits = allocate_quantile(imp, cost, size, OPTIONS, 3.0)
+        tier = torch.searchsorted(torch.tensor(OPTIONS), bits)
+        total = lambda t: cost[torch.arange(40), t].sum().item()
+        assert total(tier) <= total(torch.full((40,), OPTIONS.index(3))) + 1e-15  # uniform is a candidate
+        left = 3.0 * size.sum().item() - (bits.double() * size).sum().item()
+        assert left >= -1e-9
+        order = torch.argsort(imp, stable=True)
+        for k in range(40):  # move channel order[k] one tier up, if the ranking stays monotone and it fits
+            j = order[k]
+            if tier[j] + 1 < len(OPTIONS) and (k + 1 == 40 or tier[order[k + 1]] > tier[j]):
+                moved = tier.clone()
+                moved[j] += 1
+                if (OPTIONS[tier[j] + 1] - OPTIONS[tier[j]]) * size[j] <= left:
+                    assert total(moved) >= total(tier) - 1e-15
+
+
+def test_quantile_tiers_may_be_empty():
+    imp = torch.arange(100.0)
+    cost = torch.zeros(100, 5, dtype=torch.float64)
+    cost[:, 0] = 1.0  # 2 bits cost something, every wider width nothing: no channel needs 4, 6 or 8
+    bits = allocate_quantile(imp, cost, torch.ones(100), OPTIONS, 3.0)
+    assert set(bits.tolist()) == {3}
+
+
+@pytest.mark.parametrize("target", [2.5, 3.0, 4.0, 5.5])
+def test_budget_spends_target_within_one_channel(target):
+    imp = torch.rand(300) ** 6
+    size = torch.randint(1, 5, (300,)).double()
+    bits = allocate_budget(min_max_error(imp), size, OPTIONS, target)
+    assert set(bits.tolist()) <= set(OPTIONS)
+    spent = (bits.double() * size).sum().item()
+    assert 0 <= target * size.sum().item() - spent <= 2 * size.max().item() + 1e-6
+    assert bits[imp.argmax()] >= bits[imp.argmin()]
+
+
+def test_budget_gives_bits_to_important_channels():
+    imp = torch.ones(100)
+    imp[:5] = 1e4
+    bits = allocate_budget(min_max_error(imp), torch.ones(100), OPTIONS, 4.0)
+    assert torch.all(bits[:5] > 4) and abs(bits.float().mean().item() - 4.0) <= 0.02
+
+
+def test_budget_skips_widths_off_the_convex_hull():
+    # channel 0: 3 bits buy nothing over 2, 4 bits buy everything; a step-by-step greedy would never get there
+    error = torch.tensor([[8.0, 8.0, 0.0, 0.0, 0.0], [4.0, 2.0, 1.0, 0.5, 0.25]])
+    assert allocate_budget(error, torch.ones(2), OPTIONS, 3.0).tolist() == [4, 2]
+    assert allocate_budget(error, torch.ones(2), OPTIONS, 2.0).tolist() == [2, 2]
+
+
+# ---------------------------------------------------------------- the stored-bit target in a run
+
+
+@pytest.mark.parametrize("method", ["quantile", "budget"])
+@pytest.mark.parametrize("flags", [dict(sparsity=0.5), dict(prunen=2, prunem=4), dict(sparsity=0.5, groupsize=16),
+                                   dict()], ids=["unstructured", "2:4", "groups", "dense"])
+def test_stored_average_is_on_target(monkeypatch, method, flags):
+    recorder = MaskRecorder(monkeypatch)
+    stats = compress_tiny(tiny_model(), wbits=3, target_avg_bits=3.0, bit_method=method, **flags)
+    assert abs(recorder.stored_average() - 3.0) <= 0.02
+    assert abs(summarize(stats).stored_bits - recorder.stored_average()) < 1e-12
+    assert any(len(set(s.bits_per_column)) > 1 for s in stats)  # really mixed
+
+
+def test_model_scope_meets_the_stored_target_across_linears(monkeypatch):
+    recorder = MaskRecorder(monkeypatch)
+    stats = compress_tiny(tiny_model(), sparsity=0.5, wbits=4, target_avg_bits=3.0, bit_method="budget",
+                          bit_scope="model")
+    assert abs(recorder.stored_average() - 3.0) <= 0.02
+    assert len({round(s.code_bits / s.kept, 2) for s in stats}) > 3  # Linears get different shares of one budget
+
+
+def test_linear_granularity_gives_one_width_per_linear_with_qkv_tied(monkeypatch):
+    recorder = MaskRecorder(monkeypatch)
+    stats = compress_tiny(tiny_model(), sparsity=0.5, wbits=4, target_avg_bits=3.5, bit_method="budget",
+                          bit_scope="model", bit_granularity="linear")
+    widths = {s.name: set(s.bits_per_column) for s in stats}
+    assert all(len(w) == 1 for w in widths.values())
+    for i in range(2):
+        qkv = [widths[f"model.decoder.layers.{i}.self_attn.{p}_proj"] for p in "qkv"]
+        assert qkv[0] == qkv[1] == qkv[2]
+    assert len(set.union(*widths.values())) > 1
+    assert recorder.stored_average() <= 3.5 + 1e-9
+
+
+def test_uniform_runs_keep_the_reference_grid_unless_clip_is_asked():
+    plain = tiny_model()
+    compress_tiny(plain, sparsity=0.5, wbits=3)
+    reference = tiny_model()
+    compress_tiny(reference, sparsity=0.5, wbits=3, clip="none")
+    clipped = tiny_model()
+    compress_tiny(clipped, sparsity=0.5, wbits=3, clip="width")
+    w = lambda m: torch.cat([p.flatten() for p in m.parameters()])
+    assert torch.equal(w(plain), w(reference))
+    assert not torch.equal(w(plain), w(clipped))
+
+
+def test_stored_bit_drift_is_carried_into_the_next_linears_budget():
+    budget = oe.StoredBits(target=3.0, carry_drift=True)
+    assert budget.linear_target(300.0, 100) == 3.0
+    budget.spent(300.0, 290)  # the solver's mask kept fewer weights in wide columns than predicted
+    assert budget.linear_target(300.0, 100) == 3.1
+    budget.spent(310.0, 320)
+    assert budget.linear_target(300.0, 100) == 3.0
+    off = oe.StoredBits(target=3.0, carry_drift=False)
+    off.spent(300.0, 290)
+    assert off.linear_target(300.0, 100) == 3.0
