@@ -1,0 +1,125 @@
+"""Mixed precision against uniform quantization on opt-mini: every configuration of a run list, over seeds,
+scored on validation text (where settings are chosen) and on the test sets (what is reported).
+
+    python experiments/mixed_precision_sweep.py run configs/mixed_precision.txt OUT.json --seeds 0,1,2 \
+        --model .local/opt-mini --data_dir .local/data [--only NAME,NAME]
+    python experiments/mixed_precision_sweep.py table OUT.json [OUT2.json ...]
+
+Run lists are `name|calibration dataset|flags` lines (configs/*.txt). One process runs them all: the
+model is reloaded for each run, tokenized data is cached. Validation texts: WikiText-2 valid (the
+tokenized split), PTB valid, and 32 C4 train windows drawn with seed 12345. `table` prints the seed
+means of each configuration with its nominal, stored and effective bits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import datautils  # noqa: E402
+import opt_enhanced as oe  # noqa: E402
+
+VALIDATION = ("wt2-valid", "ptb-valid", "c4-heldout")
+TEST = oe.EVAL_DATASETS
+
+
+def read_runs(path: str) -> list[tuple[str, str, list[str]]]:
+    runs = []
+    for line in open(path):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, dataset, flags = (x.strip() for x in line.split("|"))
+            runs.append((name, dataset, shlex.split(flags)))
+    return runs
+
+
+def texts(tokenizer, data_dir: str, cache_dir: str, seqlen: int) -> dict[str, torch.Tensor]:
+    """Validation and test token ids, each (1, n)."""
+    d = Path(data_dir)
+    wt2 = "\n\n".join("" if line == " \n" else line for line in open(d / "wikitext-2/wiki.valid.tokens"))
+    ptb = " ".join(line.strip() for line in open(d / "ptb/ptb.valid.txt"))
+    out = {"wt2-valid": datautils._tokenize_long(tokenizer, wt2)[None],
+           "ptb-valid": datautils._tokenize_long(tokenizer, ptb)[None],
+           "c4-heldout": datautils.get_calibration("c4", tokenizer, 32, 12345, seqlen, data_dir, cache_dir).reshape(1, -1)}
+    out.update({name: datautils.get_eval_ids(name, tokenizer, seqlen, data_dir, cache_dir) for name in TEST})
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cache = args.cache_dir
+    tokenizer = datautils.get_tokenizer(args.model)
+    seqlen = args.seqlen
+    scored = texts(tokenizer, args.data_dir, cache, seqlen)
+    rows = json.load(open(args.out)) if os.path.exists(args.out) else []
+    done = {(r["name"], r["seed"]) for r in rows}
+    only = set(args.only.split(",")) if args.only else None
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for name, dataset, flags in read_runs(args.runs):
+            if (only and name not in only) or (name, seed) in done:
+                continue
+            cfg = oe.parse_args([args.model, dataset, "--data_dir", args.data_dir, "--cache_dir", cache, "--seed",
+                                 str(seed), "--seqlen", str(seqlen), "--quiet", *flags])
+            oe.validate(cfg)
+            torch.manual_seed(seed)
+            model = oe.load_opt(args.model, True)
+            oe.place(model, dev)
+            calibration = datautils.get_calibration(dataset, tokenizer, cfg.nsamples, seed, seqlen, args.data_dir, cache)
+            tick = time.time()
+            compressed = oe.compress(model, calibration, cfg, dev, oe.Log(True))
+            seconds = time.time() - tick
+            summary = oe.summarize(compressed.stats) if cfg.quantize else None
+            row = {"name": name, "seed": seed, "dataset": dataset, "flags": flags, "compress_s": seconds,
+                   "summary": None if summary is None else summary.__dict__,
+                   "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+            row.update({k: oe.perplexity(model, v, seqlen, dev, 8) for k, v in scored.items()})
+            rows.append(row)
+            oe.write_json(rows, args.out)
+            print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+                              if k not in ("summary", "flags")}), flush=True)
+
+
+def table(paths: list[str]) -> None:
+    rows = [r for p in paths for r in json.load(open(p))]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    cols = VALIDATION + TEST
+    print("| run | seeds | " + " | ".join(cols) + " | nominal b | stored b | effective b |")
+    print("|---" * (len(cols) + 5) + "|")
+    for name in names:
+        mine = [r for r in rows if r["name"] == name]
+        mean = lambda k: sum(r[k] for r in mine) / len(mine)
+        bits = lambda k: sum(r["summary"][k] for r in mine) / len(mine) if mine[0]["summary"] else float("nan")
+        cells = [f"{mean(c):.2f}" for c in cols]
+        cells += [f"{bits(k):.3f}" for k in ("avg_bits_weighted", "stored_bits", "effective_bits")]
+        seeds = ",".join(str(r["seed"]) for r in mine)
+        print(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("runs")
+    r.add_argument("out")
+    r.add_argument("--seeds", default="0,1,2")
+    r.add_argument("--model", default=".local/opt-mini")
+    r.add_argument("--data_dir", default=".local/data")
+    r.add_argument("--cache_dir", default="/tmp/opt-enhanced-cache")
+    r.add_argument("--seqlen", type=int, default=2048)
+    r.add_argument("--only", default="", help="comma-separated run names")
+    t = sub.add_parser("table")
+    t.add_argument("paths", nargs="+")
+    args = p.parse_args()
+    run(args) if args.command == "run" else table(args.paths)
+
+
+if __name__ == "__main__":
+    main()
