@@ -74,6 +74,7 @@ class RunConfig:
     bit_scope: str = "layer"
     bit_granularity: str = "channel"
     clip: str = "auto"
+    error_shrinkage: float = 0.25
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
@@ -103,7 +104,8 @@ class RunConfig:
     @property
     def mixed_precision(self) -> MixedPrecision:
         return MixedPrecision(self.target_avg_bits, tuple(self.bit_options), self.bit_method, self.bit_scope,
-                              self.bit_granularity, tuple(self.importance_weights), clip=self.clipped)
+                              self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
+                              clip=self.clipped)
 
     def selected(self, layer: int, name: str) -> bool:
         """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""
@@ -147,6 +149,8 @@ def validate(cfg: RunConfig) -> None:
             cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width"):
         raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
                          "--clip auto|none|width")
+    if not 0 <= cfg.error_shrinkage <= 1:
+        raise UsageError(f"--error_shrinkage {cfg.error_shrinkage} is outside [0, 1]")
     if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope == "model"):
         raise UsageError("--bit_granularity linear allocates one width per Linear across the whole model: "
                          "add --target_avg_bits and --bit_scope model")
@@ -808,6 +812,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--clip", choices=("auto", "none", "width"), default="auto",
                    help="shrink each width's range by the factor (per Linear) that minimises the estimated "
                         "error; auto = on for mixed precision, off (the reference grid) for uniform runs")
+    p.add_argument("--error_shrinkage", type=float, default=0.25,
+                   help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
+                        "text the calibration data does not excite)")
     p.add_argument("--bit_options", type=_list(int), default=[2, 3, 4, 6, 8], help="allowed widths, e.g. 2,3,4,6,8")
     p.add_argument("--importance_weights", type=_list(float), default=[1.0] * 5,
                    help="weights of energy,outlier,weight,obs,sensitivity")
