@@ -74,7 +74,7 @@ class RunConfig:
     bit_scope: str = "layer"
     bit_granularity: str = "channel"
     clip: str = "auto"
-    error_shrinkage: float = 0.25
+    error_shrinkage: float = 0.75
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
@@ -812,7 +812,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--clip", choices=("auto", "none", "width"), default="auto",
                    help="shrink each width's range by the factor (per Linear) that minimises the estimated "
                         "error; auto = on for mixed precision, off (the reference grid) for uniform runs")
-    p.add_argument("--error_shrinkage", type=float, default=0.25,
+    p.add_argument("--error_shrinkage", type=float, default=0.75,
                    help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
                         "text the calibration data does not excite)")
     p.add_argument("--bit_options", type=_list(int), default=[2, 3, 4, 6, 8], help="allowed widths, e.g. 2,3,4,6,8")
