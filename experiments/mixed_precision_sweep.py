@@ -4,11 +4,13 @@ scored on validation text (where settings are chosen) and on the test sets (what
     python experiments/mixed_precision_sweep.py run configs/mixed_precision.txt OUT.json --seeds 0,1,2 \
         --model .local/opt-mini --data_dir .local/data [--only NAME,NAME]
     python experiments/mixed_precision_sweep.py table OUT.json [OUT2.json ...]
+    python experiments/mixed_precision_sweep.py score OUT.json [OUT2.json ...]
 
 Run lists are `name|calibration dataset|flags` lines (configs/*.txt). One process runs them all: the
 model is reloaded for each run, tokenized data is cached. Validation texts: WikiText-2 valid (the
 tokenized split), PTB valid, and 32 C4 train windows drawn with seed 12345. `table` prints the seed
-means of each configuration with its nominal, stored and effective bits.
+means of each configuration with its nominal, stored and effective bits; `score` the mean change of each
+variant against uniform at the same width, the figure defaults are chosen on.
 """
 from __future__ import annotations
 
@@ -103,6 +105,28 @@ def table(paths: list[str]) -> None:
         print(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
 
 
+def score(paths: list[str]) -> None:
+    """Each variant (the part of a run's name after `PREFIX-METHODWIDTH`) against uniform at the same width and
+    prefix: the mean relative change of perplexity over its runs and seeds, on validation and on test text.
+    Variants are chosen on the validation column."""
+    rows = [r for p in paths for r in json.load(open(p))]
+    by = {(r["name"], r["seed"]): r for r in rows}
+    cells: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        prefix, method, *rest = r["name"].split("-")
+        width = method.lstrip("quantilebudget")
+        base = by.get((f"{prefix}-uniform{width}", r["seed"]))
+        if method.startswith("uniform") or base is None:
+            continue
+        rel = lambda cols: sum(r[c] / base[c] - 1 for c in cols) / len(cols)
+        cells.setdefault("-".join(rest) or "(default of the run list)", []).append((rel(VALIDATION), rel(TEST)))
+    print("| variant | runs | validation | test |")
+    print("|---|---|---|---|")
+    for variant, v in sorted(cells.items(), key=lambda kv: sum(x for x, _ in kv[1]) / len(kv[1])):
+        print(f"| {variant} | {len(v)} | {100 * sum(x for x, _ in v) / len(v):+.2f}% | "
+              f"{100 * sum(y for _, y in v) / len(v):+.2f}% |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,10 +139,10 @@ def main() -> None:
     r.add_argument("--cache_dir", default="/tmp/opt-enhanced-cache")
     r.add_argument("--seqlen", type=int, default=2048)
     r.add_argument("--only", default="", help="comma-separated run names")
-    t = sub.add_parser("table")
-    t.add_argument("paths", nargs="+")
+    for name in ("table", "score"):
+        sub.add_parser(name).add_argument("paths", nargs="+")
     args = p.parse_args()
-    run(args) if args.command == "run" else table(args.paths)
+    {"run": lambda: run(args), "table": lambda: table(args.paths), "score": lambda: score(args.paths)}[args.command]()
 
 
 if __name__ == "__main__":
