@@ -8,7 +8,7 @@ that are silent on either text (fc2 inputs after the ReLU) are left out. If the 
 channels other text excites more, a per-channel correction of the allocator would be possible; if not, only a
 uniform hedge (ERROR_SHRINKAGE) is.
 
-    PYTHONPATH=. python3 configs/energy_shift.py   # repo root, ../shared copies in .local/
+    PYTHONPATH=. python3 experiments/energy_shift.py   # repo root, ../shared copies in .local/
 """
 import torch
 
