@@ -1,25 +1,20 @@
 """Shared test setup: one torch thread, the `slow` marker, and tiny OPT models and data built once.
 
-Why one thread: the machines have 2 cores, and the tests' matrices are tiny. With torch's default
-of one thread per core, anything else running on the machine (a second test process, a run of the
-CLI) makes torch's threads wait on each other: beside one busy process, test_enhanced.py and
-test_export.py took 160-197 s on 2 threads and 14 s on one. The environment variables pass the
-same setting to the subprocesses that some tests start.
+Why one thread: the machines have 2 cores and the tests' matrices are tiny. On an idle machine one
+thread is as fast as two (test_enhanced, test_export, test_solver and test_pipeline: 14.6-15.9 s
+either way); beside one other busy process (a second test run, a CLI run), torch's two threads wait
+on each other: test_enhanced.py and test_export.py took 160-197 s on two threads, 14 s on one.
+Subprocesses that tests start keep torch's default: the test process only waits for them.
 """
 from __future__ import annotations
 
 import gzip
 import json
-import os
+from pathlib import Path
 
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
+import pytest
+import torch
+from transformers import OPTConfig, OPTForCausalLM
 
 torch.set_num_threads(1)
 

@@ -158,6 +158,7 @@ def test_long_text_in_pieces_gives_the_ids_of_the_whole(mini, monkeypatch):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_c4_eval_ids_in_pieces_match_one_call(mini, no_datasets, fresh_memo):
     rows = datautils._source("c4", "validation", DATA).rows(datautils._C4_EVAL_DOCS)
     whole = mini(" ".join(rows))["input_ids"][:256 * 2048]
@@ -176,6 +177,7 @@ def test_eval_ids_are_a_copy(mini, no_datasets):
 
 
 @needs_shared
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DATASETS)
 def test_calibration_windows_are_seeded(name, mini, no_datasets):
     draw = lambda seed: get_calibration(name, mini, 8, seed, 512, data_dir=str(DATA))
@@ -207,6 +209,7 @@ def test_windows_at_the_length_boundary(tmp_path, mini, no_datasets):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_text_windows_match_the_reference_draw(mini, no_datasets):
     """PTB train sentences joined with " ", tokenized once; global random.seed then randint per window."""
     rows = [line.strip() for line in open(DATA / "ptb" / "ptb.train.txt", encoding="utf-8")]
@@ -238,6 +241,7 @@ def test_c4_windows_match_the_reference_draw(mini, no_datasets, seqlen):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_c4_windows_are_slices_of_one_document(mini, no_datasets):
     windows = get_calibration("c4", mini, 16, 7, 1024, data_dir=str(DATA))
     docs = [torch.tensor(mini(json.loads(line)["text"]).input_ids)
@@ -285,6 +289,7 @@ def test_cache_key_follows_tokenizer_and_file_bytes(tmp_path, mini, opt, fresh_m
 
 
 @needs_shared
+@pytest.mark.slow
 def test_cache_is_shared_with_another_process(tmp_path, mini, no_datasets):
     """The key must not depend on anything per-process (Python's str hash, object ids)."""
     data, cache = tiny_ptb(tmp_path / "data", 3000), tmp_path / "cache"
@@ -323,6 +328,7 @@ def fake_load_dataset(path, name=None, split=None, data_files=None):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_hub_path_gives_the_offline_ids(tmp_path, mini, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", type(sys)("datasets"))
     monkeypatch.setattr(sys.modules["datasets"], "load_dataset", fake_load_dataset, raising=False)
@@ -383,6 +389,7 @@ class SlowBPE:
 
 
 @needs_shared
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["wikitext2", "ptb"])
 def test_fast_tokenizer_matches_slow_bpe(name, opt, mini, no_datasets):
     texts = {"wikitext2": "\n\n".join("" if line == " \n" else line

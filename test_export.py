@@ -10,7 +10,7 @@ import torch
 import export
 import opt_enhanced as oe
 from export import ExportReport, export_compressed, load_compressed, pack_bits, unpack_bits
-from test_enhanced import tiny_model
+from conftest import tiny_model
 
 OPTIONS = [2, 3, 4, 6, 8]
 
