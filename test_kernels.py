@@ -1,6 +1,7 @@
 """Tests of the fused Triton block solver against the PyTorch path (sparsegpt_enhanced.solve_block).
 
-The GPU comparisons are skipped without CUDA + Triton (CI has neither); on a GPU machine run
+The GPU comparisons are skipped without CUDA (CI has Triton but no GPU: test_triton_interpret.py checks
+the same kernel there, bit for bit, through Triton's CPU interpreter); on a GPU machine run
     python -m pytest -q -s test_kernels.py      # comparisons, one summary line per case
     python test_kernels.py                      # per-block timings, solve_block vs solve_block_fused
 """
