@@ -28,6 +28,8 @@ import datautils
 import bitalloc
 from bitalloc import MixedPrecision
 from compression_stats import LinearStats, code_bits, format_summary, storage_bits, summarize
+import compressed_tensors_export
+from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, find_linears, forward_layer,
                         head_modules, hook_inputs, layer_output, load_opt, logits_from_hidden, model_source)
@@ -61,6 +63,7 @@ class RunConfig:
     act_order: bool = False
     save: str = ""
     export: str = ""
+    export_format: str = "packed"
     groupsize: int = -1
     sym: bool = False
     nearest: bool = False
@@ -95,6 +98,11 @@ class RunConfig:
     @property
     def mixed(self) -> bool:
         return self.target_avg_bits is not None
+
+    @property
+    def scale_dtype(self) -> torch.dtype | None:
+        """compressed-tensors stores fp16 scales: the solver rounds on those, so the file holds what was evaluated."""
+        return torch.float16 if self.export and self.export_format == "compressed-tensors" else None
 
     @property
     def clipped(self) -> bool:
@@ -191,6 +199,17 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
     if cfg.save and cfg.save == cfg.export:
         raise UsageError("--save and --export need different directories")
+    if cfg.export_format == "compressed-tensors":
+        if not compressed_tensors_export.available():
+            raise UsageError("--export_format compressed-tensors needs the compressed-tensors package: "
+                             "pip install 'compressed-tensors>=0.17'")
+        if cfg.mixed and cfg.bit_granularity != "linear":
+            raise UsageError("compressed-tensors stores one width per Linear: add --bit_granularity linear "
+                             "--bit_scope model, or use --export_format packed for per-channel widths")
+        widths = cfg.bit_options if cfg.mixed else [cfg.wbits]
+        if max(widths) > compressed_tensors_export.MAX_WIDTH:
+            raise UsageError(f"compressed-tensors packs 1..{compressed_tensors_export.MAX_WIDTH} bits; "
+                             f"choose widths up to {compressed_tensors_export.MAX_WIDTH}")
 
 
 # ---------------------------------------------------------------- compression
@@ -465,12 +484,12 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
         rounding = solver.rounding_model(W, cfg.prune, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp, order)
         shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], bitalloc.CLIP_FACTORS)
     error, damping = 0.0, cfg.percdamp
-    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink) if cfg.quantize else None
+    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink, cfg.scale_dtype) if cfg.quantize else None
     if solver is None:  # the baselines: magnitude pruning and/or round-to-nearest
         Q = magnitude_prune(W.float(), cfg.prune) if cfg.gmp else W.float()
         mask = (Q == 0) if cfg.gmp else torch.zeros_like(Q, dtype=torch.bool)
         if cfg.nearest:
-            grid = QuantGrid.rounding(Q, cfg.sym, cfg.groupsize)
+            grid = QuantGrid.rounding(Q, cfg.sym, cfg.groupsize, scale_dtype=cfg.scale_dtype)
             Q = grid.round(Q, bits)
     else:
         order = solve_order(solver.xtx.diagonal(), cfg.act_order)
@@ -724,7 +743,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     }
     if cfg.save:
         save_model(model, tokenizer, results, cfg.save)
-    if cfg.export:
+    if cfg.export and cfg.export_format == "compressed-tensors":
+        report = export_compressed_tensors(model.to("cpu"), done.grids, done.bits, cfg.export, tokenizer,
+                                           extra=results)
+        results["export"] = asdict(report)
+        log(report.summary())
+    elif cfg.export:
         report = export_compressed(model.to("cpu"), done.grids, done.bits, cfg.export, cfg.prune.active,
                                    len(cfg.bit_options), extra=results)
         tokenizer.save_pretrained(cfg.export)
@@ -794,6 +818,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--save", type=str, default="", help="write a from_pretrained checkpoint to this (new) directory")
     p.add_argument("--export", type=str, default="",
                    help="write the packed form (bit-packed codes, bit map, ranges, mask) to this (new) directory")
+    p.add_argument("--export_format", choices=("packed", "compressed-tensors"), default="packed",
+                   help="--export's format: our packed one (export.load_compressed reads it), or compressed-tensors "
+                        "(transformers, vLLM and SGLang load it; uniform widths or --bit_granularity linear)")
     p.add_argument("--groupsize", type=int, default=-1, help="columns per quantization group; -1 = one grid per row")
     p.add_argument("--sym", action="store_true", help="symmetric quantization grid")
     p.add_argument("--nearest", action="store_true", help="round-to-nearest baseline (no calibration)")

@@ -50,9 +50,15 @@ def weight_range(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor
     return xmin, xmax
 
 
-def grid_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of a (2**bits)-level grid over [xmin, xmax]; broadcasts over maxq."""
+def grid_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool,
+                scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of a (2**bits)-level grid over [xmin, xmax]; broadcasts over maxq.
+
+    `scale_dtype` rounds the scale to the precision a checkpoint format stores it in (fp16 for
+    compressed-tensors), so that the weights evaluated are the weights a reloaded model has."""
     scale = (xmax - xmin) / maxq
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).clamp_min(torch.finfo(scale_dtype).smallest_normal).float()
     if sym:
         zero = torch.zeros_like(scale) + (maxq + 1) / 2
     else:
@@ -75,18 +81,19 @@ class QuantGrid:
     xmin: torch.Tensor
     xmax: torch.Tensor
     shrink: dict[int, float] = field(default_factory=dict)  # width -> factor on the range; absent = 1
+    scale_dtype: torch.dtype | None = None  # precision the scales are stored in; None = fp32
 
     @classmethod
-    def for_weight(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None
-                   ) -> "QuantGrid":
+    def for_weight(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None,
+                   scale_dtype: torch.dtype | None = None) -> "QuantGrid":
         rows, columns = w.shape
         shrink = dict(shrink or {})
         if groupsize <= 0 or groupsize >= columns:
             xmin, xmax = weight_range(w, sym)
-            return cls(sym, columns, xmin[:, None], xmax[:, None], shrink)
+            return cls(sym, columns, xmin[:, None], xmax[:, None], shrink, scale_dtype)
         ngroups = -(-columns // groupsize)
         empty = torch.zeros(rows, ngroups, device=w.device)
-        return cls(sym, groupsize, empty, empty.clone(), shrink)
+        return cls(sym, groupsize, empty, empty.clone(), shrink, scale_dtype)
 
     @property
     def grouped(self) -> bool:
@@ -112,14 +119,14 @@ class QuantGrid:
             for b, f in self.shrink.items():
                 factor[b] = f
             xmin, xmax = xmin * factor[bits], xmax * factor[bits]
-        scale, zero = grid_params(xmin, xmax, maxq, self.sym)
+        scale, zero = grid_params(xmin, xmax, maxq, self.sym, self.scale_dtype)
         return scale, zero, maxq
 
     @classmethod
-    def rounding(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None
-                 ) -> "QuantGrid":
+    def rounding(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None,
+                 scale_dtype: torch.dtype | None = None) -> "QuantGrid":
         """The grid that round-to-nearest uses: every range (groups too) from `w` itself."""
-        grid = cls.for_weight(w, sym, groupsize, shrink)
+        grid = cls.for_weight(w, sym, groupsize, shrink, scale_dtype)
         grid.fill_groups(w, 0, w.shape[1])
         return grid
 

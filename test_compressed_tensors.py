@@ -1,0 +1,96 @@
+"""compressed-tensors export: transformers' own loader rebuilds exactly the model that was evaluated."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import opt_enhanced as oe
+from conftest import tiny_model
+
+pytest.importorskip("compressed_tensors")
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from compressed_tensors_export import export_compressed_tensors  # noqa: E402
+
+
+def compressed_fp16_model(**flags):
+    """A 1-layer fp16 OPT (64 columns: groups of 32 tile it) compressed in-process for compressed-tensors."""
+    model = tiny_model(layers=1, hidden=64, ffn=128).half()
+    cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=4, blocksize=32, export="unused",
+                       export_format="compressed-tensors", **flags)
+    oe.validate(cfg)
+    calib = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
+    return model, oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True))
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5], ids=["dense", "50%"])
+@pytest.mark.parametrize("groupsize", [-1, 32], ids=["row", "g32"])
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("wbits", [2, 3, 4, 8])
+def test_from_pretrained_reloads_the_evaluated_model_exactly(tmp_path, wbits, sym, groupsize, sparsity):
+    model, done = compressed_fp16_model(wbits=wbits, sym=sym, groupsize=groupsize, sparsity=sparsity)
+    export_compressed_tensors(model, done.grids, done.bits, str(tmp_path / "ct"))
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert config["ignore"] == ["lm_head"] and len(config["config_groups"]) == 1
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float16).eval()
+    # Same fp16 weights, so the same logits bit for bit (tolerance zero): the format's scales are the fp16
+    # scales the solver used, and it dequantizes in fp16 as the run did. The first forward decompresses.
+    ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+    for name in done.grids:
+        assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight), name
+    if sparsity:  # pruned weights travel as exact zeros
+        fc1 = reloaded.model.decoder.layers[0].fc1.weight
+        assert int((fc1 == 0).sum()) >= fc1.numel() // 2
+    dev = torch.device("cpu")
+    assert oe.perplexity(model, ids.reshape(1, -1), 32, dev, 4) == oe.perplexity(reloaded, ids.reshape(1, -1), 32, dev, 4)
+
+
+def test_per_linear_widths_become_one_config_group_per_width(tmp_path):
+    model, done = compressed_fp16_model(sparsity=0.5, wbits=4, target_avg_bits=3.5, bit_method="budget",
+                                        bit_scope="model", bit_granularity="linear", bit_options=[2, 3, 4, 8])
+    report = export_compressed_tensors(model, done.grids, done.bits, str(tmp_path / "ct"))
+    groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    widths = {name: int(b[0]) for name, b in done.bits.items()}
+    assert len(groups) == len(set(widths.values())) > 1 and report.widths == {
+        w: list(widths.values()).count(w) for w in sorted(set(widths.values()))}
+    for group in groups.values():
+        named = {t.removeprefix("re:^").removesuffix("$") for t in group["targets"]}
+        assert {widths[n] for n in named} == {group["weights"]["num_bits"]}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float16)
+    with torch.no_grad():
+        reloaded(torch.zeros(1, 4, dtype=torch.long))  # the first forward decompresses
+    for name in done.grids:
+        assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight), name
+
+
+def test_size_on_disk_matches_the_prediction(tmp_path):
+    model, done = compressed_fp16_model(wbits=3, sym=True, groupsize=32)
+    report = export_compressed_tensors(model, done.grids, done.bits, str(tmp_path / "ct"))
+    assert report.linear_bytes == report.predicted_linear_bytes
+    assert report.weights_bytes < report.fp16_bytes
+
+
+def test_per_channel_widths_are_refused_with_the_granularity_that_exports(tmp_path, tiny_dir, capsys):
+    model_dir, data_dir = tiny_dir
+    code = oe.main([str(model_dir), "c4", "--data_dir", str(data_dir), "--nsamples", "2", "--seqlen", "32",
+                    "--wbits", "4", "--target_avg_bits", "3.5", "--export", str(tmp_path / "ct"),
+                    "--export_format", "compressed-tensors", "--device", "cpu"])
+    assert code == 2 and "--bit_granularity linear" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "ct")
+
+
+def test_cli_export_then_evaluate_the_directory(tmp_path, tiny_dir):
+    model_dir, data_dir = tiny_dir
+    common = ["c4", "--data_dir", str(data_dir), "--nsamples", "2", "--seqlen", "32", "--device", "cpu",
+              "--eval", "ptb", "--quiet"]
+    run = oe.run(oe.parse_args([str(model_dir), *common, "--sparsity", "0.5", "--wbits", "4", "--sym",
+                                "--export", str(tmp_path / "ct"), "--export_format", "compressed-tensors"]))
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "ct"))
+    again = oe.run(oe.parse_args([str(tmp_path / "ct"), *common]))  # our perplexity protocol on the saved directory
+    assert again["perplexity"] == run["perplexity"]
