@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import safetensors.torch
@@ -77,6 +77,7 @@ def linear_tensors(name: str, weight: torch.Tensor, grid: QuantGrid, width: int)
 
     W = weight.detach().float()
     rows, columns = W.shape
+    grid = replace(grid, xmin=grid.xmin.to(W.device), xmax=grid.xmax.to(W.device))  # the model may have moved
     bits = torch.full((columns,), width, dtype=torch.int64)
     scale, zero, maxq = grid.column_params(0, columns, bits)
     q = codes(W, scale, zero, maxq)
