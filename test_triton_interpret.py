@@ -30,7 +30,7 @@ if not INTERPRETING:
         """This file's comparisons, in a process that imports Triton with TRITON_INTERPRET=1."""
         if importlib.util.find_spec("triton") is None:
             pytest.skip("Triton is not installed")
-        env = dict(os.environ, TRITON_INTERPRET="1")
+        env = dict(os.environ, TRITON_INTERPRET="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")  # no plugin needed there
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
                                os.path.basename(__file__)], cwd=os.path.dirname(os.path.abspath(__file__)),
                               env=env, capture_output=True, text=True, timeout=600)
