@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -27,7 +25,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from export import dense_tensors, open_permissions
+from export import atomic_directory, dense_tensors
 from quant import QuantGrid, codes, dequantize
 
 MAX_WIDTH = 8  # pack_to_int32 packs 1..8 bits
@@ -141,12 +139,7 @@ def export_compressed_tensors(model: nn.Module, grids: dict[str, QuantGrid], bit
             if columns % groupsize:
                 raise ValueError(f"{name}: {columns} columns are not a multiple of --groupsize {groupsize}; "
                                  "compressed-tensors' groups must tile the rows")
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-        raise ValueError(f"export directory {directory} exists and is not empty; choose a new one")
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
-    try:
+    with atomic_directory(directory) as tmp:
         state, _ = dense_tensors(model, {f"{name}.weight" for name in grids})
         linear: dict[str, torch.Tensor] = {}
         predicted = 0
@@ -181,11 +174,4 @@ def export_compressed_tensors(model: nn.Module, grids: dict[str, QuantGrid], bit
             layers=len(grids),
             widths=dict(sorted(counts.items())),
         )
-        open_permissions(tmp)
-        if os.path.isdir(directory):
-            os.rmdir(directory)  # checked empty above
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report

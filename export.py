@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -193,6 +194,27 @@ def dense_tensors(model: nn.Module, packed: set[str]) -> tuple[dict[str, torch.T
     return tensors, aliases
 
 
+@contextmanager
+def atomic_directory(directory: str, prefix: str = ".export-"):
+    """A new directory written whole or not at all: yields a temporary directory beside `directory`,
+    which is renamed to it when the block ends and removed if the block fails. `directory` must be absent
+    or empty; the files get the umask's usual modes."""
+    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
+        raise ValueError(f"export directory {directory} exists and is not empty; choose a new one")
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=prefix)
+    try:
+        yield tmp
+        open_permissions(tmp)
+        if os.path.isdir(directory):
+            os.rmdir(directory)  # checked empty above
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def open_permissions(directory: str) -> None:
     """mkdtemp (and safetensors) create owner-only entries; give the export the umask's usual modes."""
     umask = os.umask(0)
@@ -209,14 +231,9 @@ def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[
     `grids`/`bits` are `Compressed.grids`/`.bits`, `pruned` whether sparsity was applied, `n_options` the
     number of allowed widths (the bit-map entry width). Everything lands in a temporary directory beside
     `directory` that is renamed at the end, so a failure never leaves a partial export behind."""
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-        raise ValueError(f"export directory {directory} exists and is not empty; choose a new one")
     if set(grids) != set(bits):
         raise ValueError("grids and bits must name the same Linears")
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".export-")
-    try:
+    with atomic_directory(directory) as tmp:
         packed: dict[str, torch.Tensor] = {}
         layouts: dict[str, Any] = {}
         predicted = 0
@@ -248,13 +265,6 @@ def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[
             predicted_bytes=predicted / 8,
             layers=len(grids),
         )
-        open_permissions(tmp)
-        if os.path.isdir(directory):
-            os.rmdir(directory)  # checked empty above
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
 
 

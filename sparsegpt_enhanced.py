@@ -6,7 +6,6 @@ the layer's inputs X (n x columns), nothing about the network around them.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from dataclasses import dataclass
 
