@@ -15,6 +15,7 @@ import random
 import re
 import sys
 import tempfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 DATASETS = ("wikitext2", "ptb", "c4")
 
 _LAYOUT = "wikitext-2-raw/, ptb/, c4/ as in ../shared/data"
-_CACHE_VERSION = 1  # bump when a join rule or the cache format changes
+_CACHE_VERSION = 2  # bump when a join rule or the cache format changes (2: entries carry a checksum)
 
 # (dataset, split) -> file under data_dir; C4 shards may also be a first-N-documents subset (`.first1041.json.gz`).
 _LOCAL = {
@@ -62,12 +63,18 @@ class DataError(ValueError):
 
 
 def get_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    """The model's fast (Rust) tokenizer: the same ids as the slow one the reference used, many times faster."""
+    """The model's fast (Rust) tokenizer: the same ids as the slow one the reference used, many times faster.
+    DataError if it cannot be loaded or encodes text to nothing (its files missing)."""
+    source = os.path.expanduser(model) if os.path.isdir(os.path.expanduser(model)) else model
     try:
-        return AutoTokenizer.from_pretrained(model, use_fast=True)
-    except OSError as e:
+        tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
+    except Exception as e:  # OSError (offline, unknown id), or a damaged tokenizer file (ValueError, JSON errors)
         raise DataError(f"cannot load a tokenizer from {model!r} ({type(e).__name__}); pass a local model "
                         f"directory (e.g. ../shared/models/opt-mini) or a hub id reachable from here") from e
+    if not tokenizer("the cat", add_special_tokens=False)["input_ids"]:
+        raise DataError(f"the tokenizer of {model} encodes text to nothing: its files (tokenizer.json, or vocab.json "
+                        f"and merges.txt) are missing from {model}; copy them from the model it was trained with")
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,13 +104,32 @@ class Source:
 
 
 def _read_rows(name: str, path: Path, limit: int | None) -> list[str]:
-    """Rows of a local file under the hub's rules (../shared/README.md)."""
+    """Rows of a local file under the hub's rules (../shared/README.md); DataError naming the file (and line)
+    if it cannot be decompressed, decoded as UTF-8 or parsed."""
     if name == "c4":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            rows = [json.loads(line)["text"] for line in itertools.islice(f, limit)]
+        rows = []
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                for number, line in enumerate(itertools.islice(f, limit), 1):
+                    try:
+                        text = json.loads(line)["text"]
+                    except (ValueError, KeyError, TypeError, IndexError) as e:
+                        raise DataError(f"{path} line {number}: expected a JSON object with a \"text\" field "
+                                        f"({type(e).__name__}); replace the file with a C4 shard") from None
+                    if not isinstance(text, str):
+                        raise DataError(f"{path} line {number}: \"text\" is not a string; replace the file with a "
+                                        f"C4 shard")
+                    rows.append(text)
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:  # truncated or corrupt gzip, bad UTF-8
+            raise DataError(f"cannot read {path} ({type(e).__name__}: {str(e)[:100]}): expected gzip-compressed "
+                            f"UTF-8 JSON lines; the file is damaged, replace it") from None
     else:
-        with open(path, encoding="utf-8") as f:
-            lines = list(itertools.islice(f, limit))
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = list(itertools.islice(f, limit))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); replace it with the real "
+                            f"{name} file") from None
         # PTB rows are stripped sentences; WikiText keeps the newline, and a " \n" line is the empty row.
         rows = [line.strip() for line in lines] if name == "ptb" else ["" if line == " \n" else line for line in lines]
     if not rows:
@@ -127,11 +153,15 @@ def _hub_dataset(name: str, split: str):
 
 
 def _find(data_dir: str | os.PathLike, relpath: str) -> Path | None:
-    """The file `relpath` under data_dir; for a C4 shard, the full shard or else its shortest-named subset."""
+    """The file `relpath` under data_dir; for a C4 shard, the full shard or one first-N subset of it. Two
+    candidates for one role are a DataError that lists them: which one is read changes every perplexity."""
     path = Path(data_dir) / relpath
     if not relpath.endswith(".json.gz"):
         return path if path.is_file() else None
-    shards = sorted(path.parent.glob(path.name.removesuffix(".json.gz") + "*.json.gz"), key=lambda p: len(p.name))
+    shards = sorted(p for p in path.parent.glob(path.name.removesuffix(".json.gz") + "*.json.gz") if p.is_file())
+    if len(shards) > 1:
+        raise DataError(f"{len(shards)} candidate files for {relpath} in {path.parent}: "
+                        f"{', '.join(p.name for p in shards)}; keep exactly one (move the others out of --data_dir)")
     return shards[0] if shards else None
 
 
@@ -184,13 +214,14 @@ def _cache_key(protocol: str, tokenizer: PreTrainedTokenizerBase, source: Source
     return f"{protocol}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]}"
 
 
-def _cached(key: str, cache_dir: str | os.PathLike | None,
-            compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
-    """A list of 1-D id tensors from the memo, else `cache_dir/<key>.pt`, else `compute()` (then stored in both)."""
+def _cached(key: str, cache_dir: str | os.PathLike | None, compute: Callable[[], list[torch.Tensor]],
+            vocab: int | None = None) -> list[torch.Tensor]:
+    """A list of 1-D id tensors from the memo, else `cache_dir/<key>.pt`, else `compute()` (then stored in both).
+    A cache entry that fails its checks (checksum, shape, ids below `vocab`) is reported and rebuilt."""
     if key in _MEMO:
         return _MEMO[key]
     path = Path(cache_dir) / f"{key}.pt" if cache_dir is not None else None
-    seqs = _load(path) if path is not None else None
+    seqs = _load(path, vocab) if path is not None else None
     if seqs is None:
         seqs = compute()
         if path is not None:
@@ -199,25 +230,73 @@ def _cached(key: str, cache_dir: str | os.PathLike | None,
     return seqs
 
 
-def _load(path: Path) -> list[torch.Tensor] | None:
-    """The cached sequences, or None if the file is absent or unreadable (it is then recomputed and rewritten)."""
+def _checksum(ids: torch.Tensor, lengths: torch.Tensor) -> str:
+    digest = hashlib.sha256(ids.contiguous().numpy().tobytes())
+    digest.update(lengths.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load(path: Path, vocab: int | None = None) -> list[torch.Tensor] | None:
+    """The cached sequences, or None if the file is absent or fails a check (it is then recomputed and
+    rewritten): unreadable, not the format _save writes, a checksum that does not match its ids (a flipped
+    byte), or an id outside the tokenizer's vocabulary."""
+    if not path.exists():
+        return None
     try:
         blob = torch.load(path, weights_only=True)
-        return list(torch.split(blob["ids"], blob["lengths"].tolist()))
-    except Exception:
+        ids, lengths = blob["ids"], blob["lengths"]
+        problem = None
+        if not (ids.dtype == torch.int64 and ids.dim() == 1 and lengths.dtype == torch.int64 and lengths.dim() == 1
+                and (lengths >= 0).all() and int(lengths.sum()) == ids.numel()):
+            problem = "shapes or types do not match"
+        elif blob.get("sha256") != _checksum(ids, lengths):
+            problem = "checksum mismatch"
+        elif ids.numel() and (int(ids.min()) < 0 or (vocab is not None and int(ids.max()) >= vocab)):
+            problem = f"token ids outside the vocabulary of {vocab}"
+    except Exception as e:
+        problem = f"unreadable ({type(e).__name__})"
+    if problem is not None:
+        print(f"warning: cache entry {path} is damaged ({problem}); rebuilding it", file=sys.stderr)
         return None
+    return list(torch.split(ids, lengths.tolist()))
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask sets it, for all threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode() -> int:
+    """0o666 less the umask: what open() would give (mkstemp makes files owner-only)."""
+    return 0o666 & ~umask()
 
 
 def _save(path: Path, seqs: list[torch.Tensor]) -> None:
-    """Write atomically, so a concurrent or killed run never leaves a half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    """Write atomically, so a concurrent or killed run never leaves a half-written file under the final name.
+    A cache that cannot be written (a directory in the way, no space) is a warning: the run goes on."""
+    tmp = None
     try:
-        torch.save({"ids": torch.cat(seqs), "lengths": torch.tensor([len(s) for s in seqs])}, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        ids = torch.cat(seqs)
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        torch.save({"ids": ids, "lengths": lengths, "sha256": _checksum(ids, lengths)}, tmp)
+        os.chmod(tmp, _file_mode())  # mkstemp makes it owner-only
         os.replace(tmp, path)
+    except OSError as e:
+        print(f"warning: cannot write the cache entry {path} ({type(e).__name__}: {e.strerror or e}); "
+              f"continuing without it", file=sys.stderr)
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -289,7 +368,7 @@ def get_eval_ids(name: str, tokenizer: PreTrainedTokenizerBase, seqlen: int,
     source = _source(name, split, data_dir)
     limit = _C4_EVAL_DOCS if name == "c4" else None
     (ids,) = _cached(_cache_key(f"{name}-eval", tokenizer, source), cache_dir,
-                     lambda: [_tokenize_long(tokenizer, sep.join(source.rows(limit)))])
+                     lambda: [_tokenize_long(tokenizer, sep.join(source.rows(limit)))], len(tokenizer))
     if name == "c4":
         ids = ids[:_C4_EVAL_WINDOWS * seqlen]
     if len(ids) < seqlen:
@@ -311,16 +390,16 @@ def get_calibration(name: str, tokenizer: PreTrainedTokenizerBase, nsamples: int
     source = _source(name, "train", data_dir)
     if name != "c4":
         (ids,) = _cached(_cache_key(f"{name}-calib", tokenizer, source), cache_dir,
-                         lambda: [_tokenize_long(tokenizer, " ".join(source.rows()))])
+                         lambda: [_tokenize_long(tokenizer, " ".join(source.rows()))], len(tokenizer))
         return _text_windows(ids, rng, nsamples, seqlen, f"{name} calibration text ({source.path or 'hub'})")
     if data_dir is not None:  # ~1k documents: tokenize them all at once, then the draw is cheap
         docs = _cached(_cache_key("c4-calib", tokenizer, source), cache_dir,
-                       lambda: _tokenize(tokenizer, source.rows()))
+                       lambda: _tokenize(tokenizer, source.rows()), len(tokenizer))
         return _doc_windows(docs, rng, nsamples, seqlen)
     # The hub shard has 356k documents and the draw reads a few thousand: tokenize those lazily, cache the windows.
     windows = _cached(_cache_key("c4-hub-calib", tokenizer, source, nsamples, seed, seqlen), cache_dir,
                       lambda: list(_doc_windows(_LazyDocs(_hub_dataset("c4", "train"), tokenizer),
-                                                rng, nsamples, seqlen)))
+                                                rng, nsamples, seqlen)), len(tokenizer))
     return torch.stack(windows)
 
 
