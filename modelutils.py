@@ -27,14 +27,114 @@ def model_source(model: str) -> str:
     return path
 
 
+SUPPORTED_MODEL_TYPES = ("opt",)
+_HUB_HOST = ("huggingface.co", 443)
+
+
+class ModelError(ValueError):
+    """A model the tool cannot use as given (wrong family, missing or broken files): one line naming it."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether the Hugging Face hub answers at all (a TCP connection), so that an offline machine fails
+    in seconds instead of after huggingface_hub's retries (about 30 s of "Retrying" lines)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        socket.create_connection(_HUB_HOST, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_config(model: str):
+    """The model's config alone (no weights), checked to be a supported family. Raises ModelError with a
+    one-line message: the hub cannot be reached, the id or directory holds no readable config, or the
+    config is not OPT's."""
+    from transformers import AutoConfig
+
+    source = model_source(model)
+    local = is_local_path(model)
+    if not model.strip():
+        raise ModelError("the model argument is empty: give a local model directory (e.g. ../shared/models/opt-mini) "
+                         "or a hub id (facebook/opt-125m)")
+    if local and not os.path.isfile(os.path.join(source, "config.json")):
+        raise ModelError(f"{model} has no config.json: give a directory written by save_pretrained "
+                         f"(e.g. ../shared/models/opt-mini)")
+    try:
+        if local:
+            config = AutoConfig.from_pretrained(source)
+        else:
+            try:  # the hub's local cache first: no network needed
+                config = AutoConfig.from_pretrained(source, local_files_only=True)
+            except OSError:
+                if not hub_reachable():
+                    raise ModelError(f"cannot reach the Hugging Face hub to fetch {model!r}: pass a local model "
+                                     f"directory (e.g. ../shared/models/opt-mini) and --data_dir DIR with the "
+                                     f"offline data") from None
+                config = AutoConfig.from_pretrained(source)
+    except ModelError:
+        raise
+    except Exception as e:  # unknown id, truncated or non-JSON config.json, unknown model_type, ...
+        where = os.path.join(source, "config.json") if local else f"hub id {model!r}"
+        raise ModelError(f"cannot read the model config from {where} ({_first_line(e)}): give a local OPT "
+                         f"model directory (e.g. ../shared/models/opt-mini) or a reachable hub id") from e
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(f"{model} is a {kind!r} model; this tool compresses {', '.join(SUPPORTED_MODEL_TYPES)} "
+                         f"models only (model_type in config.json)")
+    return config
+
+
+def linear_names(config) -> list[list[str]]:
+    """The Linear layers of each decoder layer by name, from the config alone (built on the meta device:
+    no memory, no weights)."""
+    from transformers import OPTForCausalLM
+
+    with torch.device("meta"):
+        skeleton = OPTForCausalLM(config)
+    return [list(find_linears(layer)) for layer in skeleton.model.decoder.layers]
+
+
 def load_opt(model: str, quiet: bool = False) -> nn.Module:
-    """OPTForCausalLM from a local directory or the hub, in the checkpoint's dtype, eval mode."""
+    """OPTForCausalLM from a local directory or the hub, in the checkpoint's dtype, eval mode.
+
+    Refused with ModelError (one line naming the model): a config of another family, weights missing
+    from the checkpoint (transformers would initialise them at random), unexpected or mis-shaped
+    ones, files that cannot be read; with FloatingPointError: a NaN/Inf weight, named by tensor."""
     from transformers import OPTForCausalLM
     from transformers.utils import logging
 
     if quiet:
         logging.disable_progress_bar()
-    net = OPTForCausalLM.from_pretrained(model_source(model), dtype="auto")
+    load_config(model)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the load report is replaced by our own message below
+    try:
+        net, info = OPTForCausalLM.from_pretrained(model_source(model), dtype="auto", output_loading_info=True)
+    except Exception as e:
+        raise ModelError(f"cannot load the weights of {model} ({_first_line(e)}): the checkpoint files are "
+                         f"missing or damaged; write them again with save_pretrained") from e
+    finally:
+        logging.set_verbosity(verbosity)
+    problems = [(what, sorted(info.get(key) or ())) for what, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mis-shaped", "mismatched_keys"))]
+    problems = [(what, [k if isinstance(k, str) else str(k[0]) for k in keys]) for what, keys in problems if keys]
+    if problems:
+        detail = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                           for what, keys in problems)
+        raise ModelError(f"the checkpoint in {model} does not match its OPT config: {detail}; refusing to run on "
+                         f"randomly initialised weights")
+    for name, tensor in net.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"NaN/Inf in {name} of the checkpoint in {model}: the model file is damaged")
     net.config.use_cache = False
     return net.eval()
 
