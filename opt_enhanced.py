@@ -29,6 +29,7 @@ import bitalloc
 from bitalloc import MixedPrecision
 from compression_stats import LinearStats, code_bits, format_summary, storage_bits, summarize
 import compressed_tensors_export
+import lm_eval_tasks
 from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, find_linears, forward_layer,
@@ -64,6 +65,8 @@ class RunConfig:
     save: str = ""
     export: str = ""
     export_format: str = "packed"
+    lm_eval: list[str] = field(default_factory=list)
+    lm_eval_include: str = ""
     groupsize: int = -1
     sym: bool = False
     nearest: bool = False
@@ -125,8 +128,81 @@ class UsageError(ValueError):
     """A bad flag combination: reported in one line before any work starts."""
 
 
+def check_outputs(cfg: RunConfig) -> None:
+    """Every output path, before any work: its parent is an existing, writable directory; a directory
+    output (--save, --export) is new or an empty directory; a file output (--results_json, --plot) is not
+    a directory; no two outputs share a path."""
+    seen: dict[str, str] = {}
+    outputs = [("--save", cfg.save, True), ("--export", cfg.export, True),
+               ("--results_json", cfg.results_json, False), ("--plot", cfg.plot, False)]
+    for flag, path, is_dir in outputs:
+        if not path:
+            continue
+        full = os.path.abspath(os.path.expanduser(path))
+        if full in seen:
+            raise UsageError(f"{seen[full]} and {flag} both name {path}: they need different paths")
+        seen[full] = flag
+        parent = os.path.dirname(full)
+        if not os.path.isdir(parent):
+            what = "is not a directory" if os.path.exists(parent) else "does not exist"
+            raise UsageError(f"{flag} {path}: its parent {parent} {what}; create the directory or choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {path}: cannot write into {parent} (permission denied); choose a writable "
+                             f"directory")
+        if is_dir and os.path.exists(full) and (not os.path.isdir(full) or os.listdir(full)):
+            raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
+        if not is_dir and os.path.isdir(full):
+            raise UsageError(f"{flag} {path} is a directory; give a file path (e.g. {os.path.join(path, 'run.json')})")
+        if not is_dir and os.path.exists(full) and not os.access(full, os.W_OK):
+            raise UsageError(f"{flag} {path} exists and is read-only; choose another file")
+
+
 def validate(cfg: RunConfig) -> None:
     """Reject what would waste a run, each with the fix in the message."""
+    if not cfg.model.strip():
+        raise UsageError("the model argument is empty: give a local model directory (e.g. ../shared/models/opt-mini) "
+                         "or a hub id (facebook/opt-125m)")
+    for flag, value in (("--sparsity", cfg.sparsity), ("--percdamp", cfg.percdamp),
+                        ("--target_avg_bits", cfg.target_avg_bits), ("--error_shrinkage", cfg.error_shrinkage)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} {value} is not a finite number")
+    if cfg.percdamp < 0:
+        raise UsageError(f"--percdamp {cfg.percdamp} is negative: give a fraction (>= 0) of the mean Hessian "
+                         f"diagonal, e.g. 0.01")
+    if cfg.groupsize == 0 or cfg.groupsize < -1:
+        raise UsageError(f"--groupsize {cfg.groupsize}: give a positive number of columns (e.g. 128), "
+                         f"or -1 for one grid per row")
+    if cfg.seqlen == 1:
+        raise UsageError("--seqlen 1: a window needs at least 2 tokens (one predicts the next); "
+                         "give --seqlen 2 or more (0 = the model's max positions)")
+    if not cfg.eval:
+        raise UsageError(f"--eval is empty: name at least one of {','.join(datautils.DATASETS)}")
+    unknown = [d for d in cfg.eval if d not in datautils.DATASETS]
+    if unknown:
+        raise UsageError(f"unknown dataset {unknown[0]!r} in --eval; choose from {', '.join(datautils.DATASETS)}")
+    if any(not math.isfinite(w) or w < 0 for w in cfg.importance_weights):
+        raise UsageError(f"--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1 "
+                         f"(got {','.join(map(str, cfg.importance_weights))})")
+    if cfg.mixed and len(set(cfg.bit_options)) == 1:
+        raise UsageError(f"--bit_options {cfg.bit_options[0]} with --target_avg_bits is uniform quantization: drop "
+                         f"--target_avg_bits (--wbits {cfg.bit_options[0]} alone does that) or give several widths, "
+                         f"e.g. 2,3,4,6,8")
+    if cfg.prunen > 0 and cfg.prunem > 0 and cfg.blocksize > 0 and cfg.blocksize % cfg.prunem:
+        raise UsageError(f"--prunem {cfg.prunem} does not divide --blocksize {cfg.blocksize}: N:M groups restart at "
+                         f"every block; choose an M that divides {cfg.blocksize} (e.g. 4) or a --blocksize that "
+                         f"is a multiple of {cfg.prunem}")
+    if cfg.device:
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise UsageError(f"--device {cfg.device!r} is not a device: use cpu or cuda (or cuda:0, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {cfg.device}: CUDA is not available here; use --device cpu "
+                             f"(or leave --device out)")
+    if cfg.cache_dir and os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
+        raise UsageError(f"--cache_dir {cfg.cache_dir} is a file, not a directory; choose a directory "
+                         f"(it is created if absent)")
+    check_outputs(cfg)
     if not 0 <= cfg.sparsity < 1:
         raise UsageError(f"--sparsity {cfg.sparsity} is outside [0, 1)")
     if (cfg.prunen > 0) != (cfg.prunem > 0):
@@ -199,6 +275,17 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
     if cfg.save and cfg.save == cfg.export:
         raise UsageError("--save and --export need different directories")
+    if cfg.lm_eval:
+        if not lm_eval_tasks.available():
+            raise UsageError("--lm_eval needs lm-evaluation-harness: pip install lm-eval accelerate")
+        if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
+            raise UsageError(f"--lm_eval_include {cfg.lm_eval_include} is not a directory of task definitions")
+        if cfg.offload:
+            raise UsageError("--lm_eval runs the whole model on the device; drop --offload")
+        unknown = lm_eval_tasks.unknown_tasks(cfg.lm_eval, cfg.lm_eval_include or None)
+        if unknown:
+            raise UsageError(f"--lm_eval: unknown task(s) {', '.join(unknown)}; give lm-eval task names, or local "
+                             "task definitions with --lm_eval_include DIR")
     if cfg.export_format == "compressed-tensors":
         if not compressed_tensors_export.available():
             raise UsageError("--export_format compressed-tensors needs the compressed-tensors package: "
@@ -650,6 +737,10 @@ class Background:
         return self._value
 
 
+# The stage a run is in, for the one-line message of an unexpected error or an interruption (main).
+STAGE = {"now": "checking the flags"}
+
+
 class Stages:
     """Wall time and peak GPU memory of each stage of a run (for --results_json and bench.py)."""
 
@@ -662,6 +753,7 @@ class Stages:
     def __call__(self, name: str, gpu: bool = True):
         """Time a stage; `gpu=False` for CPU-only stages, which then neither wait for nor measure the GPU."""
         cuda = gpu and self.dev.type == "cuda"
+        STAGE["now"] = name
         if cuda:
             torch.cuda.synchronize(self.dev)
             torch.cuda.reset_peak_memory_stats(self.dev)
@@ -724,6 +816,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         for d, ids in eval_ids.items():
             ppl[d] = perplexity(model, ids, seqlen, dev, cfg.batch_size, log=log)
             log(f"{d} perplexity: {ppl[d]:.3f}")
+    scores = {}
+    if cfg.lm_eval:
+        with stage("lm_eval"):
+            scores = lm_eval_tasks.evaluate(model.to(dev), tokenizer, cfg.lm_eval, cfg.lm_eval_include or None,
+                                            cfg.batch_size, str(dev))
+        log(f"lm-eval: {json.dumps(scores)}")
     timings = dict(stage.seconds, total=time.time() - started)
 
     summary = None
@@ -732,6 +830,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         if summary.channels == 0:
             raise RuntimeError("quantization was requested but no channel was quantized (check --minlayer/--maxlayer/--prune_only)")
         log(format_summary(summary, stats))
+    check_results(cfg, ppl, summary, stats)
+    STAGE["now"] = "writing the outputs"
     results = {
         "config": asdict(cfg),
         "perplexity": ppl,
@@ -741,6 +841,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "layers": [asdict(s) for s in stats],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
     }
+    if scores:
+        results["lm_eval"] = scores
     if cfg.save:
         save_model(model, tokenizer, results, cfg.save)
     if cfg.export and cfg.export_format == "compressed-tensors":
@@ -761,21 +863,79 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return results
 
 
+# A mixed run's stored average may miss its target by this much before the run counts as failed (the
+# allocators keep it within 0.01 on the whole model; NaN importances once put every channel at the lowest width).
+TARGET_TOLERANCE = 0.05
+
+
+def nonfinite_path(obj: Any, path: str = "") -> str | None:
+    """Where in a JSON-like object the first NaN or infinity is (e.g. `layers[3].error`), or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path or "value")
+    if isinstance(obj, dict):
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for where, value in items:
+        found = nonfinite_path(value, where)
+        if found is not None:
+            return found
+    return None
+
+
+def check_results(cfg: RunConfig, ppl: dict[str, float], summary, stats: list[LinearStats]) -> None:
+    """Results that cannot be right fail the run (RuntimeError, exit 1) before any output is written:
+    a NaN or infinite perplexity, a mixed run whose stored average is off its target, a NaN statistic."""
+    for d, value in ppl.items():
+        if not math.isfinite(value):
+            raise RuntimeError(f"{d} perplexity is {value}: the model's outputs are not finite; nothing was written "
+                               f"(check the model's weights, or compress less: larger --percdamp, more bits, less "
+                               f"sparsity)")
+    if summary is not None and cfg.mixed and cfg.bit_granularity == "channel" and summary.channels and \
+            not abs(summary.stored_bits - cfg.target_avg_bits) <= TARGET_TOLERANCE:
+        raise RuntimeError(f"the allocation stores {summary.stored_bits:.3f} bits per weight where --target_avg_bits "
+                           f"{cfg.target_avg_bits} was asked; nothing was written (check --importance_weights and "
+                           f"--bit_options)")
+    where = nonfinite_path({"summary": None if summary is None else asdict(summary),
+                            "layers": [asdict(s) for s in stats]})
+    if where is not None:
+        raise RuntimeError(f"the results hold NaN/inf at {where}; nothing was written")
+
+
+def _file_mode(directory: bool = False) -> int:
+    """What open() or mkdir() would give under the umask: mkstemp/mkdtemp create owner-only entries."""
+    return (0o777 if directory else 0o666) & ~datautils.umask()
+
+
 def write_json(obj: Any, path: str) -> None:
-    """Atomic: a reader never sees half a file."""
+    """Atomic: a reader never sees half a file; the temporary file goes if writing fails or is interrupted.
+    Strict JSON: a NaN or infinity anywhere is a RuntimeError naming where."""
+    where = nonfinite_path(obj)
+    if where is not None:
+        raise RuntimeError(f"{path} would hold NaN/inf at {where}; not written")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=False)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) -> None:
     """A from_pretrained-loadable checkpoint, written to a temporary directory and renamed."""
+    STAGE["now"] = f"writing --save {path}"
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".save-")
     try:
+        os.chmod(tmp, _file_mode(directory=True))  # mkdtemp's 0700, as mkdir would make it under the umask
         model.to("cpu").save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(results, os.path.join(tmp, "compression.json"))
@@ -785,19 +945,34 @@ def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    STAGE["now"] = "writing the outputs"
 
 
 def _list(kind):
     def parse(text: str):
         try:
-            return [kind(x) for x in text.split(",") if x.strip()]
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
     return parse
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and each flag's default after its help (unless the help already
+    says it, or there is none to show: an off switch, an empty path)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == "" or \
+                default == argparse.SUPPRESS or not action.option_strings:
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("model", help="hub id (facebook/opt-125m) or local model directory")
     p.add_argument("dataset", choices=datautils.DATASETS, help="calibration data")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling the calibration windows")
@@ -821,6 +996,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--export_format", choices=("packed", "compressed-tensors"), default="packed",
                    help="--export's format: our packed one (export.load_compressed reads it), or compressed-tensors "
                         "(transformers, vLLM and SGLang load it; uniform widths or --bit_granularity linear)")
+    p.add_argument("--lm_eval", type=_list(str), default=[],
+                   help="lm-evaluation-harness tasks to run on the compressed model, comma-separated (needs lm-eval)")
+    p.add_argument("--lm_eval_include", type=str, default="",
+                   help="a directory of local lm-eval task definitions (YAML), for --lm_eval")
     p.add_argument("--groupsize", type=int, default=-1, help="columns per quantization group; -1 = one grid per row")
     p.add_argument("--sym", action="store_true", help="symmetric quantization grid")
     p.add_argument("--nearest", action="store_true", help="round-to-nearest baseline (no calibration)")
@@ -853,23 +1032,127 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--no_fused", action="store_true",
                    help="plain PyTorch column loop even on CUDA (the fused Triton kernel is the default there)")
     p.add_argument("--quiet", action="store_true", help="only errors and the final results")
-    args = p.parse_args(argv)
-    return RunConfig(**vars(args))
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error (main() reads it)")
+    args = vars(p.parse_args(argv))
+    args.pop("debug")
+    return RunConfig(**args)
+
+
+class Interrupted(BaseException):
+    """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt, so that every temporary
+    output is removed on the way out (the writers clean up on BaseException)."""
+
+
+def check_model(cfg: RunConfig) -> None:
+    """The checks that need the model's config and tokenizer but no weights (seconds, before any work):
+    a supported family, a tokenizer that fits the embedding, a layer selection that picks some Linear,
+    and a way to the data (--data_dir, or a hub that answers)."""
+    from modelutils import hub_reachable, linear_names, load_config
+
+    STAGE["now"] = "checking the model"
+    config = load_config(cfg.model)
+    if cfg.prune.active or cfg.quantize:
+        names = linear_names(config)
+        if not any(cfg.selected(i, n) for i, layer in enumerate(names) for n in layer):
+            flags = f"--minlayer {cfg.minlayer} --maxlayer {cfg.maxlayer}" + \
+                (f" --prune_only {cfg.prune_only}" if cfg.prune_only else "") + (" --invert" if cfg.invert else "")
+            raise UsageError(f"{flags} selects no Linear layer of {cfg.model} (layers 0..{len(names) - 1}, each with "
+                             f"{', '.join(names[0] if names else [])}): nothing would be compressed; widen the "
+                             f"selection")
+    tokenizer = datautils.get_tokenizer(cfg.model)
+    if len(tokenizer) > config.vocab_size:
+        raise UsageError(f"the tokenizer in {cfg.model} has {len(tokenizer)} tokens but the model's embedding has "
+                         f"{config.vocab_size}: its tokenizer files belong to another model; copy the model's own")
+    offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if cfg.data_dir is None and not offline and not hub_reachable():
+        raise UsageError("the Hugging Face hub cannot be reached for the datasets: pass --data_dir DIR with the "
+                         "offline data (layout of ../shared/data)")
+
+
+def _outputs(cfg: RunConfig | None) -> dict[str, str]:
+    if cfg is None:
+        return {}
+    return {flag: path for flag, path in (("save", cfg.save), ("export", cfg.export),
+                                          ("results_json", cfg.results_json), ("plot", cfg.plot)) if path}
+
+
+def _remove_new_outputs(cfg: RunConfig | None, existed: dict[str, bool]) -> None:
+    """After a failed or interrupted run: remove what it wrote under the output paths (validated at the
+    start as absent or empty directories, so nothing of the user's goes), and the plot's temporary file."""
+    for flag, path in _outputs(cfg).items():
+        if flag not in existed:  # never validated: leave it alone
+            continue
+        if flag in ("save", "export"):
+            if os.path.isdir(path) and not existed[flag]:
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.isdir(path):  # was an empty directory: empty it again
+                for entry in os.listdir(path):
+                    full = os.path.join(path, entry)
+                    shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
+        elif not existed[flag] and os.path.isfile(path):
+            os.remove(path)
+    if cfg is not None and cfg.plot and os.path.exists(cfg.plot + ".tmp.png"):
+        os.remove(cfg.plot + ".tmp.png")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:500] + (" ..." if len(text) > 500 else "")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 a usage error (flags, model, data or output paths: nothing was started);
+    1 the run failed (non-finite numbers, results that cannot be right, unexpected errors); 130/143
+    interrupted by SIGINT/SIGTERM. Every error is one line on stderr; --debug adds the traceback."""
+    import signal
+    import traceback
+
+    from modelutils import ModelError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    STAGE["now"] = "checking the flags"
+    cfg, existed, previous = None, {}, None
+
+    def terminate(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        pass
     try:
         cfg = parse_args(argv)
         validate(cfg)
+        existed = {flag: os.path.exists(path) for flag, path in _outputs(cfg).items()}  # dirs: empty ones
+        check_model(cfg)
         results = run(cfg)
-    except (UsageError, datautils.DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        error = None
+    except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
+        error, code, message = e, 2, _one_line(e)
     except (FloatingPointError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        error, code, message = e, 1, _one_line(e)
+    except KeyboardInterrupt as e:
+        error, code, message = e, 130, f"interrupted (SIGINT) while {STAGE['now']}; temporary outputs removed"
+    except Interrupted as e:
+        error, code, message = e, 143, f"terminated (SIGTERM) while {STAGE['now']}; temporary outputs removed"
+    except Exception as e:
+        error, code = e, 1
+        message = f"unexpected {type(e).__name__} while {STAGE['now']}: {_one_line(e)} (rerun with --debug for " \
+                  f"the traceback)"
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if error is not None:
+        if debug:
+            traceback.print_exception(error)
+        _remove_new_outputs(cfg, existed)
+        print(f"error: {message}", file=sys.stderr)
+        return code
     ppl = results["perplexity"]
-    print(json.dumps({"perplexity": {k: round(v, 3) for k, v in ppl.items()}, "timings": results["timings"]}))
+    print(json.dumps({"perplexity": {k: round(v, 3) for k, v in ppl.items()}, "timings": results["timings"],
+                      "outputs": _outputs(cfg)}))
     return 0
 
 

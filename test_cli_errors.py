@@ -1,0 +1,465 @@
+"""Hostile inputs to the CLI (issue 16): each ends with its exit code (2 usage, 1 run failure, 130/143
+interrupted), one line on stderr that names the fix or the file, no traceback, and nothing left behind
+under the output paths. Tiny models and data (conftest.py); most cases stop before any work."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import datautils
+import modelutils
+import opt_enhanced as oe
+from conftest import tiny_model, write_data, write_tokenizer
+
+QUICK = ["--nsamples", "2", "--seqlen", "32", "--quiet", "--device", "cpu", "--eval", "ptb"]
+
+
+def run_cli(model: Path, data: Path | None, tmp_path: Path, *flags: str, dataset: str = "c4") -> tuple[int, Path]:
+    """main() with the usual outputs (--results_json, --save) in a fresh folder `out`; (exit code, out)."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    data_flags = [] if data is None else ["--data_dir", str(data)]
+    code = oe.main([str(model), dataset, *data_flags, *QUICK, "--results_json", str(out / "r.json"),
+                    "--save", str(out / "s"), *flags])
+    return code, out
+
+
+def assert_one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# ---------------------------------------------------------------- usage errors before any work
+
+
+USAGE = [
+    (["--wbits", "4", "--target_avg_bits", "4", "--bit_method", "budget", "--importance_weights", "nan,1,1,1,1"],
+     "--importance_weights"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--importance_weights", "inf,1,1,1,1"], "--importance_weights"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--importance_weights=-1,1,1,1,1"], "non-negative"),
+    (["--seqlen", "1"], "--seqlen 2 or more"),
+    (["--eval", ""], "--eval is empty"),
+    (["--eval", "c4,lambada"], "'lambada'"),
+    (["--wbits", "4", "--groupsize", "-7"], "--groupsize -7"),
+    (["--wbits", "4", "--groupsize", "0"], "or -1 for one grid per row"),
+    (["--sparsity", "0.5", "--percdamp", "-0.1"], "--percdamp -0.1 is negative"),
+    (["--sparsity", "0.5", "--percdamp", "nan"], "--percdamp nan is not a finite number"),
+    (["--bit_options", "4", "--wbits", "4", "--target_avg_bits", "4", "--bit_method", "budget"],
+     "uniform quantization"),
+    (["--prunen", "2", "--prunem", "256"], "--prunem 256 does not divide --blocksize 128"),
+    (["--prunen", "2", "--prunem", "5"], "--prunem 5 does not divide --blocksize 128"),
+    (["--prunen", "4", "--prunem", "5"], "--prunem 5 does not divide"),
+    (["--sparsity", "0.5", "--minlayer", "5", "--maxlayer", "2"], "selects no Linear layer"),
+    (["--sparsity", "0.5", "--prune_only", "nothing_like_this"], "selects no Linear layer"),
+    (["--wbits", "4", "--invert"], "selects no Linear layer"),
+    (["--wbits", "4", "--maxlayer", "0"], "widen the selection"),
+    (["--device", "nonsense"], "is not a device"),
+]
+if not torch.cuda.is_available():
+    USAGE.append((["--device", "cuda"], "CUDA is not available"))
+
+
+@pytest.mark.parametrize("flags,message", USAGE, ids=[" ".join(f) for f, _ in USAGE])
+def test_flags_that_would_do_nothing_or_nonsense_are_usage_errors(tiny_dir, tmp_path, capsys, flags, message):
+    code, out = run_cli(*tiny_dir, tmp_path, *flags)
+    assert code == 2
+    assert_one_line_error(capsys, message)
+    assert os.listdir(out) == []
+
+
+def test_spaces_in_the_eval_list_are_ignored():
+    assert oe.parse_args(["m", "c4", "--eval", "c4, ptb"]).eval == ["c4", "ptb"]
+
+
+def test_empty_model_argument(tmp_path, capsys):
+    assert oe.main(["", "c4", "--results_json", str(tmp_path / "r.json")]) == 2
+    assert_one_line_error(capsys, "model argument is empty")
+    assert os.listdir(tmp_path) == []
+
+
+def output_cases(tmp: Path) -> list[tuple[list[str], str]]:
+    (tmp / "afile").write_text("x")
+    (tmp / "adir").mkdir()
+    return [
+        (["--save", str(tmp / "afile" / "s")], "is not a directory"),
+        (["--wbits", "4", "--export", str(tmp / "afile" / "e")], "is not a directory"),
+        (["--results_json", str(tmp / "afile" / "r.json")], "is not a directory"),
+        (["--wbits", "4", "--target_avg_bits", "3.5", "--plot", str(tmp / "afile" / "p.png")], "is not a directory"),
+        (["--results_json", str(tmp / "adir")], "is a directory; give a file path"),
+        (["--save", str(tmp / "afile")], "exists and is not empty"),
+        (["--save", str(tmp / "missing" / "s")], "does not exist"),
+        (["--wbits", "4", "--target_avg_bits", "3.5", "--plot", str(tmp / "same")],
+         "need different paths"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_output_paths_are_checked_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(oe, "check_model", lambda cfg: pytest.fail("checked the model before the outputs"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    flags, message = output_cases(elsewhere)[case]
+    if case == 7:  # --results_json and --plot on one path
+        flags = [*flags, "--results_json", str(elsewhere / "same")]
+    code, out = run_cli(*tiny_dir, tmp_path, *flags)
+    assert code == 2
+    assert_one_line_error(capsys, message)
+    assert os.listdir(out) == [] and sorted(os.listdir(elsewhere)) == ["adir", "afile"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
+def test_read_only_output_directory(tiny_dir, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _ = run_cli(*tiny_dir, tmp_path, "--results_json", str(locked / "r.json"))
+    finally:
+        locked.chmod(0o755)
+    assert code == 2
+    assert_one_line_error(capsys, "permission denied")
+
+
+def test_cache_dir_that_is_a_file(tiny_dir, tmp_path, capsys):
+    (tmp_path / "cache").write_text("x")
+    code, out = run_cli(*tiny_dir, tmp_path, "--cache_dir", str(tmp_path / "cache"))
+    assert code == 2
+    assert_one_line_error(capsys, "--cache_dir")
+    assert os.listdir(out) == []
+
+
+# ---------------------------------------------------------------- models that are not what they claim
+
+
+def test_model_of_another_family_is_refused(tmp_path, capsys, tiny_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=260)).save_pretrained(tmp_path / "gpt2")
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                vocab_size=260).save_pretrained(tmp_path / "llama")
+    capsys.readouterr()  # save_pretrained's progress bar
+    for kind in ("gpt2", "llama"):
+        write_tokenizer(tmp_path / kind)
+        code, out = run_cli(tmp_path / kind, tiny_dir[1], tmp_path, "--sparsity", "0.5")
+        assert code == 2
+        assert_one_line_error(capsys, f"is a {kind!r} model", "opt")
+        assert os.listdir(out) == []
+
+
+def damaged_model(tiny_dir, tmp_path: Path, how: str) -> Path:
+    model = copy_model(tiny_dir[0], tmp_path / "m")
+    weights = model / "model.safetensors"
+    if how == "missing tensor":
+        tensors = load_file(weights)
+        del tensors["model.decoder.layers.1.fc2.weight"]
+        save_file(tensors, weights, metadata={"format": "pt"})
+    elif how == "no weights":
+        weights.unlink()
+    elif how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif how == "corrupt header":
+        blob = bytearray(weights.read_bytes())
+        blob[8:40] = b"#" * 32
+        weights.write_bytes(bytes(blob))
+    elif how == "truncated config":
+        config = model / "config.json"
+        config.write_text(config.read_text()[:40])
+    elif how == "config not JSON":
+        (model / "config.json").write_text("model_type: opt\n")
+    elif how == "no config":
+        (model / "config.json").unlink()
+    return model
+
+
+DAMAGE = [("missing tensor", "layers.1.fc2.weight"), ("no weights", "cannot load the weights"),
+          ("truncated weights", "cannot load the weights"), ("corrupt header", "cannot load the weights"),
+          ("truncated config", "config.json"), ("config not JSON", "config.json"), ("no config", "no config.json")]
+
+
+@pytest.mark.parametrize("how,message", DAMAGE, ids=[h for h, _ in DAMAGE])
+def test_damaged_checkpoint_is_refused_naming_it(tiny_dir, tmp_path, capsys, how, message):
+    model = damaged_model(tiny_dir, tmp_path, how)
+    code, out = run_cli(model, tiny_dir[1], tmp_path, "--sparsity", "0.5")
+    assert code == 2
+    assert_one_line_error(capsys, message, str(model))
+    assert os.listdir(out) == []
+
+
+def test_nan_weight_outside_the_compressed_layers_fails_naming_the_tensor(tiny_dir, tmp_path, capsys):
+    from transformers import OPTForCausalLM
+
+    model = OPTForCausalLM.from_pretrained(tiny_dir[0])
+    with torch.no_grad():
+        model.model.decoder.layers[1].final_layer_norm.weight[0] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    write_tokenizer(tmp_path / "m")
+    for flags in ([], ["--sparsity", "0.5", "--maxlayer", "1"], ["--sparsity", "0.5", "--gmp"]):
+        code, out = run_cli(tmp_path / "m", tiny_dir[1], tmp_path, *flags)
+        assert code == 1
+        assert_one_line_error(capsys, "model.decoder.layers.1.final_layer_norm.weight")
+        assert os.listdir(out) == []
+
+
+def test_tokenizer_of_another_model(tiny_dir, tmp_path, capsys):
+    tiny_model(vocab=64, positions=128).save_pretrained(tmp_path / "m")
+    write_tokenizer(tmp_path / "m")  # 260 tokens into an embedding of 64
+    code, out = run_cli(tmp_path / "m", tiny_dir[1], tmp_path)
+    assert code == 2
+    assert_one_line_error(capsys, "260 tokens", "64", "another model")
+    assert os.listdir(out) == []
+
+
+def test_missing_tokenizer_files(tiny_dir, tmp_path, capsys):
+    model = copy_model(tiny_dir[0], tmp_path / "m")
+    for name in ("vocab.json", "merges.txt"):
+        (model / name).unlink()
+    code, out = run_cli(model, tiny_dir[1], tmp_path)
+    assert code == 2
+    assert_one_line_error(capsys, "tokenizer", str(model))
+    assert os.listdir(out) == []
+
+
+# ---------------------------------------------------------------- the hub out of reach
+
+
+def test_hub_model_offline_fails_fast_naming_a_local_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tick = time.time()
+    code = oe.main(["facebook/opt-125m-not-in-any-cache", "c4", "--results_json", str(tmp_path / "r.json")])
+    assert code == 2 and time.time() - tick < 10
+    assert_one_line_error(capsys, "local model directory", "--data_dir")
+    assert os.listdir(tmp_path) == []
+
+
+def test_hub_data_unreachable_names_data_dir(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(modelutils, "_HUB_HOST", ("127.0.0.1", 9))  # connection refused at once
+    code, out = run_cli(tiny_dir[0], None, tmp_path)
+    assert code == 2
+    assert_one_line_error(capsys, "--data_dir")
+    assert os.listdir(out) == []
+
+
+# ---------------------------------------------------------------- data files
+
+
+def damaged_data(tmp_path: Path, how: str) -> tuple[Path, str, str]:
+    """(data dir, calibration dataset, file the message must name)."""
+    data = tmp_path / "data"
+    write_data(data, words=400)
+    c4 = data / "c4" / "c4-validation.00000-of-00008.json.gz"
+    if how == "two C4 validation files":
+        shutil.copy(c4, data / "c4" / "c4-validation.00000-of-00008.first10.json.gz")
+        return data, "c4", "c4-validation.00000-of-00008.first10.json.gz"
+    if how == "truncated gzip":
+        c4.write_bytes(c4.read_bytes()[:200])
+    elif how == "not gzip":
+        c4.write_bytes(b"this is not gzip data at all")
+    elif how == "no text field":
+        with gzip.open(c4, "wt") as f:
+            f.write(json.dumps({"content": "a b c"}) + "\n")
+    elif how == "not JSON":
+        with gzip.open(c4, "wt") as f:
+            f.write("the cat sat\n")
+    elif how == "PTB not UTF-8":
+        ptb = data / "ptb" / "ptb.train.txt"
+        ptb.write_bytes(ptb.read_bytes() + b"\xff\xfe bad\n")
+        return data, "ptb", str(ptb)
+    elif how == "WikiText not UTF-8":
+        wiki = data / "wikitext-2-raw" / "wiki.train.raw"
+        wiki.write_bytes(b"\xc3\x28 broken\n" + wiki.read_bytes())
+        return data, "wikitext2", str(wiki)
+    return data, "ptb", str(c4)
+
+
+DATA_DAMAGE = ["two C4 validation files", "truncated gzip", "not gzip", "no text field", "not JSON", "PTB not UTF-8",
+               "WikiText not UTF-8"]
+
+
+@pytest.mark.parametrize("how", DATA_DAMAGE)
+def test_damaged_data_file_is_named(tiny_dir, tmp_path, capsys, how):
+    data, dataset, named = damaged_data(tmp_path, how)
+    code, out = oe.main([str(tiny_dir[0]), dataset, "--data_dir", str(data), *QUICK[:-2], "--eval", "c4",
+                         "--results_json", str(tmp_path / "r.json")]), None
+    assert code == 2
+    assert_one_line_error(capsys, named)
+    assert not (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------- the token cache
+
+
+def cache_entries(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.iterdir() if p.suffix == ".pt")
+
+
+def test_damaged_cache_entries_are_detected_and_rebuilt(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_data(data, words=400)
+    cache = tmp_path / "cache"
+    flags = ["--cache_dir", str(cache)]
+    datautils._MEMO.clear()
+    code, out = run_cli(tiny_dir[0], data, tmp_path, *flags)
+    assert code == 0
+    clean = json.loads((out / "r.json").read_text())["perplexity"]
+    entries = cache_entries(cache)
+    assert len(entries) == 2  # C4 calibration documents, PTB evaluation text
+    target = [p for p in entries if p.name.startswith("ptb-eval")][0]
+    blob = torch.load(target, weights_only=True)
+    # a flipped byte in the ids; ids outside the vocabulary (with a matching checksum); a directory in the way
+    for damage in ("flip", "vocab", "directory"):
+        shutil.rmtree(out)
+        datautils._MEMO.clear()
+        if damage == "flip":
+            raw = bytearray(target.read_bytes())
+            raw[raw.index(blob["ids"][5:9].numpy().tobytes())] ^= 0x01
+            target.write_bytes(bytes(raw))
+        elif damage == "vocab":
+            ids = blob["ids"].clone()
+            ids[3] = 10 ** 6
+            torch.save({"ids": ids, "lengths": blob["lengths"],
+                        "sha256": datautils._checksum(ids, blob["lengths"])}, target)
+        else:
+            target.unlink()
+            target.mkdir()
+        code, out = run_cli(tiny_dir[0], data, tmp_path, *flags)
+        err = capsys.readouterr().err
+        assert code == 0, err
+        assert json.loads((out / "r.json").read_text())["perplexity"] == clean
+        if damage != "directory":
+            assert "warning: cache entry" in err and target.name in err
+            assert torch.equal(torch.load(target, weights_only=True)["ids"], blob["ids"])  # rebuilt
+        else:
+            assert "cannot write the cache entry" in err
+        assert "Traceback" not in err
+        assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- results that cannot be right
+
+
+def test_nan_perplexity_fails_and_writes_nothing(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(oe, "perplexity", lambda *a, **k: float("nan"))
+    code, out = run_cli(*tiny_dir, tmp_path, "--sparsity", "0.5")
+    assert code == 1
+    assert_one_line_error(capsys, "ptb perplexity is nan")
+    assert os.listdir(out) == []
+
+
+def test_allocation_off_target_fails(tiny_dir, tmp_path, capsys, monkeypatch):
+    import bitalloc
+
+    monkeypatch.setattr(bitalloc, "allocate", lambda costs, mp, target: torch.full((costs.size.numel(),), 2))
+    code, out = run_cli(*tiny_dir, tmp_path, "--wbits", "4", "--target_avg_bits", "4", "--bit_method", "budget")
+    assert code == 1
+    assert_one_line_error(capsys, "stores 2.000 bits", "--target_avg_bits 4.0")
+    assert os.listdir(out) == []
+
+
+def test_results_json_never_holds_nan(tmp_path):
+    assert oe.nonfinite_path({"a": [1.0, {"b": float("inf")}]}) == "a[1].b"
+    with pytest.raises(RuntimeError, match=r"a\[1\]\.b"):
+        oe.write_json({"a": [1.0, {"b": float("nan")}]}, str(tmp_path / "r.json"))
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- unexpected errors and signals
+
+
+def test_unexpected_error_is_one_line_naming_the_stage(tiny_dir, tmp_path, capsys, monkeypatch):
+    def broken(*a, **k):
+        raise ZeroDivisionError("division by zero")
+    monkeypatch.setattr(oe, "compress", broken)
+    code, out = run_cli(*tiny_dir, tmp_path, "--sparsity", "0.5")
+    assert code == 1
+    assert_one_line_error(capsys, "unexpected ZeroDivisionError while compress", "--debug")
+    assert os.listdir(out) == []
+    code, out = run_cli(*tiny_dir, tmp_path, "--sparsity", "0.5", "--debug")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err.splitlines()[-1]
+
+
+def test_failure_after_an_output_was_written_removes_it(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--save is written, then the export fails (a full disk): the checkpoint goes too, and --save's
+    directory, empty before the run, is left empty."""
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(oe, "export_compressed", full)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "s").mkdir()
+    code, out = run_cli(*tiny_dir, tmp_path, "--wbits", "4", "--export", str(tmp_path / "out" / "e"))
+    assert code == 1
+    assert_one_line_error(capsys, "unexpected OSError while writing the outputs", "No space left on device")
+    assert os.listdir(out) == ["s"] and os.listdir(out / "s") == []
+
+
+@pytest.mark.parametrize("signum,code,word", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_signal_while_writing_cleans_up(tiny_dir, tmp_path, capsys, monkeypatch, signum, code, word):
+    """The signal arrives while the checkpoint is being written (a scheduler's time limit)."""
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+
+    def interrupted(self, directory, *a, **kw):
+        real(self, directory, *a, **kw)
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises in the main thread before this ends
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    previous = signal.getsignal(signal.SIGTERM)
+    got, out = run_cli(*tiny_dir, tmp_path)
+    assert got == code and signal.getsignal(signal.SIGTERM) == previous
+    assert_one_line_error(capsys, word, "while writing --save", "temporary outputs removed")
+    assert os.listdir(out) == []
+
+
+# ---------------------------------------------------------------- small things a first-time user meets
+
+
+def test_success_says_where_outputs_went_and_files_follow_the_umask(tiny_dir, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        datautils._MEMO.clear()
+        code, out = run_cli(*tiny_dir, tmp_path, "--cache_dir", str(tmp_path / "cache"))
+    finally:
+        os.umask(old)
+    assert code == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["outputs"] == {"save": str(out / "s"), "results_json": str(out / "r.json")}
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out / "r.json", *cache_entries(tmp_path / "cache")]}
+    assert set(modes.values()) == {0o644}, modes
+    assert stat.S_IMODE((out / "s").stat().st_mode) == 0o755
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        oe.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 128)" in text and "(default: 0.01)" in text and "(default: 2,3,4,6,8)" in text
+
+
+def test_requirements_list_every_third_party_import():
+    names = {line.split("==")[0].split(">=")[0].split(";")[0].strip().lower()
+             for line in (Path(__file__).parent / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")}
+    assert "tqdm" in names
