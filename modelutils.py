@@ -104,7 +104,8 @@ def linear_names(config) -> list[list[str]]:
 
 
 def load_opt(model: str, quiet: bool = False) -> nn.Module:
-    """OPTForCausalLM from a local directory or the hub, in the checkpoint's dtype, eval mode.
+    """OPTForCausalLM from a local directory or the hub, in the checkpoint's dtype, eval mode: a
+    from_pretrained directory (a compressed-tensors export too) or our packed export.
 
     Refused with ModelError (one line naming the model): a config of another family, weights missing
     from the checkpoint (transformers would initialise them at random), unexpected or mis-shaped
@@ -115,6 +116,16 @@ def load_opt(model: str, quiet: bool = False) -> nn.Module:
     if quiet:
         logging.disable_progress_bar()
     load_config(model)
+    source = model_source(model)
+    if os.path.isfile(os.path.join(source, "packed.safetensors")):  # our packed export (--export_format packed)
+        from export import load_compressed
+
+        try:
+            net = load_compressed(source)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelError(f"cannot load the packed export in {model} ({_first_line(e)})") from e
+        net.config.use_cache = False
+        return net.eval()
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the load report is replaced by our own message below
     try:

@@ -159,3 +159,16 @@ def test_not_an_export(tmp_path):
     safetensors.torch.save_file({"x": torch.zeros(1)}, tmp_path / export.PACKED)
     with pytest.raises(ValueError, match="not a"):
         load_compressed(str(tmp_path))
+
+
+def test_the_cli_evaluates_a_packed_export_directory(tmp_path, tiny_dir):
+    """`opt_enhanced.py DIR` runs the perplexity protocol on a packed export as on any model directory."""
+    import opt_enhanced as oe
+
+    model_dir, data_dir = tiny_dir
+    common = ["c4", "--data_dir", str(data_dir), "--nsamples", "2", "--seqlen", "32", "--device", "cpu",
+              "--eval", "ptb", "--quiet"]
+    run = oe.run(oe.parse_args([str(model_dir), *common, "--sparsity", "0.5", "--wbits", "3",
+                                "--target_avg_bits", "3.0", "--export", str(tmp_path / "packed")]))
+    again = oe.run(oe.parse_args([str(tmp_path / "packed"), *common]))
+    assert again["perplexity"] == run["perplexity"]
