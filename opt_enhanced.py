@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
 import torch
@@ -34,7 +34,7 @@ from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, find_linears, forward_layer,
                         head_modules, hook_inputs, layer_output, load_opt, logits_from_hidden, model_source)
-from quant import QuantGrid, round_to_nearest
+from quant import QuantGrid
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 # Linear layers of an OPT decoder layer that read the same activations as another one: one Hessian serves them.
@@ -971,62 +971,60 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
+def config_defaults() -> dict[str, Any]:
+    """Every RunConfig field's default (a fresh copy of the lists)."""
+    return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(RunConfig)
+            if f.default is not MISSING or f.default_factory is not MISSING}
+
+
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p.set_defaults(**config_defaults())  # RunConfig's defaults are the only ones: the flags below name none
     p.add_argument("model", help="hub id (facebook/opt-125m) or local model directory")
     p.add_argument("dataset", choices=datautils.DATASETS, help="calibration data")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling the calibration windows")
-    p.add_argument("--nsamples", type=int, default=128, help="number of calibration windows")
-    p.add_argument("--percdamp", type=float, default=0.01, help="damping, fraction of the mean Hessian diagonal")
-    p.add_argument("--sparsity", type=float, default=0.0, help="unstructured sparsity in [0, 1)")
-    p.add_argument("--prunen", type=int, default=0, help="N of N:M sparsity")
-    p.add_argument("--prunem", type=int, default=0, help="M of N:M sparsity")
-    p.add_argument("--blocksize", type=int, default=128, help="columns per lazy-update block (and mask block)")
+    p.add_argument("--seed", type=int, help="seed for sampling the calibration windows")
+    p.add_argument("--nsamples", type=int, help="number of calibration windows")
+    p.add_argument("--percdamp", type=float, help="damping, fraction of the mean Hessian diagonal")
+    p.add_argument("--sparsity", type=float, help="unstructured sparsity in [0, 1)")
+    p.add_argument("--prunen", type=int, help="N of N:M sparsity")
+    p.add_argument("--prunem", type=int, help="M of N:M sparsity")
+    p.add_argument("--blocksize", type=int, help="columns per lazy-update block (and mask block)")
     p.add_argument("--gmp", action="store_true", help="magnitude pruning baseline (no calibration)")
-    p.add_argument("--wbits", type=int, default=16, help="weight bits; 16 = no quantization")
-    p.add_argument("--minlayer", type=int, default=-1, help="compress layers with index >= this")
-    p.add_argument("--maxlayer", type=int, default=1000, help="compress layers with index < this")
-    p.add_argument("--prune_only", type=str, default="", help="compress only Linear layers whose name contains this")
+    p.add_argument("--wbits", type=int, help="weight bits; 16 = no quantization")
+    p.add_argument("--minlayer", type=int, help="compress layers with index >= this")
+    p.add_argument("--maxlayer", type=int, help="compress layers with index < this")
+    p.add_argument("--prune_only", type=str, help="compress only Linear layers whose name contains this")
     p.add_argument("--invert", action="store_true", help="invert the layer selection")
     p.add_argument("--act-order", "--act_order", dest="act_order", action="store_true",
                    help="solve columns in order of decreasing activation energy (GPTQ's --act-order)")
-    p.add_argument("--save", type=str, default="", help="write a from_pretrained checkpoint to this (new) directory")
-    p.add_argument("--export", type=str, default="",
-                   help="write the packed form (bit-packed codes, bit map, ranges, mask) to this (new) directory")
-    p.add_argument("--export_format", choices=("packed", "compressed-tensors"), default="packed",
-                   help="--export's format: our packed one (export.load_compressed reads it), or compressed-tensors "
+    p.add_argument("--save", type=str, help="write a from_pretrained checkpoint to this (new) directory")
+    p.add_argument("--export", type=str, help="write the packed form (bit-packed codes, bit map, ranges, mask) to this (new) directory")
+    p.add_argument("--export_format", choices=("packed", "compressed-tensors"), help="--export's format: our packed one (export.load_compressed reads it), or compressed-tensors "
                         "(transformers, vLLM and SGLang load it; uniform widths or --bit_granularity linear)")
-    p.add_argument("--lm_eval", type=_list(str), default=[],
-                   help="lm-evaluation-harness tasks to run on the compressed model, comma-separated (needs lm-eval)")
-    p.add_argument("--lm_eval_include", type=str, default="",
-                   help="a directory of local lm-eval task definitions (YAML), for --lm_eval")
-    p.add_argument("--groupsize", type=int, default=-1, help="columns per quantization group; -1 = one grid per row")
+    p.add_argument("--lm_eval", type=_list(str), help="lm-evaluation-harness tasks to run on the compressed model, comma-separated (needs lm-eval)")
+    p.add_argument("--lm_eval_include", type=str, help="a directory of local lm-eval task definitions (YAML), for --lm_eval")
+    p.add_argument("--groupsize", type=int, help="columns per quantization group; -1 = one grid per row")
     p.add_argument("--sym", action="store_true", help="symmetric quantization grid")
     p.add_argument("--nearest", action="store_true", help="round-to-nearest baseline (no calibration)")
-    p.add_argument("--seqlen", type=int, default=0, help="window length; 0 = the model's max positions")
-    p.add_argument("--data_dir", type=str, default=None, help="offline data (layout of ../shared/data)")
+    p.add_argument("--seqlen", type=int, help="window length; 0 = the model's max positions")
+    p.add_argument("--data_dir", type=str, help="offline data (layout of ../shared/data)")
     p.add_argument("--cache_dir", type=str, default=os.environ.get("OPT_ENHANCED_CACHE"),
                    help="cache of tokenized data (default: $OPT_ENHANCED_CACHE, else none)")
-    p.add_argument("--results_json", type=str, default="", help="write config, perplexities, statistics, timings here")
-    p.add_argument("--plot", type=str, default="", help="PNG heatmap of average bits per module and layer")
-    p.add_argument("--target_avg_bits", type=float, default=None,
-                   help="mixed precision: average code bits per stored weight (with sparsity: per kept weight)")
-    p.add_argument("--bit_method", choices=("quantile", "budget"), default="quantile", help="bit allocator")
-    p.add_argument("--bit_scope", choices=("layer", "model"), default="layer", help="one budget per layer or per model")
-    p.add_argument("--bit_granularity", choices=("channel", "linear"), default="channel",
-                   help="one width per input channel, or per Linear (q/k/v tied; needs --bit_scope model)")
-    p.add_argument("--clip", choices=("auto", "none", "width"), default="auto",
-                   help="shrink each width's range by the factor (per Linear) that minimises the estimated "
+    p.add_argument("--results_json", type=str, help="write config, perplexities, statistics, timings here")
+    p.add_argument("--plot", type=str, help="PNG heatmap of average bits per module and layer")
+    p.add_argument("--target_avg_bits", type=float, help="mixed precision: average code bits per stored weight (with sparsity: per kept weight)")
+    p.add_argument("--bit_method", choices=("quantile", "budget"), help="bit allocator")
+    p.add_argument("--bit_scope", choices=("layer", "model"), help="one budget per layer or per model")
+    p.add_argument("--bit_granularity", choices=("channel", "linear"), help="one width per input channel, or per Linear (q/k/v tied; needs --bit_scope model)")
+    p.add_argument("--clip", choices=("auto", "none", "width"), help="shrink each width's range by the factor (per Linear) that minimises the estimated "
                         "error; auto = on for mixed precision, off (the reference grid) for uniform runs")
-    p.add_argument("--error_shrinkage", type=float, default=0.75,
-                   help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
+    p.add_argument("--error_shrinkage", type=float, help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
                         "text the calibration data does not excite)")
-    p.add_argument("--bit_options", type=_list(int), default=[2, 3, 4, 6, 8], help="allowed widths, e.g. 2,3,4,6,8")
-    p.add_argument("--importance_weights", type=_list(float), default=[1.0] * 5,
-                   help="weights of energy,outlier,weight,obs,sensitivity")
-    p.add_argument("--eval", type=_list(str), default=list(EVAL_DATASETS), help="datasets to report perplexity on")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", type=str, default="", help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--bit_options", type=_list(int), help="allowed widths, e.g. 2,3,4,6,8")
+    p.add_argument("--importance_weights", type=_list(float), help="weights of energy,outlier,weight,obs,sensitivity")
+    p.add_argument("--eval", type=_list(str), help="datasets to report perplexity on")
+    p.add_argument("--batch_size", type=int, help="windows per forward pass")
+    p.add_argument("--device", type=str, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--offload", action="store_true",
                    help="keep the model on the CPU, one decoder layer on the GPU at a time (automatic when it does not fit)")
     p.add_argument("--no_fused", action="store_true",

@@ -555,3 +555,9 @@ def test_comparison_script_runs_and_checks_targets(tiny_dir, tmp_path):
     assert all(abs(r["summary"]["stored_bits"] - r["config"]["target_avg_bits"]) <= 0.02
                for r in results.values() if r["config"]["target_avg_bits"] is not None)
     assert len(results) == 9 and all(r["summary"]["channels"] == 2 * (5 * 32 + 64) for r in results.values())
+
+
+def test_cli_defaults_are_run_config_defaults(monkeypatch):
+    """One source of defaults: the flags given nothing produce RunConfig's own defaults."""
+    monkeypatch.delenv("OPT_ENHANCED_CACHE", raising=False)
+    assert oe.parse_args(["m", "c4"]) == oe.RunConfig("m", "c4")
