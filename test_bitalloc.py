@@ -6,25 +6,24 @@ import math
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import OPTForCausalLM
+
+import conftest
 
 import bitalloc
 import opt_enhanced as oe
-from bitalloc import MixedPrecision, allocate_budget, allocate_quantile, channel_metrics, combine_metrics
+from bitalloc import allocate_budget, allocate_quantile, channel_metrics, combine_metrics
 from compression_stats import summarize
-from quant import QuantGrid, round_to_nearest
+from quant import QuantGrid
 from sparsegpt_enhanced import PruneSpec, SparseGPT
 
 OPTIONS = [2, 3, 4, 6, 8]
 
 
 def tiny_model(layers: int = 2, hidden: int = 32, ffn: int = 64) -> OPTForCausalLM:
-    torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=64, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn, num_attention_heads=4,
-                    max_position_embeddings=64, word_embed_proj_dim=hidden, dropout=0.0, pad_token_id=1,
-                    bos_token_id=2, eos_token_id=2)
-    model = OPTForCausalLM(cfg).eval()
-    with torch.no_grad():  # loud channels, as in trained models, so that importance varies
+    """conftest's tiny OPT with three loud input channels, as in trained models, so that importance varies."""
+    model = conftest.tiny_model(layers, hidden, ffn)
+    with torch.no_grad():
         model.model.decoder.layers[0].self_attn_layer_norm.weight[:3] *= 30
     return model
 
