@@ -18,8 +18,10 @@ from transformers import OPTConfig, OPTForCausalLM
 
 torch.set_num_threads(1)
 
-# End-to-end tests in modules this file does not own, marked here by name (the rest carry @pytest.mark.slow).
-SLOW_ELSEWHERE = {"test_enhanced.py::test_comparison_script_runs_and_checks_targets"}
+# End-to-end tests in modules this file does not own, marked here by node id or file (the rest carry
+# @pytest.mark.slow): the comparison script (eight CLI processes) and lm-evaluation-harness (its import alone
+# takes seconds).
+SLOW_ELSEWHERE = ("test_enhanced.py::test_comparison_script_runs_and_checks_targets", "test_lm_eval.py::")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -29,7 +31,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.nodeid.split("[")[0] in SLOW_ELSEWHERE:
+        if item.nodeid.startswith(SLOW_ELSEWHERE):
             item.add_marker(pytest.mark.slow)
 
 
