@@ -32,6 +32,7 @@ class LinearStats:
     pruned: bool
     bits_per_column: list[int] | None  # None: not quantized
     code_bits: int  # sum over columns of kept weights x width
+    predicted_code_bits: int | None  # the same with the kept counts the allocator predicted (mixed runs)
     importance_range: tuple[float, float] | None
     error: float
     damping: float
@@ -70,6 +71,8 @@ class Summary:
     avg_bits: float  # mean over channels
     avg_bits_weighted: float  # nominal: mean over all weights (channels weighted by rows)
     stored_bits: float  # mean code width over the stored (kept) weights: what --target_avg_bits sets
+    mask_drift_bits: float | None  # (stored - predicted code bits) per stored weight: the solver's mask against
+    # the allocator's prediction, before the run's carry corrects it (mixed runs)
     effective_bits: float  # storage bits per weight, everything counted
     sparsity: float
 
@@ -84,12 +87,15 @@ def summarize(stats: list[LinearStats]) -> Summary:
     weights = sum(s.rows * s.columns for s in stats)
     qweights = sum(s.rows * s.columns for s in quantized)
     kept = sum(s.kept for s in quantized)
+    mixed = [s for s in quantized if s.predicted_code_bits is not None]
     return Summary(
         channels=channels,
         bit_counts=dict(sorted(counts.items())),
         avg_bits=sum(b * c for b, c in counts.items()) / channels if channels else 0.0,
         avg_bits_weighted=sum(s.rows * sum(s.bits_per_column) for s in quantized) / qweights if qweights else 0.0,
         stored_bits=sum(s.code_bits for s in quantized) / kept if kept else 0.0,
+        mask_drift_bits=sum(s.code_bits - s.predicted_code_bits for s in mixed) / sum(s.kept for s in mixed)
+        if mixed else None,
         effective_bits=sum(s.storage_bits for s in stats) / weights if weights else 0.0,
         sparsity=1 - sum(s.nonzero for s in stats) / weights if weights else 0.0,
     )
@@ -104,7 +110,10 @@ def format_summary(summary: Summary, stats: list[LinearStats]) -> str:
     lines += [
         f"平均位宽 (Average bits): {summary.avg_bits:.3f} per channel, {summary.avg_bits_weighted:.3f} per weight "
         "(nominal)",
-        f"存储位宽 (Stored bits): {summary.stored_bits:.3f} per stored weight (the --target_avg_bits measure)",
+        f"存储位宽 (Stored bits): {summary.stored_bits:.3f} per stored weight (the --target_avg_bits measure)"
+        + ("" if summary.mask_drift_bits is None else
+           f"; the solver's mask moved it {summary.mask_drift_bits:+.4f} from the allocator's prediction "
+           "(carried into later Linears)"),
         f"有效存储 (Effective storage): {summary.effective_bits:.3f} bits/weight "
         "(codes + scales/zeros + sparsity mask + bit map)",
         f"稀疏度 (Sparsity): {100 * summary.sparsity:.2f}%",

@@ -552,7 +552,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
     W = linear.weight.data
     check_finite(W, f"weight of {name}")
     rows, columns = W.shape
-    bits = imp_range = planned = None
+    bits = imp_range = planned = predicted = None
     shrink: dict[int, float] = {}
     if cfg.quantize:
         bits = torch.full((columns,), cfg.wbits, dtype=torch.int64)
@@ -566,6 +566,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
             kept = costs.size.sum().item()
             planned = plan.budgets.get(name, cfg.target_avg_bits * kept)
             bits = bitalloc.allocate(costs, cfg.mixed_precision, budget.linear_target(planned, kept))
+        predicted = code_bits(costs.size.round().long(), bits)  # what the allocator expects to store
     elif cfg.quantize and cfg.clipped and solver is not None:
         order = solve_order(solver.xtx.diagonal(), cfg.act_order)
         rounding = solver.rounding_model(W, cfg.prune, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp, order)
@@ -594,7 +595,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
     stats = LinearStats(
         name=name, rows=rows, columns=columns, groups=groups, nonzero=int((linear.weight.data != 0).sum()),
         kept=int(kept.sum()), pruned=cfg.prune.active, bits_per_column=None if bits is None else bits.tolist(),
-        code_bits=codes, importance_range=imp_range, error=error, damping=damping, seconds=time.time() - tick,
+        code_bits=codes, predicted_code_bits=predicted, importance_range=imp_range, error=error, damping=damping, seconds=time.time() - tick,
         storage_bits=storage_bits(rows, packed, bits, groups, cfg.prune.active, len(cfg.bit_options), len(shrink)),
     )
     return stats, grid, bits

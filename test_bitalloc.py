@@ -306,3 +306,15 @@ def test_stored_bit_drift_is_carried_into_the_next_linears_budget():
     off = oe.StoredBits(target=3.0, carry_drift=False)
     off.spent(300.0, 290)
     assert off.linear_target(300.0, 100) == 3.0
+
+
+def test_mask_drift_is_reported_and_zero_without_sparsity(monkeypatch):
+    """Without sparsity every weight is stored, so the allocator's prediction is exact; with 2:4 the solver's
+    mask differs per column from the prediction, and the summary says by how much."""
+    dense = summarize(compress_tiny(tiny_model(), wbits=3, target_avg_bits=3.0, bit_method="budget"))
+    assert dense.mask_drift_bits == 0.0
+    recorder = MaskRecorder(monkeypatch)
+    nm = summarize(compress_tiny(tiny_model(), prunen=2, prunem=4, wbits=3, target_avg_bits=3.0,
+                                 bit_method="budget"))
+    assert nm.mask_drift_bits != 0.0 and abs(recorder.stored_average() - 3.0) <= 0.02
+    assert summarize(compress_tiny(tiny_model(), prunen=2, prunem=4, wbits=3)).mask_drift_bits is None  # uniform
