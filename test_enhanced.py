@@ -1,7 +1,6 @@
 """Tests on tiny OPT models built here; CPU, seconds each. Run: python -m pytest -q"""
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -9,21 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import OPTForCausalLM
 
 import opt_enhanced as oe
+from conftest import tiny_model, write_data
 from quant import QuantGrid, round_to_nearest
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 OPTIONS = [2, 3, 4, 6, 8]
-
-
-def tiny_model(layers: int = 2, hidden: int = 32, ffn: int = 64, vocab: int = 64, positions: int = 64) -> OPTForCausalLM:
-    torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
-                    num_attention_heads=4, max_position_embeddings=positions, word_embed_proj_dim=hidden,
-                    dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
-    return OPTForCausalLM(cfg).eval()
 
 
 def correlated_inputs(n: int, columns: int, seed: int = 0) -> torch.Tensor:
@@ -306,49 +298,6 @@ def test_reference_filter_minlayer_prune_only():
 
 
 # ---------------------------------------------------------------- CLI end to end
-
-
-def write_tokenizer(path: Path) -> None:
-    """A byte-level BPE with no merges: every byte is a token (enough to exercise the real loaders)."""
-    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    shifted = iter(range(256, 512))  # GPT-2's byte-to-character map: unprintable bytes move past 255
-    for byte in range(256):
-        vocab[chr(byte if byte in printable else next(shifted))] = len(vocab)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "vocab.json").write_text(json.dumps(vocab))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "bos_token": "</s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "pad_token": "<pad>", "add_prefix_space": False}))
-
-
-def write_data(root: Path, words: int = 4000) -> None:
-    g = torch.Generator().manual_seed(0)
-    lexicon = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "with", "it"]
-    def text(n):
-        return " ".join(lexicon[i] for i in torch.randint(0, len(lexicon), (n,), generator=g).tolist())
-    (root / "wikitext-2-raw").mkdir(parents=True)
-    (root / "wikitext-2-raw" / "wiki.test.raw").write_text("".join(f" {text(40)} \n \n" for _ in range(words // 40)))
-    (root / "wikitext-2-raw" / "wiki.train.raw").write_text("".join(f" {text(40)} \n" for _ in range(words // 40)))
-    (root / "ptb").mkdir()
-    for split in ("train", "valid", "test"):
-        (root / "ptb" / f"ptb.{split}.txt").write_text("".join(f" {text(20)} \n" for _ in range(words // 20)))
-    (root / "c4").mkdir()
-    for name in ("c4-train.00000-of-01024.json.gz", "c4-validation.00000-of-00008.json.gz"):
-        with gzip.open(root / "c4" / name, "wt") as f:
-            for _ in range(30):
-                f.write(json.dumps({"text": text(300)}) + "\n")
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    model = tiny_model(vocab=260, positions=128)
-    model.save_pretrained(root / "model")
-    write_tokenizer(root / "model")
-    write_data(root / "data")
-    return root / "model", root / "data"
 
 
 def cli(tiny_dir, tmp_path, *flags) -> tuple[int, dict]:
