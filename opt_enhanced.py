@@ -790,6 +790,9 @@ def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dic
 def run(cfg: RunConfig) -> dict[str, Any]:
     log = Log(cfg.quiet)
     dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # fp32 matmuls in full precision, as the published scripts set them (a run, not an import, decides this)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(cfg.seed)
     stage = Stages(dev)
     started = time.time()

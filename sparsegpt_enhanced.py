@@ -14,9 +14,6 @@ import torch
 import kernels
 from quant import QuantGrid, quantize
 
-torch.backends.cuda.matmul.allow_tf32 = False
-torch.backends.cudnn.allow_tf32 = False
-
 
 def warn(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
