@@ -1,4 +1,4 @@
-"""What the issue-3 sweeps share: opt-mini and its data (copies of ../shared in .local/), the validation texts
+"""opt-mini and its data for the probes here (copies of ../shared in .local/), the validation texts
 choices are made on, the test sets recorded beside them, and one compress-and-measure run.
 
 Validation: WikiText-2 valid, PTB valid and 32 C4 train windows drawn with seed 12345 (other windows of the

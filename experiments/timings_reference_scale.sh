@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
 # Timings for the record: headline runs (fresh machine / cold token cache / warm), reference table, scale.
-source configs/record.sh final_c
+source experiments/record.sh timings_reference_scale
 export PYTHONPYCACHEPREFIX=/tmp/pyc
 H="python3 opt_enhanced.py $M c4 --data_dir $D --sparsity 0.5 --wbits 4 --quiet"
 echo "== first run on a fresh machine (bytecode, Triton kernels and tokens all cold)"; time $H --cache_dir /tmp/c0

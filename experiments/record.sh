@@ -1,4 +1,4 @@
-# Sourced by the measurement scripts here: `source configs/record.sh NAME` from the repository root.
+# Sourced by the measurement scripts here: `source experiments/record.sh NAME` from the repository root.
 # Sets OUT (a new folder unless given), unbuffered Python and `time` in seconds, M and D (the copies of
 # ../shared/models/opt-mini and ../shared/data in .local/), logs everything to $OUT/NAME.log, and names the GPU.
 OUT=${OUT:-$(mktemp -d)}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Final measurements of this allocator and of the headline command on a fresh machine.
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
-source configs/record.sh final_e
+source experiments/record.sh headline_fresh_machine
 U="--sparsity 0.5 --wbits 4 --quiet"
 B="--sparsity 0.5 --wbits 4 --target_avg_bits 4 --bit_method budget --quiet"
 headline() { tag=$1; shift; echo "== $tag"; time python3 opt_enhanced.py $M c4 --data_dir $D "$@" --results_json $OUT/$tag.json; }

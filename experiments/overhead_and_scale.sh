@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
 # Process overhead diagnosis, then scale: random-weight OPT shapes through the full compression path.
-source configs/record.sh final_b
+source experiments/record.sh overhead_and_scale
 echo "== imports"; time python3 -c "import torch"; time python3 -c "import torch; torch.cuda.init()"; time python3 -c "import transformers"; time python3 -c "import opt_enhanced"
 python3 -X importtime -c "import opt_enhanced" 2> $OUT/importtime.txt
 echo "== profile of a warm headline run"

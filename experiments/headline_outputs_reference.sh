@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
-# Final measurements on opt-mini (issues 2-5). Each line's command is what BENCHMARKS.md cites.
-source configs/record.sh final_a
+# The reference table, the headline runs, --save and --export reloaded, and determinism, on opt-mini.
+source experiments/record.sh headline_outputs_reference
 nvidia-smi --query-gpu=driver_version --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
 echo "== GPU tests"; python3 -m pytest -q -p no:cacheprovider test_kernels.py test_enhanced.py -k "fused or kernel or gpu" 2>&1 | tail -4
@@ -27,5 +27,3 @@ for i in 1 2; do python3 opt_enhanced.py $M c4 --data_dir $D --cache_dir /tmp/c1
 python3 -c "import json; a,b=(json.load(open(f'/tmp/det{i}.json')) for i in (1,2)); print('identical perplexities:', a['perplexity']==b['perplexity'], a['perplexity'])"
 echo "== tables"
 python3 bench.py $M --configs configs/reference.txt --data_dir $D --cache_dir /tmp/c1 --json $OUT/reference.json
-python3 bench.py $M --configs configs/mixed.txt --data_dir $D --cache_dir /tmp/c1 --json $OUT/mixed.json
-python3 bench.py $M --configs configs/ablation.txt --data_dir $D --cache_dir /tmp/c1 --json $OUT/ablation.json

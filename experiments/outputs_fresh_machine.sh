@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/
-source configs/record.sh final_d
+source experiments/record.sh outputs_fresh_machine
 export PYTHONPYCACHEPREFIX=/tmp/pyc
 python3 opt_enhanced.py $M c4 --data_dir $D --cache_dir /tmp/c1 --sparsity 0.5 --wbits 4 --target_avg_bits 4 --bit_method budget --save /tmp/saved --export /tmp/packed --results_json $OUT/mixed_saved_h100.json --quiet
 python3 opt_enhanced.py /tmp/saved c4 --data_dir $D --cache_dir /tmp/c1 --quiet

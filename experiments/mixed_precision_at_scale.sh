@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue 3, session 5: what mixed precision costs at the published OPT shapes (random weights, 128 x 2048
+# What mixed precision costs at the published OPT shapes (random weights, 128 x 2048
 # random calibration tokens), next to 50% + uniform 4-bit on the same machine. Needs no data.
-# Usage: bash configs/scale_mixed.sh [part1|part2|part3|part4]
-source configs/record.sh scale_mixed
+# Usage: bash experiments/mixed_precision_at_scale.sh [part1|part2|part3|part4]
+source experiments/record.sh mixed_precision_at_scale
 U="--sparsity 0.5 --wbits 4"
 B="$U --target_avg_bits 4 --bit_method budget"
 Q="$U --target_avg_bits 4 --bit_method quantile"

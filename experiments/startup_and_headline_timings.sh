@@ -2,7 +2,7 @@
 # Issue 4 headline timings on a fresh machine: interpreter start-up, then the headline command
 # (50% + 4-bit, and 50% + mixed 4.0 budget) with a cold and a warm token cache.
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/.
-source configs/record.sh speed
+source experiments/record.sh startup_and_headline_timings
 nproc
 echo "== imports: twice plain, then twice with a byte-code cache in /tmp/pyc"
 for i in 1 2; do time python3 -c "import opt_enhanced"; done
