@@ -1,11 +1,13 @@
-"""OPT plumbing: loading, finding Linear layers, and running decoder layers one at a time.
+"""Model plumbing: each family's layout, loading, finding Linear layers, running decoder layers one at a time.
 
 Layers are processed one at a time so the model itself can stay on the CPU; only the layer at
-hand (and the activations of the calibration or evaluation windows) live on the GPU.
+hand (and the activations of the calibration or evaluation windows) live on the GPU. Everything
+family-specific is one row of `FAMILIES`: adding a family is a row (and tests), not a copy of the loop.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -27,7 +29,55 @@ def model_source(model: str) -> str:
     return path
 
 
-SUPPORTED_MODEL_TYPES = ("opt",)
+@dataclass(frozen=True)
+class Decoder:
+    """Where a causal-LM family keeps its decoder layers and what surrounds them."""
+
+    model_types: tuple[str, ...]
+    layers: str  # attribute path of the layer list from the CausalLM; a Linear's name is f"{layers}.{i}.{name}"
+    before: tuple[str, ...]  # modules that make layer 0's inputs (absent ones are skipped)
+    after: tuple[str, ...]  # modules from the last layer's output to the logits, in order
+    shared_input: dict[str, str]  # Linear -> the Linear whose input (and so Hessian) it shares
+
+
+FAMILIES = (
+    Decoder(("opt",), "model.decoder.layers",
+            ("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
+            ("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+            {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj"}),
+    Decoder(("llama", "mistral", "qwen2"), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
+            ("model.norm", "lm_head"),
+            {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+             "mlp.up_proj": "mlp.gate_proj"}),
+)
+SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
+
+
+def decoder_of(model_or_config) -> Decoder:
+    """The family row of a model (or its config)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    for family in FAMILIES:
+        if config.model_type in family.model_types:
+            return family
+    raise ValueError(f"unsupported model_type {config.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def submodule(model: nn.Module, path: str) -> nn.Module | None:
+    """The module at a dotted attribute path, or None where the family leaves it out (OPT's project_in)."""
+    for part in path.split("."):
+        model = getattr(model, part, None)
+        if model is None:
+            return None
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return submodule(model, decoder_of(model).layers)
+
+
+def linear_name(model: nn.Module, layer: int, name: str) -> str:
+    """A decoder Linear's qualified name in the model (`model.decoder.layers.3.fc1` for OPT)."""
+    return f"{decoder_of(model).layers}.{layer}.{name}"
 _HUB_HOST = ("huggingface.co", 443)
 
 
@@ -96,21 +146,21 @@ def load_config(model: str):
 def linear_names(config) -> list[list[str]]:
     """The Linear layers of each decoder layer by name, from the config alone (built on the meta device:
     no memory, no weights)."""
-    from transformers import OPTForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        skeleton = OPTForCausalLM(config)
-    return [list(find_linears(layer)) for layer in skeleton.model.decoder.layers]
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return [list(find_linears(layer)) for layer in decoder_layers(skeleton)]
 
 
 def load_opt(model: str, quiet: bool = False) -> nn.Module:
-    """OPTForCausalLM from a local directory or the hub, in the checkpoint's dtype, eval mode: a
+    """The causal LM (a family of FAMILIES) from a local directory or the hub, in the checkpoint's dtype, eval mode: a
     from_pretrained directory (a compressed-tensors export too) or our packed export.
 
     Refused with ModelError (one line naming the model): a config of another family, weights missing
     from the checkpoint (transformers would initialise them at random), unexpected or mis-shaped
     ones, files that cannot be read; with FloatingPointError: a NaN/Inf weight, named by tensor."""
-    from transformers import OPTForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     if quiet:
@@ -129,7 +179,7 @@ def load_opt(model: str, quiet: bool = False) -> nn.Module:
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the load report is replaced by our own message below
     try:
-        net, info = OPTForCausalLM.from_pretrained(model_source(model), dtype="auto", output_loading_info=True)
+        net, info = AutoModelForCausalLM.from_pretrained(model_source(model), dtype="auto", output_loading_info=True)
     except Exception as e:
         raise ModelError(f"cannot load the weights of {model} ({_first_line(e)}): the checkpoint files are "
                          f"missing or damaged; write them again with save_pretrained") from e
@@ -161,9 +211,8 @@ def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
 
 def decoder_io_modules(model: nn.Module) -> list[nn.Module]:
     """The modules outside the decoder layers that produce layer-0 inputs or consume the last output."""
-    dec = model.model.decoder
-    inputs = [m for m in (dec.embed_tokens, dec.embed_positions, dec.project_in) if m is not None]
-    return inputs + head_modules(model)
+    inputs = [submodule(model, path) for path in decoder_of(model).before]
+    return [m for m in inputs if m is not None] + head_modules(model)
 
 
 class _Captured(Exception):
@@ -177,7 +226,7 @@ def capture_layer_inputs(
     """Hidden states entering decoder layer 0 for every window, plus the keyword arguments the
     decoder passes to its layers (attention mask, positions, ...), whatever this transformers
     version computes. The windows all have one length, so one set of kwargs serves every batch."""
-    layers = model.model.decoder.layers
+    layers = decoder_layers(model)
     dtype = next(model.parameters()).dtype
     hidden = torch.zeros(ids.shape[0], ids.shape[1], model.config.hidden_size, dtype=dtype, device=device)
     kwargs: dict[str, Any] = {}
@@ -204,13 +253,15 @@ def capture_layer_inputs(
 
 
 def _batch_free(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Attention masks are per batch; keep one row so they broadcast over any batch size."""
-    out = {}
-    for k, v in kwargs.items():
+    """Attention masks and rotary (cos, sin) are per batch; keep one row so they broadcast over any batch size."""
+    def one_row(v: Any) -> Any:
         if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] > 1:
-            v = v[:1]
-        out[k] = v
-    return out
+            return v[:1]
+        if isinstance(v, tuple):
+            return tuple(one_row(x) for x in v)
+        return v
+
+    return {k: one_row(v) for k, v in kwargs.items()}
 
 
 @torch.no_grad()
@@ -231,8 +282,8 @@ def layer_output(y: Any) -> torch.Tensor:
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
     """The modules between the last decoder layer's output and the logits."""
-    dec = model.model.decoder
-    return [m for m in (dec.final_layer_norm, dec.project_out, model.lm_head) if m is not None]
+    modules = [submodule(model, path) for path in decoder_of(model).after]
+    return [m for m in modules if m is not None]
 
 
 def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

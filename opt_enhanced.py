@@ -32,13 +32,12 @@ import compressed_tensors_export
 import lm_eval_tasks
 from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
-from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, find_linears, forward_layer,
-                        head_modules, hook_inputs, layer_output, load_opt, logits_from_hidden, model_source)
+from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, decoder_layers, decoder_of,
+                        find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name, load_opt,
+                        logits_from_hidden, model_source)
 from quant import QuantGrid
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
-# Linear layers of an OPT decoder layer that read the same activations as another one: one Hessian serves them.
-SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj"}
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
 
 
@@ -321,10 +320,11 @@ class Log:
 
 
 def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
-                     dev: torch.device) -> dict[str, SparseGPT]:
-    """One SparseGPT (Hessian) per distinct input among `names`, filled by a forward pass."""
+                     dev: torch.device, shared: dict[str, str]) -> dict[str, SparseGPT]:
+    """The SparseGPT (Hessian) of each of `names`, filled by a forward pass: one per distinct input, so
+    Linears that read the same activations (`shared`: q/k/v, gate/up) share one."""
     linears = find_linears(layer)
-    keys = sorted({SHARED_INPUT.get(n, n) for n in names})
+    keys = sorted({shared.get(n, n) for n in names})
     solvers = {k: SparseGPT(linears[k].in_features, dev) for k in keys}
     handles = hook_inputs({k: linears[k] for k in keys}, lambda k, x: solvers[k].add_batch(x))
     try:
@@ -357,7 +357,7 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, hidden: torc
     time (backward_layer_by_layer), so the GPU holds one layer's activations rather than the whole
     model's (OPT-6.7B ran out of 80 GB otherwise), in fp32 (fp16 -> fp32 -> fp16 is exact) with TF32
     matmuls. Each layer is visited twice per batch, so the layers must stay on the GPU: not with --offload."""
-    layers = model.model.decoder.layers
+    layers = decoder_layers(model)
     if not resident(layers, dev):
         raise RuntimeError("--bit_scope model needs the whole model on the GPU (its loss gradients visit every "
                            "layer twice per batch); drop --offload or use --bit_scope layer")
@@ -368,7 +368,7 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, hidden: torc
         g = grad.reshape(-1, grad.shape[-1]).float()
         sums[name] = sums.get(name, 0) + (g ** 2).sum(0)
 
-    handles = [linear.register_full_backward_hook(lambda m, gin, gout, name=f"model.decoder.layers.{i}.{n}":
+    handles = [linear.register_full_backward_hook(lambda m, gin, gout, name=linear_name(model, i, n):
                                                   accumulate(name, gout[0]))
                for i, layer in enumerate(layers) for n, linear in find_linears(layer).items()]
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -395,7 +395,7 @@ def backward_layer_by_layer(model: nn.Module, hidden: torch.Tensor, kwargs: dict
     """Backpropagate the summed next-token loss of `ids` (decoder-layer-0 inputs `hidden`) through the
     decoder in fp32, one layer at a time: the forward keeps each layer's input, the backward runs the
     layer again with gradients. Backward hooks see every Linear's output gradient."""
-    layers = model.model.decoder.layers
+    layers = decoder_layers(model)
     x, inputs = hidden.float().detach(), []
     for layer in layers:
         inputs.append(x)
@@ -440,7 +440,8 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
                     dev: torch.device, log: Log) -> BitPlan:
     """--bit_scope model: cost every channel on the dense model (`hidden`: the inputs of its first
     layer, left as they are), errors in units of loss, then one allocation for all."""
-    layers = model.model.decoder.layers
+    layers = decoder_layers(model)
+    shared = decoder_of(model).shared_input
     home = home_of(layers)
     sensitivity = output_sensitivity(model, calibration, hidden, kwargs, dev, cfg.batch_size)
     log("measured the loss's sensitivity to every Linear output")
@@ -451,12 +452,12 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
         layer.to(dev)
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
-        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev)
+        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared)
         groups: dict[str, list[str]] = {}
         for n in chosen:
-            name = f"model.decoder.layers.{i}.{n}"
-            costs[name] = channel_costs(linears[n].weight.data, solvers[SHARED_INPUT.get(n, n)], cfg, sensitivity[name])
-            groups.setdefault(SHARED_INPUT.get(n, n), []).append(name)  # q/k/v: one width
+            name = linear_name(model, i, n)
+            costs[name] = channel_costs(linears[n].weight.data, solvers[shared.get(n, n)], cfg, sensitivity[name])
+            groups.setdefault(shared.get(n, n), []).append(name)  # q/k/v (and gate/up): one width
         tied += groups.values()
         forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
         layer.to(home)
@@ -492,7 +493,8 @@ class Compressed:
 def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: torch.device, log: Log) -> Compressed:
     """The sequential loop: each layer is calibrated on the outputs of the already-compressed
     layers before it, compressed, and its compressed outputs feed the next layer."""
-    layers = model.model.decoder.layers
+    layers = decoder_layers(model)
+    shared = decoder_of(model).shared_input
     home = home_of(layers)
     out = Compressed([], {}, {})
     calibrated = not (cfg.gmp or cfg.nearest)
@@ -508,10 +510,10 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
         layer.to(dev)
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
-        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev) if calibrated and chosen else {}
+        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared) if calibrated and chosen else {}
         for n in chosen:
-            name = f"model.decoder.layers.{i}.{n}"
-            stats, grid, bits = compress_linear(name, linears[n], solvers.get(SHARED_INPUT.get(n, n)), plan, budget,
+            name = linear_name(model, i, n)
+            stats, grid, bits = compress_linear(name, linears[n], solvers.get(shared.get(n, n)), plan, budget,
                                                 cfg)
             out.stats.append(stats)
             if grid is not None:
@@ -613,7 +615,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.devi
     layer by layer over all windows, for models that only visit the GPU one layer at a time."""
     nwin = ids.numel() // seqlen
     windows = ids[0, : nwin * seqlen].view(nwin, seqlen)
-    layers = model.model.decoder.layers
+    layers = decoder_layers(model)
     if whole_model is None:
         whole_model = resident(layers, dev)
     nll = torch.zeros((), dtype=torch.float64, device=dev)
@@ -686,7 +688,7 @@ def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
     if dev.type == "cuda" and size > 0.4 * (torch.cuda.mem_get_info(dev)[0] + there):
         offload = True
     if offload and dev.type == "cuda":
-        model.model.decoder.layers.to("cpu")
+        decoder_layers(model).to("cpu")
         for m in decoder_io_modules(model):
             m.to(dev)
     else:

@@ -158,12 +158,17 @@ def test_model_of_another_family_is_refused(tmp_path, capsys, tiny_dir):
     LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                 vocab_size=260).save_pretrained(tmp_path / "llama")
     capsys.readouterr()  # save_pretrained's progress bar
-    for kind in ("gpt2", "llama"):
-        write_tokenizer(tmp_path / kind)
-        code, out = run_cli(tmp_path / kind, tiny_dir[1], tmp_path, "--sparsity", "0.5")
-        assert code == 2
-        assert_one_line_error(capsys, f"is a {kind!r} model", "opt")
-        assert os.listdir(out) == []
+    write_tokenizer(tmp_path / "gpt2")
+    code, out = run_cli(tmp_path / "gpt2", tiny_dir[1], tmp_path, "--sparsity", "0.5")
+    assert code == 2
+    assert_one_line_error(capsys, "is a 'gpt2' model", "opt", "llama")
+    assert os.listdir(out) == []
+    # a supported family (LLaMA) whose directory holds a config but no weights: refused, not run at random
+    write_tokenizer(tmp_path / "llama")
+    code, out = run_cli(tmp_path / "llama", tiny_dir[1], tmp_path, "--sparsity", "0.5")
+    assert code == 2
+    assert_one_line_error(capsys, "cannot load the weights")
+    assert os.listdir(out) == []
 
 
 def damaged_model(tiny_dir, tmp_path: Path, how: str) -> Path:
