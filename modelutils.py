@@ -75,6 +75,37 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return submodule(model, decoder_of(model).layers)
 
 
+def home_of(layers: nn.ModuleList) -> torch.device:
+    """Where the decoder layers live between uses: the CPU when offloaded, else the GPU."""
+    return next(layers[0].parameters()).device
+
+
+def resident(layers: nn.ModuleList, dev: torch.device) -> bool:
+    """Whether the decoder layers stay on `dev` (not offloaded). Compares the device type: `dev` is
+    often "cuda" where the layers report "cuda:0", and those two are not equal as torch.device."""
+    return home_of(layers).type == dev.type
+
+
+def walk_layers(model: nn.Module, dev: torch.device, hidden: torch.Tensor | None = None,
+                kwargs: dict[str, Any] | None = None, batch_size: int = 8,
+                progress: Callable[[Any], Any] | None = None, check: bool = False):
+    """The walk that compression, model-scope planning and layer-by-layer evaluation share: each decoder
+    layer in turn is moved to `dev` and handed to the caller (`for i, layer in walk_layers(...)`); when the
+    caller is done with it, `hidden` (every window's input to this layer) is run through the layer as the
+    caller left it, in place, optionally checked for NaN/Inf, and the layer goes back where it lives."""
+    layers = decoder_layers(model)
+    home = home_of(layers)
+    items = enumerate(layers) if progress is None else progress(enumerate(layers))
+    for i, layer in items:
+        layer.to(dev)
+        yield i, layer
+        if hidden is not None:
+            forward_layer(layer, hidden, kwargs, batch_size, hidden)
+            if check:
+                check_finite(hidden, f"output of decoder layer {i}")
+        layer.to(home)
+
+
 def linear_name(model: nn.Module, layer: int, name: str) -> str:
     """A decoder Linear's qualified name in the model (`model.decoder.layers.3.fc1` for OPT)."""
     return f"{decoder_of(model).layers}.{layer}.{name}"

@@ -33,8 +33,8 @@ import lm_eval_tasks
 from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, decoder_layers, decoder_of,
-                        find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name, load_opt,
-                        logits_from_hidden, model_source)
+                        find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name,
+                        load_opt, logits_from_hidden, model_source, resident, walk_layers)
 from quant import QuantGrid
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
@@ -440,16 +440,14 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
                     dev: torch.device, log: Log) -> BitPlan:
     """--bit_scope model: cost every channel on the dense model (`hidden`: the inputs of its first
     layer, left as they are), errors in units of loss, then one allocation for all."""
-    layers = decoder_layers(model)
     shared = decoder_of(model).shared_input
-    home = home_of(layers)
+    nlayers = len(decoder_layers(model))
     sensitivity = output_sensitivity(model, calibration, hidden, kwargs, dev, cfg.batch_size)
     log("measured the loss's sensitivity to every Linear output")
     hidden = hidden.clone()
     costs: dict[str, bitalloc.ChannelCosts] = {}
     tied: list[list[str]] = []
-    for i, layer in enumerate(layers):
-        layer.to(dev)
+    for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size):
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
         solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared)
@@ -459,24 +457,11 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
             costs[name] = channel_costs(linears[n].weight.data, solvers[shared.get(n, n)], cfg, sensitivity[name])
             groups.setdefault(shared.get(n, n), []).append(name)  # q/k/v (and gate/up): one width
         tied += groups.values()
-        forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
-        layer.to(home)
-        log(f"costed layer {i + 1}/{len(layers)}")
+        log(f"costed layer {i + 1}/{nlayers}")
     mp = cfg.mixed_precision
     if mp.granularity == "linear":
         return BitPlan(widths=bitalloc.plan_linear_widths(costs, tied, mp))
     return BitPlan(budgets=bitalloc.plan_budgets(costs, mp), sensitivity=sensitivity)
-
-
-def home_of(layers: nn.ModuleList) -> torch.device:
-    """Where the decoder layers live between uses: the CPU when offloaded, else the GPU."""
-    return next(layers[0].parameters()).device
-
-
-def resident(layers: nn.ModuleList, dev: torch.device) -> bool:
-    """Whether the decoder layers stay on `dev` (not offloaded). Compares the device type: `dev` is
-    often "cuda" where the layers report "cuda:0", and those two are not equal as torch.device."""
-    return home_of(layers).type == dev.type
 
 
 @dataclass
@@ -493,9 +478,8 @@ class Compressed:
 def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: torch.device, log: Log) -> Compressed:
     """The sequential loop: each layer is calibrated on the outputs of the already-compressed
     layers before it, compressed, and its compressed outputs feed the next layer."""
-    layers = decoder_layers(model)
+    nlayers = len(decoder_layers(model))
     shared = decoder_of(model).shared_input
-    home = home_of(layers)
     out = Compressed([], {}, {})
     calibrated = not (cfg.gmp or cfg.nearest)
     hidden = kwargs = None
@@ -505,9 +489,9 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     if cfg.mixed and cfg.bit_scope == "model":
         plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
     budget = StoredBits(cfg.target_avg_bits or 0.0, cfg.mixed_precision.drift_correction if cfg.mixed else False)
-    for i, layer in log.bar(enumerate(layers), len(layers), "compress layers"):
+    progress = lambda items: log.bar(items, nlayers, "compress layers")
+    for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size, progress, check=True):
         tick = time.time()
-        layer.to(dev)
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
         solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared) if calibrated and chosen else {}
@@ -518,11 +502,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
             out.stats.append(stats)
             if grid is not None:
                 out.grids[name], out.bits[name] = grid, bits
-        if calibrated:
-            forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
-            check_finite(hidden, f"output of decoder layer {i}")
-        layer.to(home)
-        log(f"layer {i + 1}/{len(layers)} done in {time.time() - tick:.2f}s")
+        log(f"layer {i + 1}/{nlayers} compressed in {time.time() - tick:.2f}s")
     return out
 
 
@@ -625,11 +605,9 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.devi
             nll += window_nll(model(batch, use_cache=False).logits, batch)
         return math.exp(nll.item() / nwin)
     hidden, kwargs = capture_layer_inputs(model, windows, dev, batch_size)
-    home = home_of(layers)
-    for layer in log.bar(layers, len(layers), f"evaluate {nwin} windows, layer by layer"):
-        layer.to(dev)
-        forward_layer(layer, hidden, kwargs, batch_size, hidden)
-        layer.to(home)
+    progress = lambda items: log.bar(items, len(layers), f"evaluate {nwin} windows, layer by layer")
+    for _ in walk_layers(model, dev, hidden, kwargs, batch_size, progress):
+        pass  # the walk itself runs each layer over the windows
     for start in range(0, nwin, batch_size):
         logits = logits_from_hidden(model, hidden[start:start + batch_size])
         nll += window_nll(logits, windows[start:start + batch_size].to(dev))
