@@ -8,6 +8,7 @@ from local files (`dataset_path: json` with `data_files`), since the hub cannot 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from typing import Any
 
@@ -15,12 +16,8 @@ import torch.nn as nn
 
 
 def available() -> bool:
-    try:
-        import accelerate  # noqa: F401
-        import lm_eval  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether lm-eval and accelerate are installed (without importing them)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("lm_eval", "accelerate"))
 
 
 @functools.cache

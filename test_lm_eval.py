@@ -8,9 +8,11 @@ import torch
 
 import opt_enhanced as oe
 
-pytest.importorskip("lm_eval")
-pytest.importorskip("accelerate")
-from transformers import AutoTokenizer, OPTForCausalLM  # noqa: E402
+from transformers import AutoTokenizer, OPTForCausalLM
+
+from lm_eval_tasks import available
+
+pytestmark = pytest.mark.skipif(not available(), reason="lm-eval or accelerate is not installed")
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "with", "it"]
 
