@@ -91,7 +91,6 @@ class ChannelCosts:
     """One Linear's channels as the allocators see them."""
 
     importance: torch.Tensor  # (columns,) combined importance, mean 1 within the Linear
-    metrics: torch.Tensor  # (5, columns) the raw metrics
     rank: torch.Tensor  # (columns,) the order quantile's tiers follow
     cost: torch.Tensor  # (columns, len(options)) estimated error at each width (sorted options)
     size: torch.Tensor  # (columns,) predicted stored weights
@@ -130,14 +129,14 @@ def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, bas
     whose size and shape across widths come from the Hessian and the grid. With `row_weight` (each
     output's cost to the model's loss) errors are in units of loss and comparable across Linears;
     quantile's ranking is then scaled by the Linear's mean error at the base width."""
-    metrics, imp = importance(weight, solver, base_bits, sym, groupsize, percdamp, mp.importance_weights)
+    _, imp = importance(weight, solver, base_bits, sym, groupsize, percdamp, mp.importance_weights)
     model = solver.rounding_model(weight, prune, sym, groupsize, blocksize, percdamp, order, row_weight)
     options = sorted(mp.options)
     shrink = choose_shrink(model, options, mp.clip_factors) if mp.clip else {}
     error = torch.stack([model.loss(b, shrink.get(b, 1.0)) for b in options], 1)
     error = (1 - mp.error_shrinkage) * error + mp.error_shrinkage * error.mean(0, keepdim=True)
     rank = imp if row_weight is None else imp * error[:, options.index(base_bits)].mean()
-    return ChannelCosts(imp, metrics, rank, imp[:, None] * error, model.kept_per_column().to(error.dtype), shrink)
+    return ChannelCosts(imp, rank, imp[:, None] * error, model.kept_per_column().to(error.dtype), shrink)
 
 
 # ---------------------------------------------------------------- allocators
@@ -288,9 +287,8 @@ def allocate_budget(error: torch.Tensor, size: torch.Tensor, options: list[int],
 
 def concat(costs: list[ChannelCosts]) -> ChannelCosts:
     """The channels of several Linears as one set (for an allocation across the model)."""
-    return ChannelCosts(torch.cat([c.importance.cpu() for c in costs]), torch.cat([c.metrics.cpu() for c in costs], 1),
-                        torch.cat([c.rank.cpu() for c in costs]), torch.cat([c.cost.cpu() for c in costs]),
-                        torch.cat([c.size.cpu() for c in costs]))
+    return ChannelCosts(torch.cat([c.importance.cpu() for c in costs]), torch.cat([c.rank.cpu() for c in costs]),
+                        torch.cat([c.cost.cpu() for c in costs]), torch.cat([c.size.cpu() for c in costs]))
 
 
 def plan_budgets(costs: dict[str, ChannelCosts], mp: MixedPrecision) -> dict[str, float]:
@@ -311,7 +309,6 @@ def plan_linear_widths(costs: dict[str, ChannelCosts], tied: list[list[str]], mp
     as q/k/v), each unit priced by its channels' summed cost and size, allocated across the model."""
     units = ChannelCosts(
         importance=torch.tensor([float(sum(costs[n].importance.sum() for n in u)) for u in tied]),
-        metrics=torch.zeros(5, len(tied)),
         rank=torch.tensor([float(sum((costs[n].rank.cpu() * costs[n].size.cpu()).sum() for n in u)
                                  / max(sum(costs[n].size.sum() for n in u), 1)) for u in tied]),
         cost=torch.stack([sum(costs[n].cost.cpu().sum(0) for n in u) for u in tied]),
