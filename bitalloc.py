@@ -9,7 +9,7 @@ The pieces:
   `combine_metrics`);
 - an error model: the solver's own estimate of its loss when a channel is rounded at each width
   (`SparseGPT.rounding_model`), weighted by the importance, with each width's range shrunk by the
-  factor that minimises that estimate (`choose_shrink`);
+  factor that minimises that estimate (`clip_ranges`);
 - the bit target counted on *stored* weights: with sparsity only the weights the mask keeps carry
   codes, so each channel is priced by its predicted count of kept weights;
 - two allocators under that target: `budget` (the unconstrained optimum of the error model, a greedy
@@ -108,16 +108,24 @@ def importance(weight: torch.Tensor, solver: SparseGPT, base_bits: int, sym: boo
     return metrics, combine_metrics(metrics, weights)
 
 
-def choose_shrink(model, widths: list[int], factors: tuple[float, ...]) -> dict[int, float]:
-    """For each width, the range factor with the least estimated loss over the whole matrix (only
-    factors below 1 are returned). One number per width and Linear: nothing per row to store."""
-    shrink = {}
+def clip_ranges(model, widths: list[int], factors: tuple[float, ...]
+                ) -> tuple[dict[int, float], dict[int, torch.Tensor]]:
+    """For each width, the range factor with the least estimated loss over the whole matrix (only factors
+    below 1 are returned: one number per width and Linear, nothing per row to store), and the per-column
+    losses at that factor, so that the allocators need not round again."""
+    shrink, losses = {}, {}
     for b in widths:
-        losses = torch.stack([model.loss(b, f).sum() for f in factors])
-        best = factors[int(torch.argmin(losses))]
-        if best != 1.0:
-            shrink[b] = best
-    return shrink
+        tried = [model.loss(b, f) for f in factors]
+        k = int(torch.argmin(torch.stack([loss.sum() for loss in tried])))
+        losses[b] = tried[k]
+        if factors[k] != 1.0:
+            shrink[b] = factors[k]
+    return shrink, losses
+
+
+def choose_shrink(model, widths: list[int], factors: tuple[float, ...]) -> dict[int, float]:
+    """The range factor of each width (`clip_ranges` without the losses)."""
+    return clip_ranges(model, widths, factors)[0]
 
 
 def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, base_bits: int, sym: bool,
@@ -132,8 +140,11 @@ def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, bas
     _, imp = importance(weight, solver, base_bits, sym, groupsize, percdamp, mp.importance_weights)
     model = solver.rounding_model(weight, prune, sym, groupsize, blocksize, percdamp, order, row_weight)
     options = sorted(mp.options)
-    shrink = choose_shrink(model, options, mp.clip_factors) if mp.clip else {}
-    error = torch.stack([model.loss(b, shrink.get(b, 1.0)) for b in options], 1)
+    if mp.clip:
+        shrink, losses = clip_ranges(model, options, mp.clip_factors)
+    else:
+        shrink, losses = {}, {b: model.loss(b) for b in options}
+    error = torch.stack([losses[b] for b in options], 1)
     error = (1 - mp.error_shrinkage) * error + mp.error_shrinkage * error.mean(0, keepdim=True)
     rank = imp if row_weight is None else imp * error[:, options.index(base_bits)].mean()
     return ChannelCosts(imp, rank, imp[:, None] * error, model.kept_per_column().to(error.dtype), shrink)
