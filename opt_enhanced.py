@@ -488,7 +488,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     plan = BitPlan()
     if cfg.mixed and cfg.bit_scope == "model":
         plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
-    budget = StoredBits(cfg.target_avg_bits or 0.0, cfg.mixed_precision.drift_correction if cfg.mixed else False)
+    budget = StoredBits(cfg.mixed_precision.drift_correction if cfg.mixed else False)
     progress = lambda items: log.bar(items, nlayers, "compress layers")
     for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size, progress, check=True):
         tick = time.time()
@@ -515,7 +515,6 @@ class StoredBits:
     column, so a Linear stores a little more or less than planned. That surplus or deficit is
     carried into the next Linear's budget, which keeps the whole model's stored average on target."""
 
-    target: float
     carry_drift: bool
     carried: float = 0.0  # planned minus stored code bits so far
 
