@@ -19,7 +19,7 @@ import importlib.util
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import safetensors.torch
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from export import atomic_directory, dense_tensors
-from quant import QuantGrid, codes, dequantize
+from quant import QuantGrid, dequantize
 
 MAX_WIDTH = 8  # pack_to_int32 packs 1..8 bits
 
@@ -73,10 +73,7 @@ def linear_tensors(name: str, weight: torch.Tensor, grid: QuantGrid, width: int)
 
     W = weight.detach().float()
     rows, columns = W.shape
-    grid = replace(grid, xmin=grid.xmin.to(W.device), xmax=grid.xmax.to(W.device))  # the model may have moved
-    bits = torch.full((columns,), width, dtype=torch.int64)
-    scale, zero, maxq = grid.column_params(0, columns, bits)
-    q = codes(W, scale, zero, maxq)
+    q, scale, zero = grid.codes_of(W, torch.full((columns,), width, dtype=torch.int64))
     if not torch.equal(dequantize(q, scale, zero).to(weight.dtype), weight.detach()):
         raise ValueError(f"{name}: weights are not on their fp16-scale grid (was the run made with "
                          "--export_format compressed-tensors?)")

@@ -32,7 +32,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from compression_stats import storage_bits
-from quant import MAX_WIDTH, QuantGrid, codes, dequantize
+from quant import MAX_WIDTH, QuantGrid, dequantize
 
 if TYPE_CHECKING:
     from transformers import OPTForCausalLM
@@ -91,10 +91,7 @@ def pack_linear(name: str, weight: torch.Tensor, grid: QuantGrid, bits: torch.Te
     widths = sorted(set(bits.tolist()))
     if widths[0] < 1 or widths[-1] > MAX_WIDTH:
         raise ValueError(f"{name}: widths {widths} outside 1..{MAX_WIDTH}")
-    grid = QuantGrid(grid.sym, grid.groupsize, grid.xmin.to(W.device).float(), grid.xmax.to(W.device).float(),
-                     grid.shrink)
-    scale, zero, maxq = grid.column_params(0, columns, bits)
-    q = codes(W, scale, zero, maxq)
+    q, scale, zero = grid.codes_of(W, bits)
     keep = W != 0 if pruned else torch.ones_like(W, dtype=torch.bool)
     rebuilt = torch.where(keep, dequantize(q, scale, zero), 0.0).to(weight.dtype)
     if not torch.equal(rebuilt, weight.detach()):

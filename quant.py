@@ -11,7 +11,7 @@ factor is one number per width and layer, so it costs next to nothing to store.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -121,6 +121,13 @@ class QuantGrid:
             xmin, xmax = xmin * factor[bits], xmax * factor[bits]
         scale, zero = grid_params(xmin, xmax, maxq, self.sym, self.scale_dtype)
         return scale, zero, maxq
+
+    def codes_of(self, w: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes, scale, zero) of the values w (rows, columns) on this grid, computed where w lives
+        (an exporter gets weights moved to the CPU and grids left on the GPU)."""
+        grid = replace(self, xmin=self.xmin.to(w.device).float(), xmax=self.xmax.to(w.device).float())
+        scale, zero, maxq = grid.column_params(0, w.shape[1], bits)
+        return codes(w, scale, zero, maxq), scale, zero
 
     @classmethod
     def rounding(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None,
