@@ -19,7 +19,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 import torch.nn as nn
@@ -134,6 +134,7 @@ def check_outputs(cfg: RunConfig) -> None:
     seen: dict[str, str] = {}
     outputs = [("--save", cfg.save, True), ("--export", cfg.export, True),
                ("--results_json", cfg.results_json, False), ("--plot", cfg.plot, False)]
+    example = {"--results_json": "run.json", "--plot": "bits.png"}
     for flag, path, is_dir in outputs:
         if not path:
             continue
@@ -148,10 +149,13 @@ def check_outputs(cfg: RunConfig) -> None:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise UsageError(f"{flag} {path}: cannot write into {parent} (permission denied); choose a writable "
                              f"directory")
-        if is_dir and os.path.exists(full) and (not os.path.isdir(full) or os.listdir(full)):
+        if is_dir and os.path.exists(full) and not os.path.isdir(full):
+            raise UsageError(f"{flag} {path} is a file; {flag} writes a directory: choose a new directory path")
+        if is_dir and os.path.isdir(full) and os.listdir(full):
             raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
         if not is_dir and os.path.isdir(full):
-            raise UsageError(f"{flag} {path} is a directory; give a file path (e.g. {os.path.join(path, 'run.json')})")
+            raise UsageError(f"{flag} {path} is a directory; give a file path (e.g. "
+                             f"{os.path.join(path, example[flag])})")
         if not is_dir and os.path.exists(full) and not os.access(full, os.W_OK):
             raise UsageError(f"{flag} {path} exists and is read-only; choose another file")
 
@@ -164,32 +168,34 @@ def validate(cfg: RunConfig) -> None:
     for flag, value in (("--sparsity", cfg.sparsity), ("--percdamp", cfg.percdamp),
                         ("--target_avg_bits", cfg.target_avg_bits), ("--error_shrinkage", cfg.error_shrinkage)):
         if value is not None and not math.isfinite(value):
-            raise UsageError(f"{flag} {value} is not a finite number")
+            raise UsageError(f"{flag} {value} is not a finite number; see --help for its range and default")
     if cfg.percdamp < 0:
         raise UsageError(f"--percdamp {cfg.percdamp} is negative: give a fraction (>= 0) of the mean Hessian "
                          f"diagonal, e.g. 0.01")
     if cfg.groupsize == 0 or cfg.groupsize < -1:
         raise UsageError(f"--groupsize {cfg.groupsize}: give a positive number of columns (e.g. 128), "
                          f"or -1 for one grid per row")
-    if cfg.seqlen == 1:
-        raise UsageError("--seqlen 1: a window needs at least 2 tokens (one predicts the next); "
-                         "give --seqlen 2 or more (0 = the model's max positions)")
+    if cfg.seqlen < 0 or cfg.seqlen == 1:
+        raise UsageError(f"--seqlen {cfg.seqlen}: a window needs at least 2 tokens (one predicts the next); "
+                         f"give --seqlen 2 or more (0 = the model's max positions)")
     if not cfg.eval:
         raise UsageError(f"--eval is empty: name at least one of {','.join(datautils.DATASETS)}")
     unknown = [d for d in cfg.eval if d not in datautils.DATASETS]
     if unknown:
         raise UsageError(f"unknown dataset {unknown[0]!r} in --eval; choose from {', '.join(datautils.DATASETS)}")
-    if any(not math.isfinite(w) or w < 0 for w in cfg.importance_weights):
+    weights = cfg.importance_weights
+    if len(weights) != 5 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) == 0:
         raise UsageError(f"--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1 "
-                         f"(got {','.join(map(str, cfg.importance_weights))})")
+                         f"(got {','.join(map(str, weights))})")
     if cfg.mixed and len(set(cfg.bit_options)) == 1:
         raise UsageError(f"--bit_options {cfg.bit_options[0]} with --target_avg_bits is uniform quantization: drop "
                          f"--target_avg_bits (--wbits {cfg.bit_options[0]} alone does that) or give several widths, "
                          f"e.g. 2,3,4,6,8")
     if cfg.prunen > 0 and cfg.prunem > 0 and cfg.blocksize > 0 and cfg.blocksize % cfg.prunem:
+        divisors = [m for m in range(cfg.prunen + 1, min(cfg.blocksize, 16) + 1) if cfg.blocksize % m == 0]
+        instead = f"an M that divides {cfg.blocksize} (e.g. {divisors[0]}) or " if divisors else ""
         raise UsageError(f"--prunem {cfg.prunem} does not divide --blocksize {cfg.blocksize}: N:M groups restart at "
-                         f"every block; choose an M that divides {cfg.blocksize} (e.g. 4) or a --blocksize that "
-                         f"is a multiple of {cfg.prunem}")
+                         f"every block; choose {instead}a --blocksize that is a multiple of {cfg.prunem}")
     if cfg.device:
         try:
             dev = torch.device(cfg.device)
@@ -212,11 +218,10 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError("use either --sparsity or --prunen/--prunem, not both")
     if sorted(set(cfg.bit_options)) != sorted(cfg.bit_options) or not cfg.bit_options or \
             any(b < 1 or b > 16 for b in cfg.bit_options):
-        raise UsageError(f"--bit_options {cfg.bit_options}: give distinct widths in 1..16, e.g. 2,3,4,6,8")
+        raise UsageError(f"--bit_options {','.join(map(str, cfg.bit_options))}: give distinct widths in 1..16, "
+                         f"e.g. 2,3,4,6,8")
     if cfg.wbits != 16 and cfg.wbits not in cfg.bit_options:
         raise UsageError(f"--wbits {cfg.wbits} is not among --bit_options {','.join(map(str, cfg.bit_options))} (or 16 = off)")
-    if len(cfg.importance_weights) != 5 or any(w < 0 for w in cfg.importance_weights) or sum(cfg.importance_weights) == 0:
-        raise UsageError("--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1")
     if cfg.mixed:
         if not cfg.quantize:
             raise UsageError("--target_avg_bits needs a base width: add --wbits 4 (or another of --bit_options)")
@@ -251,13 +256,16 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError("--gmp needs --sparsity (or --prunen/--prunem)")
     if cfg.gmp and cfg.quantize and not cfg.nearest:
         raise UsageError("--gmp is a pruning baseline; add --nearest to also round weights")
-    if cfg.dataset not in datautils.DATASETS or any(d not in datautils.DATASETS for d in cfg.eval):
-        raise UsageError(f"unknown dataset; choose from {', '.join(datautils.DATASETS)}")
-    if cfg.nsamples < 1 or cfg.blocksize < 1 or cfg.batch_size < 1:
-        raise UsageError("--nsamples, --blocksize and --batch_size must be positive")
+    if cfg.dataset not in datautils.DATASETS:
+        raise UsageError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(datautils.DATASETS)}")
+    for flag, value, example in (("--nsamples", cfg.nsamples, 128), ("--blocksize", cfg.blocksize, 128),
+                                 ("--batch_size", cfg.batch_size, 8)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: give a positive number (e.g. {example})")
     model_source(cfg.model)  # a missing local model directory fails here
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
-        raise UsageError(f"--data_dir {cfg.data_dir} is not a directory")
+        raise UsageError(f"--data_dir {cfg.data_dir} is not a directory; give the folder holding "
+                         f"wikitext-2-raw/, ptb/ and c4/ (e.g. ../shared/data)")
     if cfg.plot:
         if not cfg.quantize:
             raise UsageError("--plot shows bit-widths: add --wbits (and --target_avg_bits for mixed precision)")
@@ -265,15 +273,8 @@ def validate(cfg: RunConfig) -> None:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install matplotlib")
-    if cfg.seqlen < 0:
-        raise UsageError("--seqlen must be positive (0 = the model's max positions)")
     if cfg.export and not cfg.quantize:
         raise UsageError("--export packs quantized weights: add --wbits (or use --save for an fp16 checkpoint)")
-    for flag, path in (("--save", cfg.save), ("--export", cfg.export)):
-        if path and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-            raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
-    if cfg.save and cfg.save == cfg.export:
-        raise UsageError("--save and --export need different directories")
     if cfg.lm_eval:
         if not lm_eval_tasks.available():
             raise UsageError("--lm_eval needs lm-evaluation-harness: pip install lm-eval accelerate")
@@ -954,6 +955,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a malformed command line is one line on stderr (exit 2), like every other usage error,
+    instead of the whole usage block above it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def config_defaults() -> dict[str, Any]:
     """Every RunConfig field's default (a fresh copy of the lists)."""
     return {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(RunConfig)
@@ -961,7 +970,7 @@ def config_defaults() -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=_HelpFormatter)
     p.set_defaults(**config_defaults())  # RunConfig's defaults are the only ones: the flags below name none
     p.add_argument("model", help="hub id (facebook/opt-125m) or local model directory")
     p.add_argument("dataset", choices=datautils.DATASETS, help="calibration data")

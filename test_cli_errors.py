@@ -63,12 +63,19 @@ USAGE = [
     (["--wbits", "4", "--groupsize", "-7"], "--groupsize -7"),
     (["--wbits", "4", "--groupsize", "0"], "or -1 for one grid per row"),
     (["--sparsity", "0.5", "--percdamp", "-0.1"], "--percdamp -0.1 is negative"),
-    (["--sparsity", "0.5", "--percdamp", "nan"], "--percdamp nan is not a finite number"),
+    (["--sparsity", "0.5", "--percdamp", "nan"], "--percdamp nan is not a finite number; see --help"),
     (["--bit_options", "4", "--wbits", "4", "--target_avg_bits", "4", "--bit_method", "budget"],
      "uniform quantization"),
     (["--prunen", "2", "--prunem", "256"], "--prunem 256 does not divide --blocksize 128"),
     (["--prunen", "2", "--prunem", "5"], "--prunem 5 does not divide --blocksize 128"),
     (["--prunen", "4", "--prunem", "5"], "--prunem 5 does not divide"),
+    (["--prunen", "2", "--prunem", "4", "--blocksize", "6"], "an M that divides 6 (e.g. 3)"),  # not 4
+    (["--nsamples", "0"], "--nsamples 0: give a positive number"),
+    (["--batch_size", "-2"], "--batch_size -2: give a positive number"),
+    (["--seqlen", "-3"], "--seqlen -3: a window needs at least 2 tokens"),
+    (["--wbits", "4", "--target_avg_bits", "3", "--bit_options", "2,4,4"], "--bit_options 2,4,4: give distinct"),
+    (["--wbits", "4", "--target_avg_bits", "3", "--importance_weights", "1,1,1"], "(got 1.0,1.0,1.0)"),
+    (["--data_dir", "/nonexistent-h16"], "ptb/ and c4/"),
     (["--sparsity", "0.5", "--minlayer", "5", "--maxlayer", "2"], "selects no Linear layer"),
     (["--sparsity", "0.5", "--prune_only", "nothing_like_this"], "selects no Linear layer"),
     (["--wbits", "4", "--invert"], "selects no Linear layer"),
@@ -85,6 +92,14 @@ def test_flags_that_would_do_nothing_or_nonsense_are_usage_errors(tiny_dir, tmp_
     assert code == 2
     assert_one_line_error(capsys, message)
     assert os.listdir(out) == []
+
+
+def test_malformed_command_line_is_one_line(capsys):
+    for argv in (["m", "c4", "--nsamples", "abc"], ["m"], ["m", "lambada"]):
+        with pytest.raises(SystemExit) as e:
+            oe.main(argv)
+        assert e.value.code == 2
+        assert_one_line_error(capsys, "(see --help)")
 
 
 def test_spaces_in_the_eval_list_are_ignored():
@@ -106,14 +121,16 @@ def output_cases(tmp: Path) -> list[tuple[list[str], str]]:
         (["--results_json", str(tmp / "afile" / "r.json")], "is not a directory"),
         (["--wbits", "4", "--target_avg_bits", "3.5", "--plot", str(tmp / "afile" / "p.png")], "is not a directory"),
         (["--results_json", str(tmp / "adir")], "is a directory; give a file path"),
-        (["--save", str(tmp / "afile")], "exists and is not empty"),
+        (["--save", str(tmp / "afile")], "is a file; --save writes a directory"),
         (["--save", str(tmp / "missing" / "s")], "does not exist"),
         (["--wbits", "4", "--target_avg_bits", "3.5", "--plot", str(tmp / "same")],
          "need different paths"),
+        (["--wbits", "4", "--target_avg_bits", "3.5", "--plot", str(tmp / "adir")], "e.g. " + str(tmp / "adir" / "bits.png")),
+        (["--wbits", "4", "--export", str(tmp.parent / "out" / "s")], "--save and --export both name"),
     ]
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(10))
 def test_output_paths_are_checked_before_any_work(tiny_dir, tmp_path, capsys, monkeypatch, case):
     monkeypatch.setattr(oe, "check_model", lambda cfg: pytest.fail("checked the model before the outputs"))
     elsewhere = tmp_path / "elsewhere"
