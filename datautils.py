@@ -179,6 +179,9 @@ def _source(name: str, split: str, data_dir: str | os.PathLike | None, quiet: bo
         expected = Path(data_dir) / _LOCAL[name, split]
         subset = " (or a .firstN subset of it)" if expected.name.endswith(".json.gz") else ""
         raise DataError(f"missing {expected}{subset}: --data_dir must hold {_LAYOUT}")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"cannot read {path} (permission denied): make it readable (chmod a+r) or copy the data "
+                        f"into a directory of yours")
     return Source(name, split, path)
 
 

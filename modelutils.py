@@ -24,6 +24,9 @@ def model_source(model: str) -> str:
     if not is_local_path(model):
         return model
     path = os.path.expanduser(model)
+    if os.path.isfile(path):
+        raise FileNotFoundError(f"{model} is a file, not a model directory: give the directory that holds its "
+                                f"config.json (e.g. ../shared/models/opt-mini)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model directory not found: {model}")
     return path
@@ -121,12 +124,17 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
+def hub_offline() -> bool:
+    """Whether the user switched the hub off (HF_HUB_OFFLINE)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def hub_reachable(timeout: float = 5.0) -> bool:
     """Whether the Hugging Face hub answers at all (a TCP connection), so that an offline machine fails
     in seconds instead of after huggingface_hub's retries (about 30 s of "Retrying" lines)."""
     import socket
 
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+    if hub_offline():
         return False
     try:
         socket.create_connection(_HUB_HOST, timeout=timeout).close()
@@ -140,6 +148,7 @@ def load_config(model: str):
     one-line message: the hub cannot be reached, the id or directory holds no readable config, or the
     config is not OPT's."""
     from transformers import AutoConfig
+    from transformers.utils import logging
 
     source = model_source(model)
     local = is_local_path(model)
@@ -149,6 +158,10 @@ def load_config(model: str):
     if local and not os.path.isfile(os.path.join(source, "config.json")):
         raise ModelError(f"{model} has no config.json: give a directory written by save_pretrained "
                          f"(e.g. ../shared/models/opt-mini)")
+    if local:
+        check_readable(source)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a config of another family draws warnings before our one-line refusal
     try:
         if local:
             config = AutoConfig.from_pretrained(source)
@@ -156,6 +169,10 @@ def load_config(model: str):
             try:  # the hub's local cache first: no network needed
                 config = AutoConfig.from_pretrained(source, local_files_only=True)
             except OSError:
+                if hub_offline():
+                    raise ModelError(f"HF_HUB_OFFLINE is set and {model!r} is not in the local hub cache: pass a "
+                                     f"local model directory (e.g. ../shared/models/opt-mini), or unset "
+                                     f"HF_HUB_OFFLINE where the hub can be reached") from None
                 if not hub_reachable():
                     raise ModelError(f"cannot reach the Hugging Face hub to fetch {model!r}: pass a local model "
                                      f"directory (e.g. ../shared/models/opt-mini) and --data_dir DIR with the "
@@ -167,11 +184,23 @@ def load_config(model: str):
         where = os.path.join(source, "config.json") if local else f"hub id {model!r}"
         raise ModelError(f"cannot read the model config from {where} ({_first_line(e)}): give a local OPT "
                          f"model directory (e.g. ../shared/models/opt-mini) or a reachable hub id") from e
+    finally:
+        logging.set_verbosity(verbosity)
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"{model} is a {kind!r} model; this tool compresses {', '.join(SUPPORTED_MODEL_TYPES)} "
                          f"models only (model_type in config.json)")
     return config
+
+
+def check_readable(directory: str) -> None:
+    """ModelError naming the first file of a model directory that this user cannot read (transformers would
+    report an unreadable weights file as missing)."""
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path) and not os.access(path, os.R_OK):
+            raise ModelError(f"cannot read {path} (permission denied): make the model's files readable "
+                             f"(chmod a+r) or copy the model into a directory of yours")
 
 
 def linear_names(config) -> list[list[str]]:

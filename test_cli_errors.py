@@ -9,6 +9,8 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -144,17 +146,54 @@ def test_output_paths_are_checked_before_any_work(tiny_dir, tmp_path, capsys, mo
     assert os.listdir(out) == [] and sorted(os.listdir(elsewhere)) == ["adir", "afile"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only directory")
-def test_read_only_output_directory(tiny_dir, tmp_path, capsys):
+def as_unprivileged(cases: list[list[str]]) -> list[tuple[int, str]]:
+    """(exit code, stderr) of main() on each argv, in one subprocess that file permissions bind: root there
+    lacks the capabilities that let it read and write anything (setpriv); anyone else runs as is."""
+    script = ("import contextlib, io, json, sys\nimport opt_enhanced as oe\nout = []\n"
+              "for argv in json.loads(sys.argv[1]):\n    err = io.StringIO()\n"
+              "    with contextlib.redirect_stderr(err):\n        out.append([oe.main(argv), err.getvalue()])\n"
+              "print(json.dumps(out))\n")
+    cmd = [sys.executable, "-c", script, json.dumps(cases)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv to drop the capabilities that bypass file permissions")
+        cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--", *cmd]
+    done = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr
+    return [(code, err) for code, err in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def test_permissions_as_a_user_without_them(tiny_dir, tmp_path):
+    """Read-only output and cache directories, an unreadable weights file and data file: as a user whom the
+    permissions bind (the run as root would just write and read)."""
     locked = tmp_path / "locked"
     locked.mkdir()
+    model = copy_model(tiny_dir[0], tmp_path / "m")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dir[1], data)
+    (model / "model.safetensors").chmod(0)
+    (data / "ptb" / "ptb.test.txt").chmod(0)
     locked.chmod(0o555)
+    quick = ["--data_dir", str(tiny_dir[1]), *QUICK]
+    cases = [
+        ([str(tiny_dir[0]), "c4", *quick, "--results_json", str(locked / "r.json")], 2, "cannot write into"),
+        ([str(tiny_dir[0]), "c4", *quick, "--save", str(locked / "s")], 2, "cannot write into"),
+        ([str(model), "c4", *quick], 2, f"cannot read {model / 'model.safetensors'} (permission denied)"),
+        ([str(tiny_dir[0]), "c4", *QUICK, "--data_dir", str(data)], 2,
+         f"cannot read {data / 'ptb' / 'ptb.test.txt'} (permission denied)"),
+        ([str(tiny_dir[0]), "c4", *quick, "--cache_dir", str(locked / "cache")], 0,
+         "warning: cannot write the cache entry"),
+    ]
     try:
-        code, _ = run_cli(*tiny_dir, tmp_path, "--results_json", str(locked / "r.json"))
+        got = as_unprivileged([argv for argv, _, _ in cases])
     finally:
         locked.chmod(0o755)
-    assert code == 2
-    assert_one_line_error(capsys, "permission denied")
+    for (argv, code, message), (got_code, err) in zip(cases, got):
+        assert got_code == code and message in err and "Traceback" not in err, (argv, err)
+        if code:
+            assert len(err.strip().splitlines()) == 1, err
+    assert os.listdir(locked) == []
 
 
 def test_cache_dir_that_is_a_file(tiny_dir, tmp_path, capsys):
@@ -186,6 +225,34 @@ def test_model_of_another_family_is_refused(tmp_path, capsys, tiny_dir):
     assert code == 2
     assert_one_line_error(capsys, "cannot load the weights")
     assert os.listdir(out) == []
+
+
+def test_model_argument_that_is_a_file(tiny_dir, tmp_path, capsys):
+    code, out = run_cli(tiny_dir[0] / "config.json", tiny_dir[1], tmp_path)
+    assert code == 2
+    assert_one_line_error(capsys, "config.json is a file, not a model directory")
+    assert os.listdir(out) == []
+
+
+def test_config_of_another_family_draws_no_transformers_warnings(tmp_path):
+    """transformers' logger writes to the stderr it found at import (capsys misses it): listen to it instead."""
+    import logging
+
+    # special tokens outside the vocabulary draw a warning once per process and message: written by hand, with
+    # numbers of its own, so that no earlier test has drawn it
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 4,
+                                                      "vocab_size": 251, "bos_token_id": 50251, "eos_token_id": 50251}))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(modelutils.ModelError, match="is a 'gpt2' model"):
+            modelutils.load_config(str(tmp_path))
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
 
 
 def damaged_model(tiny_dir, tmp_path: Path, how: str) -> Path:
@@ -264,12 +331,21 @@ def test_missing_tokenizer_files(tiny_dir, tmp_path, capsys):
 # ---------------------------------------------------------------- the hub out of reach
 
 
-def test_hub_model_offline_fails_fast_naming_a_local_directory(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE=1", "no network"])
+def test_hub_model_out_of_reach_fails_fast_naming_a_local_directory(tmp_path, capsys, monkeypatch, offline):
+    """With HF_HUB_OFFLINE set, the message says so (the hub was not tried); without it, on a machine that
+    cannot reach the hub, it says that and names --data_dir too, in seconds rather than after retries."""
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(modelutils, "_HUB_HOST", ("127.0.0.1", 9))  # connection refused at once
     tick = time.time()
     code = oe.main(["facebook/opt-125m-not-in-any-cache", "c4", "--results_json", str(tmp_path / "r.json")])
     assert code == 2 and time.time() - tick < 10
-    assert_one_line_error(capsys, "local model directory", "--data_dir")
+    needles = ("HF_HUB_OFFLINE is set", "local model directory") if offline else \
+        ("cannot reach the Hugging Face hub", "local model directory", "--data_dir")
+    assert_one_line_error(capsys, *needles)
     assert os.listdir(tmp_path) == []
 
 
