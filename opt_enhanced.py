@@ -31,7 +31,7 @@ from compression_stats import LinearStats, code_bits, format_summary, storage_bi
 import compressed_tensors_export
 import lm_eval_tasks
 from compressed_tensors_export import export_compressed_tensors
-from export import export_compressed
+from export import atomic_directory, export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, decoder_layers, decoder_of,
                         find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name,
                         load_opt, logits_from_hidden, model_source, resident, walk_layers)
@@ -913,22 +913,13 @@ def write_json(obj: Any, path: str) -> None:
 
 
 def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) -> None:
-    """A from_pretrained-loadable checkpoint, written to a temporary directory and renamed."""
+    """A from_pretrained-loadable checkpoint, written whole or not at all, with the umask's modes (safetensors
+    writes the weights owner-only)."""
     STAGE["now"] = f"writing --save {path}"
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".save-")
-    try:
-        os.chmod(tmp, _file_mode(directory=True))  # mkdtemp's 0700, as mkdir would make it under the umask
+    with atomic_directory(path, prefix=".save-") as tmp:
         model.to("cpu").save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(results, os.path.join(tmp, "compression.json"))
-        if os.path.isdir(path):
-            os.rmdir(path)  # validated empty
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     STAGE["now"] = "writing the outputs"
 
 

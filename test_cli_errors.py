@@ -545,6 +545,7 @@ def test_success_says_where_outputs_went_and_files_follow_the_umask(tiny_dir, tm
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["outputs"] == {"save": str(out / "s"), "results_json": str(out / "r.json")}
     modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [out / "r.json", *cache_entries(tmp_path / "cache")]}
+    modes.update({p: stat.S_IMODE(p.stat().st_mode) for p in (out / "s").iterdir()})  # the weights too
     assert set(modes.values()) == {0o644}, modes
     assert stat.S_IMODE((out / "s").stat().st_mode) == 0o755
 
