@@ -1094,43 +1094,48 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     STAGE["now"] = "checking the flags"
-    cfg, existed, previous = None, {}, None
+    cfg, existed, previous = None, {}, {}
 
-    def terminate(signum, frame):
-        raise Interrupted(signum)
+    def interrupt(signum, frame):
+        # The first signal ends the run; a second (Ctrl-C pressed twice) must not cut the cleanup short.
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
 
     try:
-        previous = signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread: SIGTERM keeps its handler
+        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: the signals keep their handlers
         pass
     try:
-        cfg = parse_args(argv)
-        validate(cfg)
-        existed = {flag: os.path.exists(path) for flag, path in _outputs(cfg).items()}  # dirs: empty ones
-        check_model(cfg)
-        results = run(cfg)
-        error = None
-    except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
-        error, code, message = e, 2, _one_line(e)
-    except (FloatingPointError, RuntimeError) as e:
-        error, code, message = e, 1, _one_line(e)
-    except KeyboardInterrupt as e:
-        error, code, message = e, 130, f"interrupted (SIGINT) while {STAGE['now']}; temporary outputs removed"
-    except Interrupted as e:
-        error, code, message = e, 143, f"terminated (SIGTERM) while {STAGE['now']}; temporary outputs removed"
-    except Exception as e:
-        error, code = e, 1
-        message = f"unexpected {type(e).__name__} while {STAGE['now']}: {_one_line(e)} (rerun with --debug for " \
-                  f"the traceback)"
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    if error is not None:
-        if debug:
-            traceback.print_exception(error)
-        _remove_new_outputs(cfg, existed)
-        print(f"error: {message}", file=sys.stderr)
-        return code
+        try:
+            cfg = parse_args(argv)
+            validate(cfg)
+            existed = {flag: os.path.exists(path) for flag, path in _outputs(cfg).items()}  # dirs: empty ones
+            check_model(cfg)
+            results = run(cfg)
+        except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
+            error, code, message = e, 2, _one_line(e)
+        except (FloatingPointError, RuntimeError) as e:
+            error, code, message = e, 1, _one_line(e)
+        except KeyboardInterrupt as e:
+            error, code, message = e, 130, f"interrupted (SIGINT) while {STAGE['now']}; temporary outputs removed"
+        except Interrupted as e:
+            error, code, message = e, 143, f"terminated (SIGTERM) while {STAGE['now']}; temporary outputs removed"
+        except Exception as e:
+            error, code = e, 1
+            message = f"unexpected {type(e).__name__} while {STAGE['now']}: {_one_line(e)} (rerun with --debug " \
+                      f"for the traceback)"
+        else:
+            error = None
+        if error is not None:
+            if debug:
+                traceback.print_exception(error)
+            _remove_new_outputs(cfg, existed)
+            print(f"error: {message}", file=sys.stderr)
+            return code
+    finally:  # after the cleanup
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     ppl = results["perplexity"]
     print(json.dumps({"perplexity": {k: round(v, 3) for k, v in ppl.items()}, "timings": results["timings"],
                       "outputs": _outputs(cfg)}))

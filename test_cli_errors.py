@@ -531,6 +531,33 @@ def test_signal_while_writing_cleans_up(tiny_dir, tmp_path, capsys, monkeypatch,
     assert os.listdir(out) == []
 
 
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_second_signal_during_the_cleanup_is_ignored(tiny_dir, tmp_path, capsys, monkeypatch, signum, code):
+    """Ctrl-C pressed twice: the second arrives while the half-written checkpoint is being removed, and
+    must not stop that removal (nor print a traceback)."""
+    import export
+    from transformers import PreTrainedModel
+
+    real_save, real_rmtree = PreTrainedModel.save_pretrained, shutil.rmtree
+
+    def interrupted(self, directory, *a, **kw):
+        real_save(self, directory, *a, **kw)
+        os.kill(os.getpid(), signum)
+        time.sleep(5)
+
+    def impatient(path, *a, **kw):
+        os.kill(os.getpid(), signum)
+        time.sleep(0.2)  # delivered here, if it is not ignored
+        real_rmtree(path, *a, **kw)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    monkeypatch.setattr(export.shutil, "rmtree", impatient)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    got, out = run_cli(*tiny_dir, tmp_path)
+    assert got == code and {s: signal.getsignal(s) for s in before} == before
+    assert_one_line_error(capsys, "while writing --save", "temporary outputs removed")
+    assert os.listdir(out) == []
+
+
 # ---------------------------------------------------------------- small things a first-time user meets
 
 
