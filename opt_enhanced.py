@@ -321,12 +321,13 @@ class Log:
 
 
 def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
-                     dev: torch.device, shared: dict[str, str]) -> dict[str, SparseGPT]:
+                     dev: torch.device, shared: dict[str, str], prefix: str = "") -> dict[str, SparseGPT]:
     """The SparseGPT (Hessian) of each of `names`, filled by a forward pass: one per distinct input, so
-    Linears that read the same activations (`shared`: q/k/v, gate/up) share one."""
+    Linears that read the same activations (`shared`: q/k/v, gate/up) share one. `prefix` + name names
+    each in messages (`model.decoder.layers.3.`)."""
     linears = find_linears(layer)
     keys = sorted({shared.get(n, n) for n in names})
-    solvers = {k: SparseGPT(linears[k].in_features, dev) for k in keys}
+    solvers = {k: SparseGPT(linears[k].in_features, dev, name=prefix + k) for k in keys}
     handles = hook_inputs({k: linears[k] for k in keys}, lambda k, x: solvers[k].add_batch(x))
     try:
         forward_layer(layer, hidden, kwargs, cfg.batch_size)
@@ -451,7 +452,7 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
     for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size):
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
-        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared)
+        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared, linear_name(model, i, ""))
         groups: dict[str, list[str]] = {}
         for n in chosen:
             name = linear_name(model, i, n)
@@ -495,7 +496,8 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
         tick = time.time()
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
-        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared) if calibrated and chosen else {}
+        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared, linear_name(model, i, "")) \
+            if calibrated and chosen else {}
         for n in chosen:
             name = linear_name(model, i, n)
             stats, grid, bits = compress_linear(name, linears[n], solvers.get(shared.get(n, n)), plan, budget,

@@ -63,8 +63,9 @@ class SolveResult:
 class SparseGPT:
     """Accumulates H for one input and solves every weight matrix that reads that input."""
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, columns: int, device: torch.device | str = "cpu", name: str = "") -> None:
         self.columns = columns
+        self.name = name  # the Linear whose input this is, for messages
         self.xtx = torch.zeros(columns, columns, device=device)
         self.peak = torch.zeros(columns, device=device)
         self.ntokens = 0
@@ -125,9 +126,13 @@ class SparseGPT:
                     self._factors[key] = InverseFactor(U, torch.diag(Hinv).clone(), dead, damp_used, order)
                     return self._factors[key]
             retry = max(damp_used * 10, 0.01)
-            log(f"warning: Hessian not positive definite at percdamp={damp_used:g}; retrying with {retry:g}")
+            log(f"warning: Hessian{self._of()} not positive definite at percdamp={damp_used:g}; retrying with "
+                f"{retry:g}")
             damp_used = retry
-        raise RuntimeError("Hessian stays singular even with heavy damping (NaN/Inf inputs?)")
+        raise RuntimeError(f"Hessian{self._of()} stays singular even with heavy damping (NaN/Inf inputs?)")
+
+    def _of(self) -> str:
+        return f" of the input to {self.name}" if self.name else ""
 
     def fasterprune(
         self,

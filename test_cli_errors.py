@@ -294,6 +294,22 @@ def test_damaged_checkpoint_is_refused_naming_it(tiny_dir, tmp_path, capsys, how
     assert os.listdir(out) == []
 
 
+def test_hessian_warnings_and_errors_name_the_linear(tiny_dir, tmp_path, capsys):
+    """--percdamp 0 on 4 calibration tokens: every Hessian is singular, retried with more damping; each warning
+    says whose it is. A Hessian that stays singular names its Linear too."""
+    from sparsegpt_enhanced import SparseGPT
+
+    code, _ = run_cli(*tiny_dir, tmp_path, "--sparsity", "0.5", "--percdamp", "0", "--nsamples", "1", "--seqlen", "4")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "Hessian" in line]
+    assert code == 0 and warnings
+    assert all("Hessian of the input to model.decoder.layers." in line for line in warnings), warnings
+    assert any(".0.self_attn.q_proj not positive definite" in line for line in warnings), warnings
+    solver = SparseGPT(4, name="model.decoder.layers.3.fc1")
+    solver.add_batch(torch.full((2, 4), float("nan")))
+    with pytest.raises(RuntimeError, match="input to model.decoder.layers.3.fc1 stays singular"):
+        solver.inverse_factor(0.01, log=lambda msg: None)
+
+
 def test_nan_weight_outside_the_compressed_layers_fails_naming_the_tensor(tiny_dir, tmp_path, capsys):
     from transformers import OPTForCausalLM
 
