@@ -771,7 +771,7 @@ def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dic
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     log = Log(cfg.quiet)
-    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = run_device(cfg)
     # fp32 matmuls in full precision, as the published scripts set them (a run, not an import, decides this)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -1026,14 +1026,34 @@ class Interrupted(BaseException):
     output is removed on the way out (the writers clean up on BaseException)."""
 
 
+def run_device(cfg: RunConfig) -> torch.device:
+    """--device, else the GPU when there is one."""
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def device_memory(dev: torch.device) -> int:
+    """Bytes of memory the device has in all (the GPU's, or the machine's for the CPU)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def check_model(cfg: RunConfig) -> None:
     """The checks that need the model's config and tokenizer but no weights (seconds, before any work):
-    a supported family, a tokenizer that fits the embedding, a layer selection that picks some Linear,
-    and a way to the data (--data_dir, or a hub that answers)."""
+    a supported family, calibration windows whose layer inputs fit in the device's memory, a tokenizer that fits
+    the embedding, a layer selection that picks some Linear, and a way to the data (--data_dir, or a hub that
+    answers)."""
     from modelutils import hub_reachable, linear_names, load_config
 
     STAGE["now"] = "checking the model"
     config = load_config(cfg.model)
+    seqlen = cfg.seqlen or config.max_position_embeddings
+    width = 2 if str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)).endswith("float16") else 4
+    need, dev = cfg.nsamples * seqlen * config.hidden_size * width, run_device(cfg)
+    if need > device_memory(dev):
+        raise UsageError(f"--nsamples {cfg.nsamples} windows of {seqlen} tokens are {need / 2 ** 30:.1f} GiB of layer "
+                         f"inputs (hidden size {config.hidden_size}), more than the {device_memory(dev) / 2 ** 30:.1f} "
+                         f"GiB the {dev.type} has; lower --nsamples (e.g. 128) or --seqlen")
     if cfg.prune.active or cfg.quantize:
         names = linear_names(config)
         if not any(cfg.selected(i, n) for i, layer in enumerate(names) for n in layer):

@@ -104,6 +104,16 @@ def test_malformed_command_line_is_one_line(capsys):
         assert_one_line_error(capsys, "(see --help)")
 
 
+def test_calibration_larger_than_memory_is_a_usage_error(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--nsamples 100000000 took minutes, then the kernel killed the run; now the layer inputs it would need are
+    compared with the device's memory first (here a pretend 256 KiB less a byte: 64 x 32 tokens x 32 wide x 4 B = 256 KiB)."""
+    monkeypatch.setattr(oe, "device_memory", lambda dev: 2 ** 18 - 1)
+    code, out = run_cli(*tiny_dir, tmp_path, "--nsamples", "64")
+    assert code == 2
+    assert_one_line_error(capsys, "--nsamples 64 windows of 32 tokens", "lower --nsamples")
+    assert os.listdir(out) == []
+
+
 def test_spaces_in_the_eval_list_are_ignored():
     assert oe.parse_args(["m", "c4", "--eval", "c4, ptb"]).eval == ["c4", "ptb"]
 
