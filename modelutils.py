@@ -239,7 +239,10 @@ def load_opt(model: str, quiet: bool = False) -> nn.Module:
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the load report is replaced by our own message below
     try:
-        net, info = AutoModelForCausalLM.from_pretrained(model_source(model), dtype="auto", output_loading_info=True)
+        # mis-shaped tensors are loaded aside and listed in `info`, so that the message below names them (raising,
+        # transformers points at a report that the verbosity above silences)
+        net, info = AutoModelForCausalLM.from_pretrained(model_source(model), dtype="auto", output_loading_info=True,
+                                                         ignore_mismatched_sizes=True)
     except Exception as e:
         raise ModelError(f"cannot load the weights of {model} ({_first_line(e)}): the checkpoint files are "
                          f"missing or damaged; write them again with save_pretrained") from e
@@ -251,7 +254,7 @@ def load_opt(model: str, quiet: bool = False) -> nn.Module:
     if problems:
         detail = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                            for what, keys in problems)
-        raise ModelError(f"the checkpoint in {model} does not match its OPT config: {detail}; refusing to run on "
+        raise ModelError(f"the checkpoint in {model} does not match its config.json: {detail}; refusing to run on "
                          f"randomly initialised weights")
     for name, tensor in net.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

@@ -272,6 +272,9 @@ def damaged_model(tiny_dir, tmp_path: Path, how: str) -> Path:
         tensors = load_file(weights)
         del tensors["model.decoder.layers.1.fc2.weight"]
         save_file(tensors, weights, metadata={"format": "pt"})
+    elif how == "vocab_size not the weights'":
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))
     elif how == "no weights":
         weights.unlink()
     elif how == "truncated weights":
@@ -290,7 +293,8 @@ def damaged_model(tiny_dir, tmp_path: Path, how: str) -> Path:
     return model
 
 
-DAMAGE = [("missing tensor", "layers.1.fc2.weight"), ("no weights", "cannot load the weights"),
+DAMAGE = [("missing tensor", "layers.1.fc2.weight"), ("vocab_size not the weights'", "1 mis-shaped"),
+          ("no weights", "cannot load the weights"),
           ("truncated weights", "cannot load the weights"), ("corrupt header", "cannot load the weights"),
           ("truncated config", "config.json"), ("config not JSON", "config.json"), ("no config", "no config.json")]
 
