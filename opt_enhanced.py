@@ -1063,7 +1063,9 @@ def check_model(cfg: RunConfig) -> None:
                              f"{', '.join(names[0] if names else [])}): nothing would be compressed; widen the "
                              f"selection")
     tokenizer = datautils.get_tokenizer(cfg.model)
-    if len(tokenizer) > config.vocab_size:
+    # More tokens than embedding rows cannot run; fewer than half of them leaves most rows unused, which no model
+    # is trained with (their tokenizers fill 90-100% of it), but it runs, to a perplexity that means nothing.
+    if not config.vocab_size // 2 <= len(tokenizer) <= config.vocab_size:
         raise UsageError(f"the tokenizer in {cfg.model} has {len(tokenizer)} tokens but the model's embedding has "
                          f"{config.vocab_size}: its tokenizer files belong to another model; copy the model's own")
     offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes", "on")

@@ -339,12 +339,14 @@ def test_nan_weight_outside_the_compressed_layers_fails_naming_the_tensor(tiny_d
         assert os.listdir(out) == []
 
 
-def test_tokenizer_of_another_model(tiny_dir, tmp_path, capsys):
-    tiny_model(vocab=64, positions=128).save_pretrained(tmp_path / "m")
-    write_tokenizer(tmp_path / "m")  # 260 tokens into an embedding of 64
+@pytest.mark.parametrize("vocab", [64, 1024], ids=["larger than the embedding", "under half the embedding"])
+def test_tokenizer_of_another_model(tiny_dir, tmp_path, capsys, vocab):
+    """260 tokens into an embedding of 64 (an IndexError once), or of 1024 (ran, to a perplexity of nonsense)."""
+    tiny_model(vocab=vocab, positions=128).save_pretrained(tmp_path / "m")
+    write_tokenizer(tmp_path / "m")
     code, out = run_cli(tmp_path / "m", tiny_dir[1], tmp_path)
     assert code == 2
-    assert_one_line_error(capsys, "260 tokens", "64", "another model")
+    assert_one_line_error(capsys, "260 tokens", f"embedding has {vocab}", "another model")
     assert os.listdir(out) == []
 
 
