@@ -1048,7 +1048,7 @@ def check_model(cfg: RunConfig) -> None:
     STAGE["now"] = "checking the model"
     config = load_config(cfg.model)
     seqlen = cfg.seqlen or config.max_position_embeddings
-    width = 2 if str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)).endswith("float16") else 4
+    width = 2 if str(config.dtype).endswith("float16") else 4  # (config.torch_dtype would draw a deprecation warning)
     need, dev = cfg.nsamples * seqlen * config.hidden_size * width, run_device(cfg)
     if need > device_memory(dev):
         raise UsageError(f"--nsamples {cfg.nsamples} windows of {seqlen} tokens are {need / 2 ** 30:.1f} GiB of layer "

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -244,25 +245,43 @@ def test_model_argument_that_is_a_file(tiny_dir, tmp_path, capsys):
     assert os.listdir(out) == []
 
 
-def test_config_of_another_family_draws_no_transformers_warnings(tmp_path):
-    """transformers' logger writes to the stderr it found at import (capsys misses it): listen to it instead."""
+def transformers_warnings(call: Callable[[], Any]) -> list[str]:
+    """The warnings transformers logs while `call()` runs (its logger writes to the stderr it found at import,
+    which capsys misses). Its warn-once memory is cleared first, so a warning an earlier test drew shows again."""
     import logging
+    from transformers.utils import logging as hf_logging
 
-    # special tokens outside the vocabulary draw a warning once per process and message: written by hand, with
-    # numbers of its own, so that no earlier test has drawn it
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 4,
-                                                      "vocab_size": 251, "bos_token_id": 50251, "eos_token_id": 50251}))
+    hf_logging.warning_once.cache_clear()
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
     logger = logging.getLogger("transformers")
     logger.addHandler(handler)
     try:
-        with pytest.raises(modelutils.ModelError, match="is a 'gpt2' model"):
-            modelutils.load_config(str(tmp_path))
+        call()
     finally:
         logger.removeHandler(handler)
-    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
+    return [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
+def test_checking_a_model_draws_no_transformers_warnings(tiny_dir, tmp_path):
+    """A config of another family (its special tokens outside its vocabulary) is refused in one line, without
+    transformers' warnings ahead of it; a config without a dtype is checked without the `torch_dtype` one."""
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 32,
+                                                               "n_head": 4, "vocab_size": 260, "bos_token_id": 50256,
+                                                               "eos_token_id": 50256}))
+
+    def refused():
+        with pytest.raises(modelutils.ModelError, match="is a 'gpt2' model"):
+            modelutils.load_config(str(tmp_path / "gpt2"))
+    assert transformers_warnings(refused) == []
+    model = copy_model(tiny_dir[0], tmp_path / "m")
+    config = json.loads((model / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (model / "config.json").write_text(json.dumps(config))
+    cfg = oe.parse_args([str(model), "c4", "--data_dir", str(tiny_dir[1]), *QUICK, "--sparsity", "0.5"])
+    assert transformers_warnings(lambda: oe.check_model(cfg)) == []
 
 
 def damaged_model(tiny_dir, tmp_path: Path, how: str) -> Path:
