@@ -1167,4 +1167,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The interpreter's exit runs torch's atexit hooks (a second or so): a Ctrl-C pressed then (the second of
+    # two) would add a traceback of theirs under our message, and there is nothing left to stop.
+    import signal
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    sys.exit(code)

@@ -609,6 +609,21 @@ def test_second_signal_during_the_cleanup_is_ignored(tiny_dir, tmp_path, capsys,
     assert os.listdir(out) == []
 
 
+def test_signal_during_the_interpreters_exit_is_ignored(tmp_path):
+    """The process's exit runs torch's atexit hooks for a second or so; a SIGINT then (the second Ctrl-C of two)
+    printed their traceback under our message. Here an atexit hook registered first (so run last) sends it."""
+    script = ("import atexit, os, runpy, signal, sys, time\n"
+              "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n"
+              "sys.path.insert(0, os.getcwd())\n"
+              "sys.argv = ['opt_enhanced.py', *sys.argv[1:]]\n"
+              "runpy.run_path('opt_enhanced.py', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", script, "m", "c4", "--seqlen", "1"], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --seqlen 1"), done.stderr
+
+
 # ---------------------------------------------------------------- small things a first-time user meets
 
 
