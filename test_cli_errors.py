@@ -175,6 +175,7 @@ def as_unprivileged(cases: list[list[str]]) -> list[tuple[int, str]]:
     return [(code, err) for code, err in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
+@pytest.mark.slow  # a subprocess: importing torch again
 def test_permissions_as_a_user_without_them(tiny_dir, tmp_path):
     """Read-only output and cache directories, an unreadable weights file and data file: as a user whom the
     permissions bind (the run as root would just write and read)."""
@@ -609,6 +610,7 @@ def test_second_signal_during_the_cleanup_is_ignored(tiny_dir, tmp_path, capsys,
     assert os.listdir(out) == []
 
 
+@pytest.mark.slow  # a subprocess: importing torch again
 def test_signal_during_the_interpreters_exit_is_ignored(tmp_path):
     """The process's exit runs torch's atexit hooks for a second or so; a SIGINT then (the second Ctrl-C of two)
     printed their traceback under our message. Here an atexit hook registered first (so run last) sends it."""
