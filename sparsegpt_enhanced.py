@@ -208,6 +208,7 @@ class RoundingModel:
     sym: bool
     groupsize: int
     restore: torch.Tensor | None  # argsort of the solve order; None = stored order
+    grid: QuantGrid | None = None  # the round-to-nearest ranges of `weight`, made on first use
 
     def _stored(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.restore is None else x[..., self.restore]
@@ -218,9 +219,9 @@ class RoundingModel:
 
     def loss(self, width: int, shrink: float = 1.0) -> torch.Tensor:
         """(columns,) estimated loss of rounding every column at `width`, its range scaled by `shrink`."""
-        grid = QuantGrid.rounding(self.weight, self.sym, self.groupsize, {width: shrink})
-        bits = torch.full((self.weight.shape[1],), width, dtype=torch.int64)
-        err = self.row_weight * (self.weight - grid.round(self.weight, bits)) ** 2 * self.kept
+        if self.grid is None:
+            self.grid = QuantGrid.rounding(self.weight, self.sym, self.groupsize)
+        err = self.row_weight * (self.weight - self.grid.round_at(self.weight, width, shrink)) ** 2 * self.kept
         return self._stored(err.sum(0) * self.cost)
 
 
