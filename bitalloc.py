@@ -30,6 +30,11 @@ from sparsegpt_enhanced import PruneSpec, SparseGPT
 CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
+def clip_factors(smallest: float) -> tuple[float, ...]:
+    """The range factors the clip search tries, down to `smallest` (1.0 always)."""
+    return tuple(f for f in CLIP_FACTORS if f >= smallest - 1e-9)
+
+
 @dataclass(frozen=True)
 class MixedPrecision:
     """Every parameter of a mixed-precision allocation; experiments pass variants of it."""

@@ -60,7 +60,7 @@ class RunConfig:
     maxlayer: int = 1000
     prune_only: str = ""
     invert: bool = False
-    act_order: bool = False
+    act_order: bool | None = None  # None: on for mixed precision without sparsity or groups (solve_in_act_order)
     save: str = ""
     export: str = ""
     export_format: str = "packed"
@@ -79,6 +79,7 @@ class RunConfig:
     bit_scope: str = "layer"
     bit_granularity: str = "channel"
     clip: str = "auto"
+    clip_min: float = 0.8  # chosen on validation text (BENCHMARKS.md)
     error_shrinkage: float = 0.75
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
@@ -107,6 +108,14 @@ class RunConfig:
         return torch.float16 if self.export and self.export_format == "compressed-tensors" else None
 
     @property
+    def solve_in_act_order(self) -> bool:
+        """Whether the solver takes columns in act order: as asked, else only in mixed runs without sparsity or
+        groups, where it wins on validation text (BENCHMARKS.md); with sparsity it moves the masks and loses."""
+        if self.act_order is not None:
+            return self.act_order
+        return self.mixed and not self.prune.active and self.groupsize <= 0 and not (self.gmp or self.nearest)
+
+    @property
     def clipped(self) -> bool:
         """Whether widths get a shrunk range: asked for, or by default in mixed runs."""
         return self.clip == "width" or (self.clip == "auto" and self.mixed)
@@ -115,7 +124,7 @@ class RunConfig:
     def mixed_precision(self) -> MixedPrecision:
         return MixedPrecision(self.target_avg_bits, tuple(self.bit_options), self.bit_method, self.bit_scope,
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
-                              clip=self.clipped)
+                              clip=self.clipped, clip_factors=bitalloc.clip_factors(self.clip_min))
 
     def selected(self, layer: int, name: str) -> bool:
         """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""
@@ -162,7 +171,8 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError("the model argument is empty: give a local model directory (e.g. ../shared/models/opt-mini) "
                          "or a hub id (facebook/opt-125m)")
     for flag, value in (("--sparsity", cfg.sparsity), ("--percdamp", cfg.percdamp),
-                        ("--target_avg_bits", cfg.target_avg_bits), ("--error_shrinkage", cfg.error_shrinkage)):
+                        ("--target_avg_bits", cfg.target_avg_bits), ("--error_shrinkage", cfg.error_shrinkage),
+                        ("--clip_min", cfg.clip_min)):
         if value is not None and not math.isfinite(value):
             raise UsageError(f"{flag} {value} is not a finite number")
     if cfg.percdamp < 0:
@@ -232,6 +242,9 @@ def validate(cfg: RunConfig) -> None:
             cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width"):
         raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
                          "--clip auto|none|width")
+    if not 0 < cfg.clip_min <= 1:
+        raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
+                         f"the clip search tries, e.g. 0.5")
     if not 0 <= cfg.error_shrinkage <= 1:
         raise UsageError(f"--error_shrinkage {cfg.error_shrinkage} is outside [0, 1]")
     if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope == "model"):
@@ -338,7 +351,7 @@ def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, k
 def channel_costs(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig,
                   row_weight: torch.Tensor | None = None) -> bitalloc.ChannelCosts:
     """The mixed-precision costs of one Linear's channels, with the run's solve settings."""
-    order = solve_order(solver.xtx.diagonal(), cfg.act_order)
+    order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
     return bitalloc.channel_costs(weight, solver, cfg.prune, cfg.wbits, cfg.sym, cfg.groupsize, cfg.blocksize,
                                   cfg.percdamp, order, cfg.mixed_precision, row_weight)
 
@@ -549,9 +562,9 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
             bits = bitalloc.allocate(costs, cfg.mixed_precision, budget.linear_target(planned, kept))
         predicted = code_bits(costs.size.round().long(), bits)  # what the allocator expects to store
     elif cfg.quantize and cfg.clipped and solver is not None:
-        order = solve_order(solver.xtx.diagonal(), cfg.act_order)
+        order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
         rounding = solver.rounding_model(W, cfg.prune, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp, order)
-        shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], bitalloc.CLIP_FACTORS)
+        shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], bitalloc.clip_factors(cfg.clip_min))
     error, damping = 0.0, cfg.percdamp
     grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink, cfg.scale_dtype) if cfg.quantize else None
     if solver is None:  # the baselines: magnitude pruning and/or round-to-nearest
@@ -561,7 +574,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
             grid = QuantGrid.rounding(Q, cfg.sym, cfg.groupsize, scale_dtype=cfg.scale_dtype)
             Q = grid.round(Q, bits)
     else:
-        order = solve_order(solver.xtx.diagonal(), cfg.act_order)
+        order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order, bits)
         result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order, not cfg.no_fused)
         Q, mask, error, damping = result.weight, result.mask, result.error, solver.inverse_factor(cfg.percdamp, order).percdamp
     linear.weight.data = Q.to(W.dtype)
@@ -979,7 +992,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--prune_only", type=str, help="compress only Linear layers whose name contains this")
     p.add_argument("--invert", action="store_true", help="invert the layer selection")
     p.add_argument("--act-order", "--act_order", dest="act_order", action="store_true",
-                   help="solve columns in order of decreasing activation energy (GPTQ's --act-order)")
+                   help="solve columns in order of decreasing activation energy (GPTQ's --act-order); default: on "
+                        "for mixed precision without sparsity or groups, off otherwise")
+    p.add_argument("--no-act-order", "--no_act_order", dest="act_order", action="store_false",
+                   help="solve columns in stored order, also in mixed runs without sparsity")
     p.add_argument("--save", type=str, help="write a from_pretrained checkpoint to this (new) directory")
     p.add_argument("--export", type=str, help="write the packed form (bit-packed codes, bit map, ranges, mask) to this (new) directory")
     p.add_argument("--export_format", choices=("packed", "compressed-tensors"), help="--export's format: our packed one (export.load_compressed reads it), or compressed-tensors "
@@ -1001,6 +1017,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--bit_granularity", choices=("channel", "linear"), help="one width per input channel, or per Linear (q/k/v tied; needs --bit_scope model)")
     p.add_argument("--clip", choices=("auto", "none", "width"), help="shrink each width's range by the factor (per Linear) that minimises the estimated "
                         "error; auto = on for mixed precision, off (the reference grid) for uniform runs")
+    p.add_argument("--clip_min", type=float, help="the smallest range factor the clip search tries (1 = min-max only)")
     p.add_argument("--error_shrinkage", type=float, help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
                         "text the calibration data does not excite)")
     p.add_argument("--bit_options", type=_list(int), help="allowed widths, e.g. 2,3,4,6,8")

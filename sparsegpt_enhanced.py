@@ -244,10 +244,17 @@ def predicted_mask(W: torch.Tensor, d: torch.Tensor, prune: PruneSpec, blocksize
     return mask
 
 
-def solve_order(hessian_diag: torch.Tensor, act_order: bool) -> torch.Tensor | None:
-    """The column order for the solver: GPTQ's act-order solves the loudest input channels
-    (largest H_jj) first; None keeps the stored order."""
-    return torch.argsort(hessian_diag, descending=True, stable=True) if act_order else None
+def solve_order(hessian_diag: torch.Tensor, act_order: bool, bits: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The column order for the solver: GPTQ's act-order solves the columns whose rounding would cost
+    most if nothing compensated it first, so that the most columns are left to absorb it. That cost is
+    H_jj times the grid's squared step, 4^-b_j: the loudest channels (largest H_jj) first at one width,
+    and with mixed widths a coarse channel before a fine one of the same energy. None keeps the stored order."""
+    if not act_order:
+        return None
+    key = hessian_diag.float()
+    if bits is not None:
+        key = key * torch.pow(4.0, -bits.to(key.device, torch.float32))
+    return torch.argsort(key, descending=True, stable=True)
 
 
 def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float) -> torch.Tensor:
