@@ -261,6 +261,24 @@ def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.R
             "peak_gpu_gib": max(clock.peak_gib.values(), default=0.0), "per_layer": per_layer}
 
 
+def stage_table(res: dict[str, Any]) -> str:
+    """The per-layer stage seconds of a --stages run as a Markdown table, each Linear's factor and
+    solve seconds in its row, then peak GPU memory per stage (the JSON has the same numbers)."""
+    stages = ("to_device", "hessian_forward", "hessian_accumulate", "factor", "solve", "forward", "to_home")
+    lines = ["| layer | " + " | ".join(stages) + " | total | per Linear: factor + solve |",
+             "|---" * (len(stages) + 3) + "|"]
+    for layer in res["per_layer"]:
+        layer = dict(layer, factor=sum(e["factor"] for e in layer["linears"]),
+                     solve=sum(e["solve"] for e in layer["linears"]))
+        total = sum(layer[s] for s in stages if s != "hessian_accumulate")
+        linears = ", ".join(f"{e['name'].split('.')[-1]} {e['factor']:.2f}+{e['solve']:.2f}" for e in layer["linears"])
+        lines.append(f"| {layer['layer']} | " + " | ".join(f"{layer[s]:.2f}" for s in stages)
+                     + f" | {total:.2f} | {linears} |")
+    peaks = ", ".join(f"{k} {v:.1f}" for k, v in res["stage_peak_gpu_gib"].items())
+    lines.append(f"peak GPU GiB by stage: {peaks or 'n/a (CPU)'}; peak host RSS {res['host_peak_gib']:.1f} GiB")
+    return "\n".join(lines)
+
+
 def three_step_factor(solver: SparseGPT, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The published factor (no dead channels here): Cholesky of the damped H, cholesky_inverse,
     upper Cholesky of the inverse; each n x n intermediate dropped as soon as the next exists."""
@@ -367,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.synthetic:
         res = synthetic(args.synthetic, args.layers, args.offload, flags, args.stages, args.repeat)
+        if args.stages:
+            print(stage_table(res), flush=True)
         print(json.dumps(res), flush=True)
         if args.json:
             oe.write_json(res, args.json)

@@ -42,6 +42,7 @@ def test_synthetic_stages_json(tmp_path):
     layer = res["per_layer"][0]
     assert 0 < layer["hessian_accumulate"] <= layer["hessian_forward"]
     assert len(layer["linears"]) == 6 and res["compress_s"] >= sum(res["stage_s"].values()) * 0.99
+    assert "| 0 |" in bench.stage_table(res)
 
 
 def test_factor_bench_on_the_cpu(capsys):
