@@ -250,7 +250,7 @@ def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.R
                 linear.weight.data = result.weight.to(W.dtype)
             entry["damping"] = damping
             record["linears"].append(entry)
-        del solvers
+        solvers.clear()  # the Hessians and factors go before the forward pass needs the memory
         with clock("forward", record):
             forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
         with clock("to_home", record):
@@ -320,9 +320,9 @@ def factor_bench(sizes: list[int], dev: torch.device, percdamp: float = 0.01, re
         solver = random_hessian(n, dev, 2 * n)
         row: dict[str, Any] = {"n": n, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
         methods = {
-            "three_step": lambda: three_step_factor(solver, percdamp)[0],
-            "one_cholesky": lambda: solver.inverse_factor(percdamp).upper,
-            "one_cholesky_identity_solve": lambda: solver.inverse_factor(percdamp).upper,
+            "three_step": lambda s=solver: three_step_factor(s, percdamp)[0],
+            "one_cholesky": lambda s=solver: s.inverse_factor(percdamp).upper,
+            "one_cholesky_identity_solve": lambda s=solver: s.inverse_factor(percdamp).upper,
         }
         factors = {}
         for method, fn in methods.items():
@@ -352,7 +352,7 @@ def factor_bench(sizes: list[int], dev: torch.device, percdamp: float = 0.01, re
                     torch.linalg.matrix_norm(factors.pop(method) - factors["three_step"])
                     / torch.linalg.matrix_norm(factors["three_step"])).item()
         row["damping"] = solver.inverse_factor(percdamp).percdamp
-        del solver, factors
+        del solver, factors, methods
         if n in sizes:
             rows.append(row)
             print(json.dumps(row), flush=True)
