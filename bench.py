@@ -250,7 +250,7 @@ def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.R
                 linear.weight.data = result.weight.to(W.dtype)
             entry["damping"] = damping
             record["linears"].append(entry)
-        solvers.clear()  # the Hessians and factors go before the forward pass needs the memory
+        # solvers (X^T X and factors) stay alive until the next layer's replace them, as in compress
         with clock("forward", record):
             forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
         with clock("to_home", record):
