@@ -1,0 +1,53 @@
+"""bench.py on the CPU at the opt-tiny shape: the stage-by-stage loop compresses exactly as
+opt_enhanced.compress does, its JSON has every stage, and the factor micro-benchmark runs.
+A couple of seconds. Run: python -m pytest -q test_bench.py
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+import bench
+import opt_enhanced as oe
+from modelutils import find_linears
+
+CPU = torch.device("cpu")
+FLAGS = ["--device", "cpu", "--nsamples", "2", "--seqlen", "16", "--sparsity", "0.5", "--wbits", "4"]
+
+
+def test_stages_compress_as_the_compress_path_does():
+    cfg = oe.parse_args(["synthetic", "c4", "--quiet", *FLAGS])
+    shipped, _ = bench.build_synthetic("opt-tiny", 1, CPU, False)
+    staged, _ = bench.build_synthetic("opt-tiny", 1, CPU, False)
+    assert all(torch.equal(a, b) for a, b in zip(shipped.parameters(), staged.parameters()))
+    calibration = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    oe.compress(shipped, calibration, cfg, CPU, oe.Log(True))
+    report = bench.staged_compress(staged, calibration, cfg, CPU)
+    for (name, a), b in zip(shipped.named_parameters(), staged.parameters()):
+        assert torch.equal(a, b), name
+    layer = staged.model.decoder.layers[0]
+    assert (layer.fc1.weight == 0).float().mean() >= 0.5  # it was compressed
+    linears = report["per_layer"][0]["linears"]
+    assert [e["name"] for e in linears] == list(find_linears(layer))
+    assert all(e["damping"] == 0.01 and e["solve"] > 0 for e in linears)
+
+
+def test_synthetic_stages_json(tmp_path):
+    out = tmp_path / "stages.json"
+    assert bench.main(["--synthetic", "opt-tiny", "--layers", "1", "--stages", "--json", str(out), "--", *FLAGS]) == 0
+    res = json.loads(out.read_text())
+    assert res["layers"] == 1 and res["of"] == 2 and res["device"] == "cpu" and res["host_peak_gib"] > 0
+    assert set(res["stage_s"]) == {"capture", "to_device", "hessian_forward", "factor", "solve", "forward", "to_home"}
+    layer = res["per_layer"][0]
+    assert 0 < layer["hessian_accumulate"] <= layer["hessian_forward"]
+    assert len(layer["linears"]) == 6 and res["compress_s"] >= sum(res["stage_s"].values()) * 0.99
+    assert "| 0 |" in bench.stage_table(res)
+
+
+def test_factor_bench_on_the_cpu(capsys):
+    rows = bench.factor_bench([96, bench.CPU_FACTOR_MAX + 1], CPU, repeats=1)
+    assert [r["n"] for r in rows] == [96]
+    assert rows[0]["one_cholesky_relative_difference"] < 1e-5
+    assert rows[0]["one_cholesky_identity_solve_relative_difference"] < 1e-5
+    assert "skipping n=2049" in capsys.readouterr().err
