@@ -21,6 +21,7 @@ import time
 import torch
 
 import opt_enhanced as oe
+from runtime import Log, Stages
 
 # hidden, layers, heads, ffn of the published OPT models
 SHAPES = {"opt-125m": (768, 12, 12, 3072), "opt-1.3b": (2048, 24, 32, 8192), "opt-6.7b": (4096, 32, 32, 16384),
@@ -68,9 +69,9 @@ def synthetic(name: str, layers: int | None, offload: bool, flags: list[str]) ->
     built = time.time() - tick
     seqlen = cfg.seqlen or 2048
     calibration = torch.randint(0, shape.vocab_size, (cfg.nsamples, seqlen), generator=torch.Generator().manual_seed(0))
-    stage = oe.Stages(dev)
+    stage = Stages(dev)
     with stage("compress"):
-        done = oe.compress(model, calibration, cfg, dev, oe.Log(True))
+        done = oe.compress(model, calibration, cfg, dev, Log(True))
     seconds = stage.seconds["compress"]
     per_layer = [s.seconds for s in done.stats]
     return {"shape": name, "layers": shape.num_hidden_layers, "of": nlayers, "offload": offload,

@@ -15,11 +15,10 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -36,6 +35,7 @@ from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, 
                         find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name,
                         load_opt, logits_from_hidden, model_source, resident, walk_layers)
 from quant import QuantGrid
+from runtime import Background, Interrupted, Log, Stages, current_stage, set_stage, sigterm_interrupts
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
@@ -299,24 +299,6 @@ def validate(cfg: RunConfig) -> None:
 
 
 # ---------------------------------------------------------------- compression
-
-
-class Log:
-    """Progress lines and bars, silenced by --quiet."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def __call__(self, msg: str) -> None:
-        if not self.quiet:
-            print(msg, flush=True)
-
-    def bar(self, iterable, total: int, desc: str):
-        """A progress bar over a long loop (layers, evaluation windows); the bare iterable when quiet."""
-        if self.quiet:
-            return iterable
-        from tqdm import tqdm
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
@@ -691,60 +673,6 @@ def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
     return model
 
 
-class Background:
-    """Call `fn` on a thread now; `result()` waits for it and returns its value or raises its exception."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._call, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _call(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._value = fn()
-        except BaseException as e:  # handed to the caller of result()
-            self._error = e
-
-    def join(self) -> None:
-        """Wait for `fn` to end, whatever its outcome."""
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-# The stage a run is in, for the one-line message of an unexpected error or an interruption (main).
-STAGE = {"now": "checking the flags"}
-
-
-class Stages:
-    """Wall time and peak GPU memory of each stage of a run (for --results_json and bench.py)."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.dev = dev
-        self.seconds: dict[str, float] = {}
-        self.peak_gib: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str, gpu: bool = True):
-        """Time a stage; `gpu=False` for CPU-only stages, which then neither wait for nor measure the GPU."""
-        cuda = gpu and self.dev.type == "cuda"
-        STAGE["now"] = name
-        if cuda:
-            torch.cuda.synchronize(self.dev)
-            torch.cuda.reset_peak_memory_stats(self.dev)
-        tick = time.time()
-        yield
-        if cuda:
-            torch.cuda.synchronize(self.dev)
-            self.peak_gib[name] = torch.cuda.max_memory_allocated(self.dev) / 2 ** 30
-        self.seconds[name] = time.time() - tick
-
-
 def max_positions(model: str) -> int:
     """The model's context length, from its config alone (no weights loaded)."""
     from transformers import AutoConfig
@@ -814,7 +742,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             raise RuntimeError("quantization was requested but no channel was quantized (check --minlayer/--maxlayer/--prune_only)")
         log(format_summary(summary, stats))
     check_results(cfg, ppl, summary, stats)
-    STAGE["now"] = "writing the outputs"
+    set_stage("writing the outputs")
     results = {
         "config": asdict(cfg),
         "perplexity": ppl,
@@ -913,7 +841,7 @@ def write_json(obj: Any, path: str) -> None:
 
 def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) -> None:
     """A from_pretrained-loadable checkpoint, written to a temporary directory and renamed."""
-    STAGE["now"] = f"writing --save {path}"
+    set_stage(f"writing --save {path}")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".save-")
@@ -928,7 +856,7 @@ def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    STAGE["now"] = "writing the outputs"
+    set_stage("writing the outputs")
 
 
 def _list(kind):
@@ -1019,18 +947,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(**args)
 
 
-class Interrupted(BaseException):
-    """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt, so that every temporary
-    output is removed on the way out (the writers clean up on BaseException)."""
-
-
 def check_model(cfg: RunConfig) -> None:
     """The checks that need the model's config and tokenizer but no weights (seconds, before any work):
     a supported family, a tokenizer that fits the embedding, a layer selection that picks some Linear,
     and a way to the data (--data_dir, or a hub that answers)."""
     from modelutils import hub_reachable, linear_names, load_config
 
-    STAGE["now"] = "checking the model"
+    set_stage("checking the model")
     config = load_config(cfg.model)
     if cfg.prune.active or cfg.quantize:
         names = linear_names(config)
@@ -1086,45 +1009,34 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 a usage error (flags, model, data or output paths: nothing was started);
     1 the run failed (non-finite numbers, results that cannot be right, unexpected errors); 130/143
     interrupted by SIGINT/SIGTERM. Every error is one line on stderr; --debug adds the traceback."""
-    import signal
     import traceback
 
     from modelutils import ModelError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    STAGE["now"] = "checking the flags"
-    cfg, existed, previous = None, {}, None
-
-    def terminate(signum, frame):
-        raise Interrupted(signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread: SIGTERM keeps its handler
-        pass
-    try:
-        cfg = parse_args(argv)
-        validate(cfg)
-        existed = {flag: os.path.exists(path) for flag, path in _outputs(cfg).items()}  # dirs: empty ones
-        check_model(cfg)
-        results = run(cfg)
-        error = None
-    except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
-        error, code, message = e, 2, _one_line(e)
-    except (FloatingPointError, RuntimeError) as e:
-        error, code, message = e, 1, _one_line(e)
-    except KeyboardInterrupt as e:
-        error, code, message = e, 130, f"interrupted (SIGINT) while {STAGE['now']}; temporary outputs removed"
-    except Interrupted as e:
-        error, code, message = e, 143, f"terminated (SIGTERM) while {STAGE['now']}; temporary outputs removed"
-    except Exception as e:
-        error, code = e, 1
-        message = f"unexpected {type(e).__name__} while {STAGE['now']}: {_one_line(e)} (rerun with --debug for " \
-                  f"the traceback)"
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    set_stage("checking the flags")
+    cfg, existed = None, {}
+    with sigterm_interrupts():
+        try:
+            cfg = parse_args(argv)
+            validate(cfg)
+            existed = {flag: os.path.exists(path) for flag, path in _outputs(cfg).items()}  # dirs: empty ones
+            check_model(cfg)
+            results = run(cfg)
+            error = None
+        except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
+            error, code, message = e, 2, _one_line(e)
+        except (FloatingPointError, RuntimeError) as e:
+            error, code, message = e, 1, _one_line(e)
+        except KeyboardInterrupt as e:
+            error, code, message = e, 130, f"interrupted (SIGINT) while {current_stage()}; temporary outputs removed"
+        except Interrupted as e:
+            error, code, message = e, 143, f"terminated (SIGTERM) while {current_stage()}; temporary outputs removed"
+        except Exception as e:
+            error, code = e, 1
+            message = f"unexpected {type(e).__name__} while {current_stage()}: {_one_line(e)} (rerun with --debug " \
+                      f"for the traceback)"
     if error is not None:
         if debug:
             traceback.print_exception(error)

@@ -11,6 +11,7 @@ import torch
 from transformers import OPTForCausalLM
 
 import opt_enhanced as oe
+from runtime import Background, Log
 from conftest import tiny_model, write_data
 from quant import QuantGrid, round_to_nearest
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
@@ -43,7 +44,7 @@ def grid_codes(Q: torch.Tensor, W: torch.Tensor, bits: torch.Tensor, sym: bool =
 def run_cfg(model, calib, **kw) -> list:
     cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=calib.shape[0], blocksize=16, **kw)
     oe.validate(cfg)
-    return oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True)).stats
+    return oe.compress(model, calib, cfg, torch.device("cpu"), Log(True)).stats
 
 
 # ---------------------------------------------------------------- solver
@@ -410,9 +411,9 @@ def test_data_errors_come_before_model_errors(tiny_dir, tmp_path, capsys):
 
 
 def test_background_returns_the_value_or_raises_the_error():
-    assert oe.Background(lambda: 42).result() == 42
+    assert Background(lambda: 42).result() == 42
     with pytest.raises(ZeroDivisionError):
-        oe.Background(lambda: 1 / 0).result()
+        Background(lambda: 1 / 0).result()
 
 
 def test_too_little_text(tiny_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 import opt_enhanced as oe
+from runtime import Log
 from compression_stats import summarize
 from modelutils import decoder_layers, linear_name
 
@@ -37,7 +38,7 @@ def compress(model, **flags):
     cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=4, blocksize=32, **flags)
     oe.validate(cfg)
     calib = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
-    return oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True))
+    return oe.compress(model, calib, cfg, torch.device("cpu"), Log(True))
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))

@@ -14,6 +14,7 @@ import torch
 from transformers import OPTForCausalLM, PreTrainedModel
 
 import opt_enhanced as oe
+from runtime import Log
 from conftest import tiny_model
 
 CPU = torch.device("cpu")
@@ -76,7 +77,7 @@ def test_each_layer_is_calibrated_on_the_compressed_model_hidden_states(kw):
     calib = torch.randint(0, 64, (7, 24), generator=torch.Generator().manual_seed(3))
     seen, handles = record_layer_inputs(model)
     try:
-        oe.compress(model, calib, config(nsamples=7, blocksize=16, batch_size=3, **kw), CPU, oe.Log(True))
+        oe.compress(model, calib, config(nsamples=7, blocksize=16, batch_size=3, **kw), CPU, Log(True))
     finally:
         for h in handles:
             h.remove()

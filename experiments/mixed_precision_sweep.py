@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 import datautils  # noqa: E402
 import opt_enhanced as oe  # noqa: E402
+from runtime import Log  # noqa: E402
 
 VALIDATION = ("wt2-valid", "ptb-valid", "c4-heldout")
 TEST = oe.EVAL_DATASETS
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
             oe.place(model, dev)
             calibration = datautils.get_calibration(dataset, tokenizer, cfg.nsamples, seed, seqlen, args.data_dir, cache)
             tick = time.time()
-            compressed = oe.compress(model, calibration, cfg, dev, oe.Log(True))
+            compressed = oe.compress(model, calibration, cfg, dev, Log(True))
             seconds = time.time() - tick
             summary = oe.summarize(compressed.stats) if cfg.quantize else None
             row = {"name": name, "seed": seed, "dataset": dataset, "flags": flags, "compress_s": seconds,
