@@ -21,7 +21,7 @@ import time
 import torch
 
 import opt_enhanced as oe
-from runtime import Log, Stages
+from runtime import Log, Stages, write_json
 
 # hidden, layers, heads, ffn of the published OPT models
 SHAPES = {"opt-125m": (768, 12, 12, 3072), "opt-1.3b": (2048, 24, 32, 8192), "opt-6.7b": (4096, 32, 32, 16384),
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         res = synthetic(args.synthetic, args.layers, args.offload, flags)
         print(json.dumps(res), flush=True)
         if args.json:
-            oe.write_json(res, args.json)
+            write_json(res, args.json)
         return 0
     if not (args.model and args.configs):
         p.error("give MODEL and --configs, or --synthetic SHAPE")
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = oe.run(cfg)
         print(row(name, results[name]), flush=True)
     if args.json:
-        oe.write_json(results, args.json)
+        write_json(results, args.json)
     return 0
 
 

@@ -14,7 +14,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -35,7 +34,8 @@ from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, 
                         find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name,
                         load_opt, logits_from_hidden, model_source, resident, walk_layers)
 from quant import QuantGrid
-from runtime import Background, Interrupted, Log, Stages, current_stage, set_stage, sigterm_interrupts
+from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path, set_stage,
+                     sigterm_interrupts, write_json)
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
@@ -779,23 +779,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 TARGET_TOLERANCE = 0.05
 
 
-def nonfinite_path(obj: Any, path: str = "") -> str | None:
-    """Where in a JSON-like object the first NaN or infinity is (e.g. `layers[3].error`), or None."""
-    if isinstance(obj, float):
-        return None if math.isfinite(obj) else (path or "value")
-    if isinstance(obj, dict):
-        items = ((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
-    else:
-        return None
-    for where, value in items:
-        found = nonfinite_path(value, where)
-        if found is not None:
-            return found
-    return None
-
-
 def check_results(cfg: RunConfig, ppl: dict[str, float], summary, stats: list[LinearStats]) -> None:
     """Results that cannot be right fail the run (RuntimeError, exit 1) before any output is written:
     a NaN or infinite perplexity, a mixed run whose stored average is off its target, a NaN statistic."""
@@ -815,47 +798,13 @@ def check_results(cfg: RunConfig, ppl: dict[str, float], summary, stats: list[Li
         raise RuntimeError(f"the results hold NaN/inf at {where}; nothing was written")
 
 
-def _file_mode(directory: bool = False) -> int:
-    """What open() or mkdir() would give under the umask: mkstemp/mkdtemp create owner-only entries."""
-    return (0o777 if directory else 0o666) & ~datautils.umask()
-
-
-def write_json(obj: Any, path: str) -> None:
-    """Atomic: a reader never sees half a file; the temporary file goes if writing fails or is interrupted.
-    Strict JSON: a NaN or infinity anywhere is a RuntimeError naming where."""
-    where = nonfinite_path(obj)
-    if where is not None:
-        raise RuntimeError(f"{path} would hold NaN/inf at {where}; not written")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) -> None:
-    """A from_pretrained-loadable checkpoint, written to a temporary directory and renamed."""
+    """A from_pretrained-loadable checkpoint, written whole or not at all."""
     set_stage(f"writing --save {path}")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".save-")
-    try:
-        os.chmod(tmp, _file_mode(directory=True))  # mkdtemp's 0700, as mkdir would make it under the umask
+    with atomic_directory(path, prefix=".save-") as tmp:
         model.to("cpu").save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(results, os.path.join(tmp, "compression.json"))
-        if os.path.isdir(path):
-            os.rmdir(path)  # validated empty
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     set_stage("writing the outputs")
 
 

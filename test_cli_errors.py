@@ -20,6 +20,7 @@ import datautils
 import modelutils
 import opt_enhanced as oe
 from conftest import tiny_model, write_data, write_tokenizer
+from runtime import nonfinite_path, write_json
 
 QUICK = ["--nsamples", "2", "--seqlen", "32", "--quiet", "--device", "cpu", "--eval", "ptb"]
 
@@ -383,9 +384,9 @@ def test_allocation_off_target_fails(tiny_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_results_json_never_holds_nan(tmp_path):
-    assert oe.nonfinite_path({"a": [1.0, {"b": float("inf")}]}) == "a[1].b"
+    assert nonfinite_path({"a": [1.0, {"b": float("inf")}]}) == "a[1].b"
     with pytest.raises(RuntimeError, match=r"a\[1\]\.b"):
-        oe.write_json({"a": [1.0, {"b": float("nan")}]}, str(tmp_path / "r.json"))
+        write_json({"a": [1.0, {"b": float("nan")}]}, str(tmp_path / "r.json"))
     assert os.listdir(tmp_path) == []
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers import OPTForCausalLM, PreTrainedModel
 
 import opt_enhanced as oe
+import runtime
 from runtime import Log
 from conftest import tiny_model
 
@@ -238,14 +239,14 @@ def fail_in(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
             raise OSError("disk full")
         monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken)
     else:
-        real = oe.write_json
+        real = runtime.write_json
 
         def broken_json(obj, path):
             if path.endswith("compression.json"):
                 Path(path).write_text("{")
                 raise OSError("disk full")
             real(obj, path)
-        monkeypatch.setattr(oe, "write_json", broken_json)
+        monkeypatch.setattr(oe, "write_json", broken_json)  # the name save_model calls
 
 
 @pytest.mark.slow

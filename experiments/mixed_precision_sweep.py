@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import datautils  # noqa: E402
 import opt_enhanced as oe  # noqa: E402
-from runtime import Log  # noqa: E402
+from runtime import Log, write_json  # noqa: E402
 
 VALIDATION = ("wt2-valid", "ptb-valid", "c4-heldout")
 TEST = oe.EVAL_DATASETS
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> None:
                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
             row.update({k: oe.perplexity(model, v, seqlen, dev, 8) for k, v in scored.items()})
             rows.append(row)
-            oe.write_json(rows, args.out)
+            write_json(rows, args.out)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                               if k not in ("summary", "flags")}), flush=True)
 
