@@ -25,7 +25,7 @@ import torch.nn as nn
 import datautils
 import bitalloc
 from bitalloc import MixedPrecision
-from compression_stats import LinearStats, code_bits, format_summary, storage_bits, summarize
+from compression_stats import LinearStats, code_bits, format_summary, plot_bits, storage_bits, summarize
 import compressed_tensors_export
 import lm_eval_tasks
 from compressed_tensors_export import export_compressed_tensors
@@ -606,38 +606,6 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the run
 
 
-def plot_bits(stats: list[LinearStats], path: str, options: list[int]) -> None:
-    """Heatmap of average bits per module (rows) and decoder layer (columns), written atomically.
-    The colour scale spans the bit options, so that a layer at its target does not look extreme."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = {}
-    for s in stats:
-        if s.bits_per_column is not None:
-            layer, module = s.name.split("layers.", 1)[1].split(".", 1)
-            cells[(module, int(layer))] = s.avg_bits
-    modules = list(dict.fromkeys(m for m, _ in cells))
-    layers = sorted({i for _, i in cells})
-    grid = [[cells.get((m, i), float("nan")) for i in layers] for m in modules]
-    fig, ax = plt.subplots(figsize=(3.5 + 0.6 * len(layers), 1.2 + 0.45 * len(modules)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=min(options), vmax=max(options))
-    for r, row in enumerate(grid):
-        for c, v in enumerate(row):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_xticks(range(len(layers)), [str(i) for i in layers])
-    ax.set_yticks(range(len(modules)), modules)
-    ax.set_xlabel("decoder layer")
-    ax.set_title("average bits per weight")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
     """Keep the whole model on the GPU when it fits easily; otherwise (or when asked) only the
     layer at hand: the decoder layers stay on the CPU and visit the GPU one at a time. "Fits" counts
@@ -932,7 +900,7 @@ def _outputs(cfg: RunConfig | None) -> dict[str, str]:
 
 def _remove_new_outputs(cfg: RunConfig | None, existed: dict[str, bool]) -> None:
     """After a failed or interrupted run: remove what it wrote under the output paths (validated at the
-    start as absent or empty directories, so nothing of the user's goes), and the plot's temporary file."""
+    start as absent or empty directories, so nothing of the user's goes)."""
     for flag, path in _outputs(cfg).items():
         if flag not in existed:  # never validated: leave it alone
             continue
@@ -945,8 +913,6 @@ def _remove_new_outputs(cfg: RunConfig | None, existed: dict[str, bool]) -> None
                     shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
         elif not existed[flag] and os.path.isfile(path):
             os.remove(path)
-    if cfg is not None and cfg.plot and os.path.exists(cfg.plot + ".tmp.png"):
-        os.remove(cfg.plot + ".tmp.png")
 
 
 def _one_line(e: BaseException) -> str:
