@@ -12,10 +12,10 @@ import conftest
 
 import bitalloc
 import opt_enhanced as oe
-from runtime import Log
 from bitalloc import allocate_budget, allocate_quantile, channel_metrics, combine_metrics
 from compression_stats import summarize
 from quant import QuantGrid
+from runtime import Log
 from sparsegpt_enhanced import PruneSpec, SparseGPT
 
 OPTIONS = [2, 3, 4, 6, 8]

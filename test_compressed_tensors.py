@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import opt_enhanced as oe
-from runtime import Log
 from conftest import tiny_model
+from runtime import Log
 
 from transformers import AutoModelForCausalLM
 

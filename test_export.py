@@ -9,9 +9,9 @@ import torch
 
 import export
 import opt_enhanced as oe
-from runtime import Log
 from export import ExportReport, export_compressed, load_compressed, pack_bits, unpack_bits
 from conftest import tiny_model
+from runtime import Log
 
 OPTIONS = [2, 3, 4, 6, 8]
 

@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 import opt_enhanced as oe
-from runtime import Log
 from compression_stats import summarize
-from modelutils import decoder_layers, linear_name
+from modelutils import decoder_layers, find_linears, linear_name
+from runtime import Log
 
 FAMILIES = {
     "llama": LlamaConfig,
@@ -29,7 +29,7 @@ def tiny(kind: str, vocab: int = 64) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for layer in decoder_layers(model):
-            for linear in oe.find_linears(layer).values():
+            for linear in find_linears(layer).values():
                 linear.weight.mul_(4)
     return model
 

@@ -15,8 +15,9 @@ from transformers import OPTForCausalLM, PreTrainedModel
 
 import opt_enhanced as oe
 import runtime
-from runtime import Log
 from conftest import tiny_model
+from modelutils import find_linears
+from runtime import Log
 
 CPU = torch.device("cpu")
 
@@ -25,7 +26,7 @@ def loud(model: OPTForCausalLM) -> OPTForCausalLM:
     """Decoder weights large enough that every layer changes the residual stream a lot, as trained ones
     do (at the initial scale a layer's output is nearly its input, which hides a layer fed the wrong one)."""
     with torch.no_grad():
-        for linear in oe.find_linears(model.model.decoder.layers).values():
+        for linear in find_linears(model.model.decoder.layers).values():
             linear.weight.mul_(10)
     return model
 
