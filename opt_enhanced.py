@@ -9,6 +9,7 @@ give the same perplexities. Perplexity is then measured on WikiText-2, PTB and C
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -745,9 +746,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.plot:
         if not cfg.quantize:
             raise UsageError("--plot shows bit-widths: add --wbits (and --target_avg_bits for mixed precision)")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("matplotlib") is None:
             raise UsageError("--plot needs matplotlib: pip install matplotlib")
     if cfg.seqlen < 0:
         raise UsageError("--seqlen must be positive (0 = the model's max positions)")

@@ -306,8 +306,8 @@ DATA_DAMAGE = ["two C4 validation files", "truncated gzip", "not gzip", "no text
 @pytest.mark.parametrize("how", DATA_DAMAGE)
 def test_damaged_data_file_is_named(tiny_dir, tmp_path, capsys, how):
     data, dataset, named = damaged_data(tmp_path, how)
-    code, out = oe.main([str(tiny_dir[0]), dataset, "--data_dir", str(data), *QUICK[:-2], "--eval", "c4",
-                         "--results_json", str(tmp_path / "r.json")]), None
+    code = oe.main([str(tiny_dir[0]), dataset, "--data_dir", str(data), *QUICK[:-2], "--eval", "c4",
+                    "--results_json", str(tmp_path / "r.json")])
     assert code == 2
     assert_one_line_error(capsys, named)
     assert not (tmp_path / "r.json").exists()
