@@ -42,6 +42,7 @@ import sparsegpt_enhanced
 from modelutils import (capture_layer_inputs, decoder_layers, decoder_of, find_linears, forward_layer, home_of,
                         hook_inputs)
 from quant import QuantGrid
+from runtime import Log, Stages, write_json
 from sparsegpt_enhanced import SparseGPT, solve_order
 
 # hidden, layers, heads, ffn of the published OPT models, and opt-tiny (no such model) for smoke tests on the CPU
@@ -115,9 +116,9 @@ def synthetic(name: str, layers: int | None, offload: bool, flags: list[str], st
         if stages:
             run.update(staged_compress(model, calibration, cfg, dev))
         else:
-            stage = oe.Stages(dev)
+            stage = Stages(dev)
             with stage("compress"):
-                done = oe.compress(model, calibration, cfg, dev, oe.Log(True))
+                done = oe.compress(model, calibration, cfg, dev, Log(True))
             run.update(compress_s=stage.seconds["compress"], solver_s=sum(s.seconds for s in done.stats),
                        peak_gpu_gib=stage.peak_gib.get("compress", 0.0))
         run["per_layer_s"] = run["compress_s"] / model.config.num_hidden_layers
@@ -381,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         res = factor_bench(args.factor, dev)
         if args.json:
-            oe.write_json(res, args.json)
+            write_json(res, args.json)
         return 0
     if args.synthetic:
         res = synthetic(args.synthetic, args.layers, args.offload, flags, args.stages, args.repeat)
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             print(stage_table(res), flush=True)
         print(json.dumps(res), flush=True)
         if args.json:
-            oe.write_json(res, args.json)
+            write_json(res, args.json)
         return 0
     if not (args.model and args.configs):
         p.error("give MODEL and --configs, --synthetic SHAPE, or --factor N ...")
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = oe.run(cfg)
         print(row(name, results[name]), flush=True)
     if args.json:
-        oe.write_json(results, args.json)
+        write_json(results, args.json)
     return 0
 
 

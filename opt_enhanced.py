@@ -9,17 +9,16 @@ give the same perplexities. Perplexity is then measured on WikiText-2, PTB and C
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,7 +26,7 @@ import torch.nn as nn
 import datautils
 import bitalloc
 from bitalloc import MixedPrecision
-from compression_stats import LinearStats, code_bits, format_summary, storage_bits, summarize
+from compression_stats import LinearStats, code_bits, format_summary, plot_bits, storage_bits, summarize
 import compressed_tensors_export
 import lm_eval_tasks
 from compressed_tensors_export import export_compressed_tensors
@@ -36,6 +35,8 @@ from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, 
                         find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name,
                         load_opt, logits_from_hidden, model_source, resident, walk_layers)
 from quant import QuantGrid
+from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path, set_stage,
+                     sigterm_interrupts, write_json)
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
@@ -132,204 +133,66 @@ class RunConfig:
         return inside != self.invert
 
 
-class UsageError(ValueError):
-    """A bad flag combination: reported in one line before any work starts."""
+# ---------------------------------------------------------------- loading
 
 
-def check_outputs(cfg: RunConfig) -> None:
-    """Every output path, before any work: its parent is an existing, writable directory; a directory
-    output (--save, --export) is new or an empty directory; a file output (--results_json, --plot) is not
-    a directory; no two outputs share a path."""
-    seen: dict[str, str] = {}
-    outputs = [("--save", cfg.save, True), ("--export", cfg.export, True),
-               ("--results_json", cfg.results_json, False), ("--plot", cfg.plot, False)]
-    for flag, path, is_dir in outputs:
-        if not path:
-            continue
-        full = os.path.abspath(os.path.expanduser(path))
-        if full in seen:
-            raise UsageError(f"{seen[full]} and {flag} both name {path}: they need different paths")
-        seen[full] = flag
-        parent = os.path.dirname(full)
-        if not os.path.isdir(parent):
-            what = "is not a directory" if os.path.exists(parent) else "does not exist"
-            raise UsageError(f"{flag} {path}: its parent {parent} {what}; create the directory or choose another path")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"{flag} {path}: cannot write into {parent} (permission denied); choose a writable "
-                             f"directory")
-        if is_dir and os.path.exists(full) and (not os.path.isdir(full) or os.listdir(full)):
-            raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
-        if not is_dir and os.path.isdir(full):
-            raise UsageError(f"{flag} {path} is a directory; give a file path (e.g. {os.path.join(path, 'run.json')})")
-        if not is_dir and os.path.exists(full) and not os.access(full, os.W_OK):
-            raise UsageError(f"{flag} {path} exists and is read-only; choose another file")
+def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
+    """Keep the whole model on the GPU when it fits easily; otherwise (or when asked) only the
+    layer at hand: the decoder layers stay on the CPU and visit the GPU one at a time. "Fits" counts
+    the memory the model already holds there as free (bench.py --synthetic builds it on the GPU)."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    there = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == dev.type)
+    if dev.type == "cuda" and size > 0.4 * (torch.cuda.mem_get_info(dev)[0] + there):
+        offload = True
+    if offload and dev.type == "cuda":
+        decoder_layers(model).to("cpu")
+        for m in decoder_io_modules(model):
+            m.to(dev)
+    else:
+        model.to(dev)
 
 
-def validate(cfg: RunConfig) -> None:
-    """Reject what would waste a run, each with the fix in the message."""
-    if not cfg.model.strip():
-        raise UsageError("the model argument is empty: give a local model directory (e.g. ../shared/models/opt-mini) "
-                         "or a hub id (facebook/opt-125m)")
-    for flag, value in (("--sparsity", cfg.sparsity), ("--percdamp", cfg.percdamp),
-                        ("--target_avg_bits", cfg.target_avg_bits), ("--error_shrinkage", cfg.error_shrinkage),
-                        ("--clip_min", cfg.clip_min)):
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"{flag} {value} is not a finite number")
-    if cfg.percdamp < 0:
-        raise UsageError(f"--percdamp {cfg.percdamp} is negative: give a fraction (>= 0) of the mean Hessian "
-                         f"diagonal, e.g. 0.01")
-    if cfg.groupsize == 0 or cfg.groupsize < -1:
-        raise UsageError(f"--groupsize {cfg.groupsize}: give a positive number of columns (e.g. 128), "
-                         f"or -1 for one grid per row")
-    if cfg.seqlen == 1:
-        raise UsageError("--seqlen 1: a window needs at least 2 tokens (one predicts the next); "
-                         "give --seqlen 2 or more (0 = the model's max positions)")
-    if not cfg.eval:
-        raise UsageError(f"--eval is empty: name at least one of {','.join(datautils.DATASETS)}")
-    unknown = [d for d in cfg.eval if d not in datautils.DATASETS]
-    if unknown:
-        raise UsageError(f"unknown dataset {unknown[0]!r} in --eval; choose from {', '.join(datautils.DATASETS)}")
-    if any(not math.isfinite(w) or w < 0 for w in cfg.importance_weights):
-        raise UsageError(f"--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1 "
-                         f"(got {','.join(map(str, cfg.importance_weights))})")
-    if cfg.mixed and len(set(cfg.bit_options)) == 1:
-        raise UsageError(f"--bit_options {cfg.bit_options[0]} with --target_avg_bits is uniform quantization: drop "
-                         f"--target_avg_bits (--wbits {cfg.bit_options[0]} alone does that) or give several widths, "
-                         f"e.g. 2,3,4,6,8")
-    if cfg.prunen > 0 and cfg.prunem > 0 and cfg.blocksize > 0 and cfg.blocksize % cfg.prunem:
-        raise UsageError(f"--prunem {cfg.prunem} does not divide --blocksize {cfg.blocksize}: N:M groups restart at "
-                         f"every block; choose an M that divides {cfg.blocksize} (e.g. 4) or a --blocksize that "
-                         f"is a multiple of {cfg.prunem}")
-    if cfg.device:
-        try:
-            dev = torch.device(cfg.device)
-        except RuntimeError:
-            raise UsageError(f"--device {cfg.device!r} is not a device: use cpu or cuda (or cuda:0, ...)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {cfg.device}: CUDA is not available here; use --device cpu "
-                             f"(or leave --device out)")
-    if cfg.cache_dir and os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
-        raise UsageError(f"--cache_dir {cfg.cache_dir} is a file, not a directory; choose a directory "
-                         f"(it is created if absent)")
-    check_outputs(cfg)
-    if not 0 <= cfg.sparsity < 1:
-        raise UsageError(f"--sparsity {cfg.sparsity} is outside [0, 1)")
-    if (cfg.prunen > 0) != (cfg.prunem > 0):
-        raise UsageError("give both --prunen and --prunem (e.g. --prunen 2 --prunem 4)")
-    if cfg.prunen and (cfg.prunen < 0 or cfg.prunen >= cfg.prunem):
-        raise UsageError(f"--prunen {cfg.prunen} must be below --prunem {cfg.prunem}")
-    if cfg.prunen and cfg.sparsity:
-        raise UsageError("use either --sparsity or --prunen/--prunem, not both")
-    if sorted(set(cfg.bit_options)) != sorted(cfg.bit_options) or not cfg.bit_options or \
-            any(b < 1 or b > 16 for b in cfg.bit_options):
-        raise UsageError(f"--bit_options {cfg.bit_options}: give distinct widths in 1..16, e.g. 2,3,4,6,8")
-    if cfg.wbits != 16 and cfg.wbits not in cfg.bit_options:
-        raise UsageError(f"--wbits {cfg.wbits} is not among --bit_options {','.join(map(str, cfg.bit_options))} (or 16 = off)")
-    if len(cfg.importance_weights) != 5 or any(w < 0 for w in cfg.importance_weights) or sum(cfg.importance_weights) == 0:
-        raise UsageError("--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1")
-    if cfg.mixed:
-        if not cfg.quantize:
-            raise UsageError("--target_avg_bits needs a base width: add --wbits 4 (or another of --bit_options)")
-        lo, hi = min(cfg.bit_options), max(cfg.bit_options)
-        if not lo <= cfg.target_avg_bits <= hi:
-            raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} is outside [{lo}, {hi}] of --bit_options")
-        if cfg.nearest:
-            raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
-        if cfg.offload and cfg.bit_scope == "model":
-            raise UsageError("--bit_scope model needs the whole model on the GPU; "
-                             "drop --offload or use --bit_scope layer")
-    if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
-            cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width"):
-        raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
-                         "--clip auto|none|width")
-    if not 0 < cfg.clip_min <= 1:
-        raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
-                         f"the clip search tries, e.g. 0.5")
-    if not 0 <= cfg.error_shrinkage <= 1:
-        raise UsageError(f"--error_shrinkage {cfg.error_shrinkage} is outside [0, 1]")
-    if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope == "model"):
-        raise UsageError("--bit_granularity linear allocates one width per Linear across the whole model: "
-                         "add --target_avg_bits and --bit_scope model")
-    if cfg.clip == "width" and (not cfg.quantize or cfg.nearest or cfg.gmp):
-        raise UsageError("--clip width chooses ranges from calibration statistics: it needs --wbits and "
-                         "no --nearest/--gmp")
-    if cfg.nearest and not cfg.quantize:
-        raise UsageError("--nearest rounds weights: add --wbits 4 (or another width)")
-    if cfg.nearest and cfg.prune.active and not cfg.gmp:
-        raise UsageError("--nearest does not prune; add --gmp for magnitude pruning or drop --nearest")
-    if cfg.act_order and (cfg.prunen or cfg.groupsize > 0 or cfg.gmp or cfg.nearest):
-        raise UsageError("--act-order works with unstructured sparsity and per-row grids only; drop it or "
-                         "--prunen/--prunem/--groupsize/--gmp/--nearest")
-    if cfg.gmp and not cfg.prune.active:
-        raise UsageError("--gmp needs --sparsity (or --prunen/--prunem)")
-    if cfg.gmp and cfg.quantize and not cfg.nearest:
-        raise UsageError("--gmp is a pruning baseline; add --nearest to also round weights")
-    if cfg.dataset not in datautils.DATASETS or any(d not in datautils.DATASETS for d in cfg.eval):
-        raise UsageError(f"unknown dataset; choose from {', '.join(datautils.DATASETS)}")
-    if cfg.nsamples < 1 or cfg.blocksize < 1 or cfg.batch_size < 1:
-        raise UsageError("--nsamples, --blocksize and --batch_size must be positive")
-    model_source(cfg.model)  # a missing local model directory fails here
-    if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
-        raise UsageError(f"--data_dir {cfg.data_dir} is not a directory")
-    if cfg.plot:
-        if not cfg.quantize:
-            raise UsageError("--plot shows bit-widths: add --wbits (and --target_avg_bits for mixed precision)")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plot needs matplotlib: pip install matplotlib")
-    if cfg.seqlen < 0:
-        raise UsageError("--seqlen must be positive (0 = the model's max positions)")
-    if cfg.export and not cfg.quantize:
-        raise UsageError("--export packs quantized weights: add --wbits (or use --save for an fp16 checkpoint)")
-    for flag, path in (("--save", cfg.save), ("--export", cfg.export)):
-        if path and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-            raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
-    if cfg.save and cfg.save == cfg.export:
-        raise UsageError("--save and --export need different directories")
-    if cfg.lm_eval:
-        if not lm_eval_tasks.available():
-            raise UsageError("--lm_eval needs lm-evaluation-harness: pip install lm-eval accelerate")
-        if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
-            raise UsageError(f"--lm_eval_include {cfg.lm_eval_include} is not a directory of task definitions")
-        if cfg.offload:
-            raise UsageError("--lm_eval runs the whole model on the device; drop --offload")
-        unknown = lm_eval_tasks.unknown_tasks(cfg.lm_eval, cfg.lm_eval_include or None)
-        if unknown:
-            raise UsageError(f"--lm_eval: unknown task(s) {', '.join(unknown)}; give lm-eval task names, or local "
-                             "task definitions with --lm_eval_include DIR")
-    if cfg.export_format == "compressed-tensors":
-        if not compressed_tensors_export.available():
-            raise UsageError("--export_format compressed-tensors needs the compressed-tensors package: "
-                             "pip install 'compressed-tensors>=0.17'")
-        if cfg.mixed and cfg.bit_granularity != "linear":
-            raise UsageError("compressed-tensors stores one width per Linear: add --bit_granularity linear "
-                             "--bit_scope model, or use --export_format packed for per-channel widths")
-        widths = cfg.bit_options if cfg.mixed else [cfg.wbits]
-        if max(widths) > compressed_tensors_export.MAX_WIDTH:
-            raise UsageError(f"compressed-tensors packs 1..{compressed_tensors_export.MAX_WIDTH} bits; "
-                             f"choose widths up to {compressed_tensors_export.MAX_WIDTH}")
+def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
+    """Load and place the model, then run the solver once on a small random matrix with the run's
+    settings, so that CUDA, cuBLAS/cuSOLVER and the Triton kernel have started (about 1.5 s on
+    first use in a process) before the first real layer needs them."""
+    model = load_opt(cfg.model, cfg.quiet)
+    place(model, dev, cfg.offload)
+    if dev.type == "cuda" and not (cfg.gmp or cfg.nearest) and (cfg.prune.active or cfg.quantize):
+        columns = model.config.hidden_size
+        x = torch.randn(4 * columns, columns, generator=torch.Generator().manual_seed(0)).to(dev, torch.float16)
+        weight = torch.randn(columns, columns, generator=torch.Generator().manual_seed(1)).to(dev)
+        solver = SparseGPT(columns, dev)
+        solver.add_batch(x)
+        grid = QuantGrid.for_weight(weight, cfg.sym, cfg.groupsize) if cfg.quantize else None
+        bits = torch.full((columns,), cfg.wbits, dtype=torch.int64) if cfg.quantize else None
+        solver.fasterprune(weight, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, None, not cfg.no_fused)
+        torch.cuda.synchronize(dev)
+    return model
+
+
+def max_positions(model: str) -> int:
+    """The model's context length, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_source(model)).max_position_embeddings
+
+
+def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dict[str, torch.Tensor]]:
+    """(tokenizer, seqlen, calibration windows, evaluation ids by dataset)."""
+    with stage("tokenize", gpu=False):
+        positions = max_positions(cfg.model)
+        seqlen = cfg.seqlen or positions
+        if seqlen > positions:
+            raise UsageError(f"--seqlen {seqlen} exceeds the model's {positions} positions")
+        tokenizer = datautils.get_tokenizer(cfg.model)
+        calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
+                                                cfg.data_dir, cfg.cache_dir)
+        eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
+    return tokenizer, seqlen, calibration, eval_ids
 
 
 # ---------------------------------------------------------------- compression
-
-
-class Log:
-    """Progress lines and bars, silenced by --quiet."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def __call__(self, msg: str) -> None:
-        if not self.quiet:
-            print(msg, flush=True)
-
-    def bar(self, iterable, total: int, desc: str):
-        """A progress bar over a long loop (layers, evaluation windows); the bare iterable when quiet."""
-        if self.quiet:
-            return iterable
-        from tqdm import tqdm
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
@@ -637,148 +500,6 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the run
 
 
-def plot_bits(stats: list[LinearStats], path: str, options: list[int]) -> None:
-    """Heatmap of average bits per module (rows) and decoder layer (columns), written atomically.
-    The colour scale spans the bit options, so that a layer at its target does not look extreme."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = {}
-    for s in stats:
-        if s.bits_per_column is not None:
-            layer, module = s.name.split("layers.", 1)[1].split(".", 1)
-            cells[(module, int(layer))] = s.avg_bits
-    modules = list(dict.fromkeys(m for m, _ in cells))
-    layers = sorted({i for _, i in cells})
-    grid = [[cells.get((m, i), float("nan")) for i in layers] for m in modules]
-    fig, ax = plt.subplots(figsize=(3.5 + 0.6 * len(layers), 1.2 + 0.45 * len(modules)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=min(options), vmax=max(options))
-    for r, row in enumerate(grid):
-        for c, v in enumerate(row):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_xticks(range(len(layers)), [str(i) for i in layers])
-    ax.set_yticks(range(len(modules)), modules)
-    ax.set_xlabel("decoder layer")
-    ax.set_title("average bits per weight")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
-    """Keep the whole model on the GPU when it fits easily; otherwise (or when asked) only the
-    layer at hand: the decoder layers stay on the CPU and visit the GPU one at a time. "Fits" counts
-    the memory the model already holds there as free (bench.py --synthetic builds it on the GPU)."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    there = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == dev.type)
-    if dev.type == "cuda" and size > 0.4 * (torch.cuda.mem_get_info(dev)[0] + there):
-        offload = True
-    if offload and dev.type == "cuda":
-        decoder_layers(model).to("cpu")
-        for m in decoder_io_modules(model):
-            m.to(dev)
-    else:
-        model.to(dev)
-
-
-def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
-    """Load and place the model, then run the solver once on a small random matrix with the run's
-    settings, so that CUDA, cuBLAS/cuSOLVER and the Triton kernel have started (about 1.5 s on
-    first use in a process) before the first real layer needs them."""
-    model = load_opt(cfg.model, cfg.quiet)
-    place(model, dev, cfg.offload)
-    if dev.type == "cuda" and not (cfg.gmp or cfg.nearest) and (cfg.prune.active or cfg.quantize):
-        columns = model.config.hidden_size
-        x = torch.randn(4 * columns, columns, generator=torch.Generator().manual_seed(0)).to(dev, torch.float16)
-        weight = torch.randn(columns, columns, generator=torch.Generator().manual_seed(1)).to(dev)
-        solver = SparseGPT(columns, dev)
-        solver.add_batch(x)
-        grid = QuantGrid.for_weight(weight, cfg.sym, cfg.groupsize) if cfg.quantize else None
-        bits = torch.full((columns,), cfg.wbits, dtype=torch.int64) if cfg.quantize else None
-        solver.fasterprune(weight, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, None, not cfg.no_fused)
-        torch.cuda.synchronize(dev)
-    return model
-
-
-class Background:
-    """Call `fn` on a thread now; `result()` waits for it and returns its value or raises its exception."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._call, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _call(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._value = fn()
-        except BaseException as e:  # handed to the caller of result()
-            self._error = e
-
-    def join(self) -> None:
-        """Wait for `fn` to end, whatever its outcome."""
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-# The stage a run is in, for the one-line message of an unexpected error or an interruption (main).
-STAGE = {"now": "checking the flags"}
-
-
-class Stages:
-    """Wall time and peak GPU memory of each stage of a run (for --results_json and bench.py)."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.dev = dev
-        self.seconds: dict[str, float] = {}
-        self.peak_gib: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str, gpu: bool = True):
-        """Time a stage; `gpu=False` for CPU-only stages, which then neither wait for nor measure the GPU."""
-        cuda = gpu and self.dev.type == "cuda"
-        STAGE["now"] = name
-        if cuda:
-            torch.cuda.synchronize(self.dev)
-            torch.cuda.reset_peak_memory_stats(self.dev)
-        tick = time.time()
-        yield
-        if cuda:
-            torch.cuda.synchronize(self.dev)
-            self.peak_gib[name] = torch.cuda.max_memory_allocated(self.dev) / 2 ** 30
-        self.seconds[name] = time.time() - tick
-
-
-def max_positions(model: str) -> int:
-    """The model's context length, from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_source(model)).max_position_embeddings
-
-
-def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dict[str, torch.Tensor]]:
-    """(tokenizer, seqlen, calibration windows, evaluation ids by dataset)."""
-    with stage("tokenize", gpu=False):
-        positions = max_positions(cfg.model)
-        seqlen = cfg.seqlen or positions
-        if seqlen > positions:
-            raise UsageError(f"--seqlen {seqlen} exceeds the model's {positions} positions")
-        tokenizer = datautils.get_tokenizer(cfg.model)
-        calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
-                                                cfg.data_dir, cfg.cache_dir)
-        eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
-    return tokenizer, seqlen, calibration, eval_ids
-
-
 def run(cfg: RunConfig) -> dict[str, Any]:
     log = Log(cfg.quiet)
     dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -827,7 +548,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             raise RuntimeError("quantization was requested but no channel was quantized (check --minlayer/--maxlayer/--prune_only)")
         log(format_summary(summary, stats))
     check_results(cfg, ppl, summary, stats)
-    STAGE["now"] = "writing the outputs"
+    set_stage("writing the outputs")
     results = {
         "config": asdict(cfg),
         "perplexity": ppl,
@@ -864,23 +585,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 TARGET_TOLERANCE = 0.05
 
 
-def nonfinite_path(obj: Any, path: str = "") -> str | None:
-    """Where in a JSON-like object the first NaN or infinity is (e.g. `layers[3].error`), or None."""
-    if isinstance(obj, float):
-        return None if math.isfinite(obj) else (path or "value")
-    if isinstance(obj, dict):
-        items = ((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
-    else:
-        return None
-    for where, value in items:
-        found = nonfinite_path(value, where)
-        if found is not None:
-            return found
-    return None
-
-
 def check_results(cfg: RunConfig, ppl: dict[str, float], summary, stats: list[LinearStats]) -> None:
     """Results that cannot be right fail the run (RuntimeError, exit 1) before any output is written:
     a NaN or infinite perplexity, a mixed run whose stored average is off its target, a NaN statistic."""
@@ -900,48 +604,194 @@ def check_results(cfg: RunConfig, ppl: dict[str, float], summary, stats: list[Li
         raise RuntimeError(f"the results hold NaN/inf at {where}; nothing was written")
 
 
-def _file_mode(directory: bool = False) -> int:
-    """What open() or mkdir() would give under the umask: mkstemp/mkdtemp create owner-only entries."""
-    return (0o777 if directory else 0o666) & ~datautils.umask()
-
-
-def write_json(obj: Any, path: str) -> None:
-    """Atomic: a reader never sees half a file; the temporary file goes if writing fails or is interrupted.
-    Strict JSON: a NaN or infinity anywhere is a RuntimeError naming where."""
-    where = nonfinite_path(obj)
-    if where is not None:
-        raise RuntimeError(f"{path} would hold NaN/inf at {where}; not written")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) -> None:
-    """A from_pretrained-loadable checkpoint, written to a temporary directory and renamed."""
-    STAGE["now"] = f"writing --save {path}"
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".save-")
-    try:
-        os.chmod(tmp, _file_mode(directory=True))  # mkdtemp's 0700, as mkdir would make it under the umask
+    """A from_pretrained-loadable checkpoint, written whole or not at all."""
+    set_stage(f"writing --save {path}")
+    with atomic_directory(path, prefix=".save-") as tmp:
         model.to("cpu").save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(results, os.path.join(tmp, "compression.json"))
-        if os.path.isdir(path):
-            os.rmdir(path)  # validated empty
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    STAGE["now"] = "writing the outputs"
+    set_stage("writing the outputs")
+
+
+# ---------------------------------------------------------------- the command line
+
+
+class UsageError(ValueError):
+    """A bad flag combination: reported in one line before any work starts."""
+
+
+def check_outputs(cfg: RunConfig) -> None:
+    """Every output path, before any work: its parent is an existing, writable directory; a directory
+    output (--save, --export) is new or an empty directory; a file output (--results_json, --plot) is not
+    a directory; no two outputs share a path."""
+    seen: dict[str, str] = {}
+    outputs = [("--save", cfg.save, True), ("--export", cfg.export, True),
+               ("--results_json", cfg.results_json, False), ("--plot", cfg.plot, False)]
+    for flag, path, is_dir in outputs:
+        if not path:
+            continue
+        full = os.path.abspath(os.path.expanduser(path))
+        if full in seen:
+            raise UsageError(f"{seen[full]} and {flag} both name {path}: they need different paths")
+        seen[full] = flag
+        parent = os.path.dirname(full)
+        if not os.path.isdir(parent):
+            what = "is not a directory" if os.path.exists(parent) else "does not exist"
+            raise UsageError(f"{flag} {path}: its parent {parent} {what}; create the directory or choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {path}: cannot write into {parent} (permission denied); choose a writable "
+                             f"directory")
+        if is_dir and os.path.exists(full) and (not os.path.isdir(full) or os.listdir(full)):
+            raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
+        if not is_dir and os.path.isdir(full):
+            raise UsageError(f"{flag} {path} is a directory; give a file path (e.g. {os.path.join(path, 'run.json')})")
+        if not is_dir and os.path.exists(full) and not os.access(full, os.W_OK):
+            raise UsageError(f"{flag} {path} exists and is read-only; choose another file")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject what would waste a run, each with the fix in the message."""
+    if not cfg.model.strip():
+        raise UsageError("the model argument is empty: give a local model directory (e.g. ../shared/models/opt-mini) "
+                         "or a hub id (facebook/opt-125m)")
+    for flag, value in (("--sparsity", cfg.sparsity), ("--percdamp", cfg.percdamp),
+                        ("--target_avg_bits", cfg.target_avg_bits), ("--error_shrinkage", cfg.error_shrinkage),
+                        ("--clip_min", cfg.clip_min)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} {value} is not a finite number")
+    if cfg.percdamp < 0:
+        raise UsageError(f"--percdamp {cfg.percdamp} is negative: give a fraction (>= 0) of the mean Hessian "
+                         f"diagonal, e.g. 0.01")
+    if cfg.groupsize == 0 or cfg.groupsize < -1:
+        raise UsageError(f"--groupsize {cfg.groupsize}: give a positive number of columns (e.g. 128), "
+                         f"or -1 for one grid per row")
+    if cfg.seqlen == 1:
+        raise UsageError("--seqlen 1: a window needs at least 2 tokens (one predicts the next); "
+                         "give --seqlen 2 or more (0 = the model's max positions)")
+    if not cfg.eval:
+        raise UsageError(f"--eval is empty: name at least one of {','.join(datautils.DATASETS)}")
+    unknown = [d for d in cfg.eval if d not in datautils.DATASETS]
+    if unknown:
+        raise UsageError(f"unknown dataset {unknown[0]!r} in --eval; choose from {', '.join(datautils.DATASETS)}")
+    if any(not math.isfinite(w) or w < 0 for w in cfg.importance_weights):
+        raise UsageError(f"--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1 "
+                         f"(got {','.join(map(str, cfg.importance_weights))})")
+    if cfg.mixed and len(set(cfg.bit_options)) == 1:
+        raise UsageError(f"--bit_options {cfg.bit_options[0]} with --target_avg_bits is uniform quantization: drop "
+                         f"--target_avg_bits (--wbits {cfg.bit_options[0]} alone does that) or give several widths, "
+                         f"e.g. 2,3,4,6,8")
+    if cfg.prunen > 0 and cfg.prunem > 0 and cfg.blocksize > 0 and cfg.blocksize % cfg.prunem:
+        raise UsageError(f"--prunem {cfg.prunem} does not divide --blocksize {cfg.blocksize}: N:M groups restart at "
+                         f"every block; choose an M that divides {cfg.blocksize} (e.g. 4) or a --blocksize that "
+                         f"is a multiple of {cfg.prunem}")
+    if cfg.device:
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise UsageError(f"--device {cfg.device!r} is not a device: use cpu or cuda (or cuda:0, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {cfg.device}: CUDA is not available here; use --device cpu "
+                             f"(or leave --device out)")
+    if cfg.cache_dir and os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
+        raise UsageError(f"--cache_dir {cfg.cache_dir} is a file, not a directory; choose a directory "
+                         f"(it is created if absent)")
+    check_outputs(cfg)
+    if not 0 <= cfg.sparsity < 1:
+        raise UsageError(f"--sparsity {cfg.sparsity} is outside [0, 1)")
+    if (cfg.prunen > 0) != (cfg.prunem > 0):
+        raise UsageError("give both --prunen and --prunem (e.g. --prunen 2 --prunem 4)")
+    if cfg.prunen and (cfg.prunen < 0 or cfg.prunen >= cfg.prunem):
+        raise UsageError(f"--prunen {cfg.prunen} must be below --prunem {cfg.prunem}")
+    if cfg.prunen and cfg.sparsity:
+        raise UsageError("use either --sparsity or --prunen/--prunem, not both")
+    if sorted(set(cfg.bit_options)) != sorted(cfg.bit_options) or not cfg.bit_options or \
+            any(b < 1 or b > 16 for b in cfg.bit_options):
+        raise UsageError(f"--bit_options {cfg.bit_options}: give distinct widths in 1..16, e.g. 2,3,4,6,8")
+    if cfg.wbits != 16 and cfg.wbits not in cfg.bit_options:
+        raise UsageError(f"--wbits {cfg.wbits} is not among --bit_options {','.join(map(str, cfg.bit_options))} (or 16 = off)")
+    if len(cfg.importance_weights) != 5 or any(w < 0 for w in cfg.importance_weights) or sum(cfg.importance_weights) == 0:
+        raise UsageError("--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1")
+    if cfg.mixed:
+        if not cfg.quantize:
+            raise UsageError("--target_avg_bits needs a base width: add --wbits 4 (or another of --bit_options)")
+        lo, hi = min(cfg.bit_options), max(cfg.bit_options)
+        if not lo <= cfg.target_avg_bits <= hi:
+            raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} is outside [{lo}, {hi}] of --bit_options")
+        if cfg.nearest:
+            raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
+        if cfg.offload and cfg.bit_scope == "model":
+            raise UsageError("--bit_scope model needs the whole model on the GPU; "
+                             "drop --offload or use --bit_scope layer")
+    if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
+            cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width"):
+        raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
+                         "--clip auto|none|width")
+    if not 0 < cfg.clip_min <= 1:
+        raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
+                         f"the clip search tries, e.g. 0.5")
+    if not 0 <= cfg.error_shrinkage <= 1:
+        raise UsageError(f"--error_shrinkage {cfg.error_shrinkage} is outside [0, 1]")
+    if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope == "model"):
+        raise UsageError("--bit_granularity linear allocates one width per Linear across the whole model: "
+                         "add --target_avg_bits and --bit_scope model")
+    if cfg.clip == "width" and (not cfg.quantize or cfg.nearest or cfg.gmp):
+        raise UsageError("--clip width chooses ranges from calibration statistics: it needs --wbits and "
+                         "no --nearest/--gmp")
+    if cfg.nearest and not cfg.quantize:
+        raise UsageError("--nearest rounds weights: add --wbits 4 (or another width)")
+    if cfg.nearest and cfg.prune.active and not cfg.gmp:
+        raise UsageError("--nearest does not prune; add --gmp for magnitude pruning or drop --nearest")
+    if cfg.act_order and (cfg.prunen or cfg.groupsize > 0 or cfg.gmp or cfg.nearest):
+        raise UsageError("--act-order works with unstructured sparsity and per-row grids only; drop it or "
+                         "--prunen/--prunem/--groupsize/--gmp/--nearest")
+    if cfg.gmp and not cfg.prune.active:
+        raise UsageError("--gmp needs --sparsity (or --prunen/--prunem)")
+    if cfg.gmp and cfg.quantize and not cfg.nearest:
+        raise UsageError("--gmp is a pruning baseline; add --nearest to also round weights")
+    if cfg.dataset not in datautils.DATASETS or any(d not in datautils.DATASETS for d in cfg.eval):
+        raise UsageError(f"unknown dataset; choose from {', '.join(datautils.DATASETS)}")
+    if cfg.nsamples < 1 or cfg.blocksize < 1 or cfg.batch_size < 1:
+        raise UsageError("--nsamples, --blocksize and --batch_size must be positive")
+    model_source(cfg.model)  # a missing local model directory fails here
+    if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
+        raise UsageError(f"--data_dir {cfg.data_dir} is not a directory")
+    if cfg.plot:
+        if not cfg.quantize:
+            raise UsageError("--plot shows bit-widths: add --wbits (and --target_avg_bits for mixed precision)")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib")
+    if cfg.seqlen < 0:
+        raise UsageError("--seqlen must be positive (0 = the model's max positions)")
+    if cfg.export and not cfg.quantize:
+        raise UsageError("--export packs quantized weights: add --wbits (or use --save for an fp16 checkpoint)")
+    for flag, path in (("--save", cfg.save), ("--export", cfg.export)):
+        if path and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+            raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
+    if cfg.save and cfg.save == cfg.export:
+        raise UsageError("--save and --export need different directories")
+    if cfg.lm_eval:
+        if not lm_eval_tasks.available():
+            raise UsageError("--lm_eval needs lm-evaluation-harness: pip install lm-eval accelerate")
+        if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
+            raise UsageError(f"--lm_eval_include {cfg.lm_eval_include} is not a directory of task definitions")
+        if cfg.offload:
+            raise UsageError("--lm_eval runs the whole model on the device; drop --offload")
+        unknown = lm_eval_tasks.unknown_tasks(cfg.lm_eval, cfg.lm_eval_include or None)
+        if unknown:
+            raise UsageError(f"--lm_eval: unknown task(s) {', '.join(unknown)}; give lm-eval task names, or local "
+                             "task definitions with --lm_eval_include DIR")
+    if cfg.export_format == "compressed-tensors":
+        if not compressed_tensors_export.available():
+            raise UsageError("--export_format compressed-tensors needs the compressed-tensors package: "
+                             "pip install 'compressed-tensors>=0.17'")
+        if cfg.mixed and cfg.bit_granularity != "linear":
+            raise UsageError("compressed-tensors stores one width per Linear: add --bit_granularity linear "
+                             "--bit_scope model, or use --export_format packed for per-channel widths")
+        widths = cfg.bit_options if cfg.mixed else [cfg.wbits]
+        if max(widths) > compressed_tensors_export.MAX_WIDTH:
+            raise UsageError(f"compressed-tensors packs 1..{compressed_tensors_export.MAX_WIDTH} bits; "
+                             f"choose widths up to {compressed_tensors_export.MAX_WIDTH}")
 
 
 def _list(kind):
@@ -1036,18 +886,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(**args)
 
 
-class Interrupted(BaseException):
-    """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt, so that every temporary
-    output is removed on the way out (the writers clean up on BaseException)."""
-
-
 def check_model(cfg: RunConfig) -> None:
     """The checks that need the model's config and tokenizer but no weights (seconds, before any work):
     a supported family, a tokenizer that fits the embedding, a layer selection that picks some Linear,
     and a way to the data (--data_dir, or a hub that answers)."""
     from modelutils import hub_reachable, linear_names, load_config
 
-    STAGE["now"] = "checking the model"
+    set_stage("checking the model")
     config = load_config(cfg.model)
     if cfg.prune.active or cfg.quantize:
         names = linear_names(config)
@@ -1077,7 +922,7 @@ def _outputs(cfg: RunConfig | None) -> dict[str, str]:
 
 def _remove_new_outputs(cfg: RunConfig | None, existed: dict[str, bool]) -> None:
     """After a failed or interrupted run: remove what it wrote under the output paths (validated at the
-    start as absent or empty directories, so nothing of the user's goes), and the plot's temporary file."""
+    start as absent or empty directories, so nothing of the user's goes)."""
     for flag, path in _outputs(cfg).items():
         if flag not in existed:  # never validated: leave it alone
             continue
@@ -1090,8 +935,6 @@ def _remove_new_outputs(cfg: RunConfig | None, existed: dict[str, bool]) -> None
                     shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
         elif not existed[flag] and os.path.isfile(path):
             os.remove(path)
-    if cfg is not None and cfg.plot and os.path.exists(cfg.plot + ".tmp.png"):
-        os.remove(cfg.plot + ".tmp.png")
 
 
 def _one_line(e: BaseException) -> str:
@@ -1103,45 +946,34 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 a usage error (flags, model, data or output paths: nothing was started);
     1 the run failed (non-finite numbers, results that cannot be right, unexpected errors); 130/143
     interrupted by SIGINT/SIGTERM. Every error is one line on stderr; --debug adds the traceback."""
-    import signal
     import traceback
 
     from modelutils import ModelError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    STAGE["now"] = "checking the flags"
-    cfg, existed, previous = None, {}, None
-
-    def terminate(signum, frame):
-        raise Interrupted(signum)
-
-    try:
-        previous = signal.signal(signal.SIGTERM, terminate)
-    except ValueError:  # not the main thread: SIGTERM keeps its handler
-        pass
-    try:
-        cfg = parse_args(argv)
-        validate(cfg)
-        existed = {flag: os.path.exists(path) for flag, path in _outputs(cfg).items()}  # dirs: empty ones
-        check_model(cfg)
-        results = run(cfg)
-        error = None
-    except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
-        error, code, message = e, 2, _one_line(e)
-    except (FloatingPointError, RuntimeError) as e:
-        error, code, message = e, 1, _one_line(e)
-    except KeyboardInterrupt as e:
-        error, code, message = e, 130, f"interrupted (SIGINT) while {STAGE['now']}; temporary outputs removed"
-    except Interrupted as e:
-        error, code, message = e, 143, f"terminated (SIGTERM) while {STAGE['now']}; temporary outputs removed"
-    except Exception as e:
-        error, code = e, 1
-        message = f"unexpected {type(e).__name__} while {STAGE['now']}: {_one_line(e)} (rerun with --debug for " \
-                  f"the traceback)"
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    set_stage("checking the flags")
+    cfg, existed = None, {}
+    with sigterm_interrupts():
+        try:
+            cfg = parse_args(argv)
+            validate(cfg)
+            existed = {flag: os.path.exists(path) for flag, path in _outputs(cfg).items()}  # dirs: empty ones
+            check_model(cfg)
+            results = run(cfg)
+            error = None
+        except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
+            error, code, message = e, 2, _one_line(e)
+        except (FloatingPointError, RuntimeError) as e:
+            error, code, message = e, 1, _one_line(e)
+        except KeyboardInterrupt as e:
+            error, code, message = e, 130, f"interrupted (SIGINT) while {current_stage()}; temporary outputs removed"
+        except Interrupted as e:
+            error, code, message = e, 143, f"terminated (SIGTERM) while {current_stage()}; temporary outputs removed"
+        except Exception as e:
+            error, code = e, 1
+            message = f"unexpected {type(e).__name__} while {current_stage()}: {_one_line(e)} (rerun with --debug " \
+                      f"for the traceback)"
     if error is not None:
         if debug:
             traceback.print_exception(error)

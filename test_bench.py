@@ -11,6 +11,7 @@ import torch
 import bench
 import opt_enhanced as oe
 from modelutils import find_linears
+from runtime import Log
 
 CPU = torch.device("cpu")
 FLAGS = ["--device", "cpu", "--nsamples", "2", "--seqlen", "16", "--sparsity", "0.5", "--wbits", "4"]
@@ -22,7 +23,7 @@ def test_stages_compress_as_the_compress_path_does():
     staged, _ = bench.build_synthetic("opt-tiny", 1, CPU, False)
     assert all(torch.equal(a, b) for a, b in zip(shipped.parameters(), staged.parameters()))
     calibration = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
-    oe.compress(shipped, calibration, cfg, CPU, oe.Log(True))
+    oe.compress(shipped, calibration, cfg, CPU, Log(True))
     report = bench.staged_compress(staged, calibration, cfg, CPU)
     for (name, a), b in zip(shipped.named_parameters(), staged.parameters()):
         assert torch.equal(a, b), name

@@ -15,6 +15,7 @@ import opt_enhanced as oe
 from bitalloc import allocate_budget, allocate_quantile, channel_metrics, combine_metrics
 from compression_stats import summarize
 from quant import QuantGrid
+from runtime import Log
 from sparsegpt_enhanced import PruneSpec, SparseGPT
 
 OPTIONS = [2, 3, 4, 6, 8]
@@ -62,7 +63,7 @@ def compress_tiny(model, **kw) -> list:
     cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=8, blocksize=16, **kw)
     oe.validate(cfg)
     calib = torch.randint(0, 64, (8, 64), generator=torch.Generator().manual_seed(1))
-    return oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True)).stats
+    return oe.compress(model, calib, cfg, torch.device("cpu"), Log(True)).stats
 
 
 # ---------------------------------------------------------------- metrics

@@ -20,6 +20,7 @@ import datautils
 import modelutils
 import opt_enhanced as oe
 from conftest import tiny_model, write_data, write_tokenizer
+from runtime import nonfinite_path, write_json
 
 QUICK = ["--nsamples", "2", "--seqlen", "32", "--quiet", "--device", "cpu", "--eval", "ptb"]
 
@@ -305,8 +306,8 @@ DATA_DAMAGE = ["two C4 validation files", "truncated gzip", "not gzip", "no text
 @pytest.mark.parametrize("how", DATA_DAMAGE)
 def test_damaged_data_file_is_named(tiny_dir, tmp_path, capsys, how):
     data, dataset, named = damaged_data(tmp_path, how)
-    code, out = oe.main([str(tiny_dir[0]), dataset, "--data_dir", str(data), *QUICK[:-2], "--eval", "c4",
-                         "--results_json", str(tmp_path / "r.json")]), None
+    code = oe.main([str(tiny_dir[0]), dataset, "--data_dir", str(data), *QUICK[:-2], "--eval", "c4",
+                    "--results_json", str(tmp_path / "r.json")])
     assert code == 2
     assert_one_line_error(capsys, named)
     assert not (tmp_path / "r.json").exists()
@@ -383,9 +384,9 @@ def test_allocation_off_target_fails(tiny_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_results_json_never_holds_nan(tmp_path):
-    assert oe.nonfinite_path({"a": [1.0, {"b": float("inf")}]}) == "a[1].b"
+    assert nonfinite_path({"a": [1.0, {"b": float("inf")}]}) == "a[1].b"
     with pytest.raises(RuntimeError, match=r"a\[1\]\.b"):
-        oe.write_json({"a": [1.0, {"b": float("nan")}]}, str(tmp_path / "r.json"))
+        write_json({"a": [1.0, {"b": float("nan")}]}, str(tmp_path / "r.json"))
     assert os.listdir(tmp_path) == []
 
 
