@@ -80,6 +80,7 @@ class RunConfig:
     bit_scope: str = "layer"
     bit_granularity: str = "channel"
     clip: str = "auto"
+    clip_objective: str = "uncompensated"  # chosen on validation text (BENCHMARKS.md)
     clip_min: float = 0.8  # chosen on validation text (BENCHMARKS.md)
     error_shrinkage: float = 0.75
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
@@ -125,7 +126,8 @@ class RunConfig:
     def mixed_precision(self) -> MixedPrecision:
         return MixedPrecision(self.target_avg_bits, tuple(self.bit_options), self.bit_method, self.bit_scope,
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
-                              clip=self.clipped, clip_factors=bitalloc.clip_factors(self.clip_min))
+                              clip=self.clipped, clip_factors=bitalloc.clip_factors(self.clip_min),
+                              clip_objective=self.clip_objective)
 
     def selected(self, layer: int, name: str) -> bool:
         """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""
@@ -427,7 +429,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
     elif cfg.quantize and cfg.clipped and solver is not None:
         order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
         rounding = solver.rounding_model(W, cfg.prune, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp, order)
-        shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], bitalloc.clip_factors(cfg.clip_min))
+        shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], bitalloc.clip_factors(cfg.clip_min), cfg.clip_objective)
     error, damping = 0.0, cfg.percdamp
     grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink, cfg.scale_dtype) if cfg.quantize else None
     if solver is None:  # the baselines: magnitude pruning and/or round-to-nearest
@@ -724,9 +726,10 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError("--bit_scope model needs the whole model on the GPU; "
                              "drop --offload or use --bit_scope layer")
     if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
-            cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width"):
+            cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width") or \
+            cfg.clip_objective not in ("solver", "uncompensated"):
         raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
-                         "--clip auto|none|width")
+                         "--clip auto|none|width, --clip_objective solver|uncompensated")
     if not 0 < cfg.clip_min <= 1:
         raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
                          f"the clip search tries, e.g. 0.5")
@@ -867,6 +870,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--bit_granularity", choices=("channel", "linear"), help="one width per input channel, or per Linear (q/k/v tied; needs --bit_scope model)")
     p.add_argument("--clip", choices=("auto", "none", "width"), help="shrink each width's range by the factor (per Linear) that minimises the estimated "
                         "error; auto = on for mixed precision, off (the reference grid) for uniform runs")
+    p.add_argument("--clip_objective", choices=("solver", "uncompensated"),
+                   help="the loss that picks each width's range factor: the solver's estimate, or each column's error "
+                        "at its full cost H_jj")
     p.add_argument("--clip_min", type=float, help="the smallest range factor the clip search tries (1 = min-max only)")
     p.add_argument("--error_shrinkage", type=float, help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
                         "text the calibration data does not excite)")

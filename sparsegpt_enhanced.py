@@ -198,8 +198,11 @@ class SparseGPT:
         kept = ~predicted_mask(W, d, prune, blocksize)
         cost = 1 / d ** 2
         cost[factor.dead] = 0
+        uncompensated = self.hessian_diag.float() if order is None else self.hessian_diag.float()[order]
+        uncompensated[factor.dead] = 0
         r = torch.ones_like(W[:, :1]) if row_weight is None else row_weight.float()[:, None]
-        return RoundingModel(W, kept, cost, r, sym, groupsize, None if order is None else torch.argsort(order))
+        return RoundingModel(W, kept, cost, uncompensated, r, sym, groupsize,
+                             None if order is None else torch.argsort(order))
 
 
 @dataclass
@@ -213,6 +216,7 @@ class RoundingModel:
     weight: torch.Tensor  # solve order, dead columns zeroed
     kept: torch.Tensor  # bool: weights the mask rule keeps on the dense weights
     cost: torch.Tensor  # (columns,) 1 / U_jj^2, 0 for dead columns
+    uncompensated: torch.Tensor  # (columns,) H_jj: the cost if no later column absorbed the error
     row_weight: torch.Tensor  # (rows, 1)
     sym: bool
     groupsize: int
@@ -226,12 +230,13 @@ class RoundingModel:
         """Predicted count of stored (kept) weights in each column."""
         return self._stored(self.kept.sum(0))
 
-    def loss(self, width: int, shrink: float = 1.0) -> torch.Tensor:
-        """(columns,) estimated loss of rounding every column at `width`, its range scaled by `shrink`."""
+    def loss(self, width: int, shrink: float = 1.0, compensated: bool = True) -> torch.Tensor:
+        """(columns,) estimated loss of rounding every column at `width`, its range scaled by `shrink`;
+        with `compensated` False, each column's error at its full cost H_jj, as if nothing absorbed it."""
         if self.grid is None:
             self.grid = QuantGrid.rounding(self.weight, self.sym, self.groupsize)
         err = self.row_weight * (self.weight - self.grid.round_at(self.weight, width, shrink)) ** 2 * self.kept
-        return self._stored(err.sum(0) * self.cost)
+        return self._stored(err.sum(0) * (self.cost if compensated else self.uncompensated))
 
 
 TRIANGULAR_LEAF = 1024  # below this, a triangular inverse is one solve against the identity

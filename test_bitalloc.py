@@ -359,3 +359,23 @@ def test_clip_search_stops_at_clip_min():
     for bad in ("0", "1.5", "nan"):
         with pytest.raises(oe.UsageError):
             oe.validate(oe.parse_args(["model", "c4", "--wbits", "3", "--target_avg_bits", "3", "--clip_min", bad]))
+
+
+def test_uncompensated_clip_objective_weighs_each_columns_error_by_its_full_cost():
+    torch.manual_seed(0)
+    x = torch.randn(256, 32) * torch.linspace(0.1, 5, 32)
+    solver = solver_for(x)
+    W = torch.randn(16, 32)
+    W[:, 31] *= 4  # the loudest channel holds each row's extreme weights: clamping them costs H_jj each
+    model = solver.rounding_model(W, PruneSpec(), False, -1)
+    factors = bitalloc.clip_factors(0.5)
+    H = torch.diag(solver.hessian)
+    for b in (2, 3, 4):
+        grid = QuantGrid.rounding(W, False)
+        full_cost = {f: float((((W - grid.round_at(W, b, f)) ** 2).sum(0) * H).sum()) for f in factors}
+        best = min(full_cost, key=full_cost.get)
+        shrink, losses = bitalloc.clip_ranges(model, [b], factors, "uncompensated")
+        assert shrink.get(b, 1.0) == best
+        assert torch.equal(losses[b], model.loss(b, best))  # the allocators still get the solver's loss
+    assert bitalloc.choose_shrink(model, [2, 3, 4], factors, "uncompensated") != \
+        bitalloc.choose_shrink(model, [2, 3, 4], factors, "solver")
