@@ -140,6 +140,19 @@ def test_a_failure_on_one_rank_ends_both(tiny_dir, tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
+def test_bench_synthetic_on_two_processes(tmp_path):
+    import bench
+
+    out = tmp_path / "bench.json"
+    flags = ["--device", "cpu", "--nsamples", "4", "--seqlen", "16", "--sparsity", "0.5", "--wbits", "4"]
+    codes, errors = two_processes(tmp_path, [["--synthetic", "opt-tiny", "--json", str(out), "--", *flags]],
+                                  entry=bench.main)
+    assert codes == [[0], [0]], errors
+    res = json.loads(out.read_text())
+    assert res["processes"] == 2 and len(res["by_process"]) == 2 and res["layers"] == 2
+    assert all(p["host_peak_gib"] > 0 for p in res["by_process"]) and res["compress_s"] > 0
+
+
 def test_assignment_balances_by_solver_cost():
     """OPT's fc2 (4x the columns) outweighs the rest of the layer together; q/k/v stay with their Hessian."""
     from conftest import tiny_model
