@@ -20,6 +20,10 @@ and moving it back; each stage synchronises the GPU, so the stages add up to a l
 compress takes. Both report peak GPU memory (per stage with --stages) and the process's peak
 host RSS.
 
+Under torchrun (`torchrun --standalone --nproc_per_node 2 bench.py --synthetic opt-1.3b`), --synthetic
+compresses on every process as opt_enhanced does there (distributed.py): each builds the same model on
+its own GPU; rank 0 prints, with every process's peak GPU and host memory. --stages times one process.
+
 --factor times SparseGPT.inverse_factor against the published three-step factor (Cholesky,
 cholesky_inverse, Cholesky of the inverse) on a random Hessian of each size, with peak GPU memory
 above X^T X and the two factors' relative difference. On the CPU sizes above 2048 are skipped.
@@ -37,6 +41,7 @@ from typing import Any, Iterator
 
 import torch
 
+import distributed
 import opt_enhanced as oe
 import sparsegpt_enhanced
 from modelutils import (capture_layer_inputs, decoder_layers, decoder_of, find_linears, forward_layer, home_of,
@@ -104,7 +109,7 @@ def synthetic(name: str, layers: int | None, offload: bool, flags: list[str], st
     with `stages`, stage by stage (`staged_compress`)."""
     nlayers = SHAPES[name][1]
     cfg = oe.parse_args(["synthetic", "c4", "--quiet", *(flags or ["--sparsity", "0.5", "--wbits", "4"])])
-    dev = torch.device(cfg.device or "cuda")
+    dev = distributed.local_device(torch.device(cfg.device or "cuda"))
     torch.set_float32_matmul_precision("highest")  # as opt_enhanced.run sets it
     seqlen = cfg.seqlen or 2048
     runs = []
@@ -123,6 +128,9 @@ def synthetic(name: str, layers: int | None, offload: bool, flags: list[str], st
                        peak_gpu_gib=stage.peak_gib.get("compress", 0.0))
         run["per_layer_s"] = run["compress_s"] / model.config.num_hidden_layers
         run["host_peak_gib"] = host_peak_gib()
+        if distributed.size() > 1:
+            run["by_process"] = distributed.gather({"peak_gpu_gib": run["peak_gpu_gib"],
+                                                    "host_peak_gib": run["host_peak_gib"]})
         runs.append(run)
         params = sum(p.numel() for p in model.parameters())
         del model
@@ -130,7 +138,7 @@ def synthetic(name: str, layers: int | None, offload: bool, flags: list[str], st
             torch.cuda.empty_cache()
     first = runs[0]
     return {"shape": name, "layers": layers or nlayers, "of": nlayers, "offload": offload, "stages": stages,
-            "flags": flags, **first, "runs": runs if repeat > 1 else None, "params": params,
+            "flags": flags, "processes": distributed.size(), **first, "runs": runs if repeat > 1 else None, "params": params,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
 
 
@@ -385,7 +393,13 @@ def main(argv: list[str] | None = None) -> int:
             write_json(res, args.json)
         return 0
     if args.synthetic:
-        res = synthetic(args.synthetic, args.layers, args.offload, flags, args.stages, args.repeat)
+        if args.stages and distributed.launched_size() > 1:
+            p.error("--stages times one process: run it without torchrun")
+        dev = distributed.local_device(torch.device(oe.parse_args(["synthetic", "c4", *flags]).device or "cuda"))
+        with distributed.session(dev):
+            res = synthetic(args.synthetic, args.layers, args.offload, flags, args.stages, args.repeat)
+        if distributed.launched_rank() != 0:
+            return 0
         if args.stages:
             print(stage_table(res), flush=True)
         print(json.dumps(res), flush=True)

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 import datautils
 import bitalloc
+import distributed
 from bitalloc import MixedPrecision
 from compression_stats import LinearStats, code_bits, format_summary, plot_bits, storage_bits, summarize
 import compressed_tensors_export
@@ -88,6 +89,7 @@ class RunConfig:
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
     batch_size: int = 8
     device: str = ""
+    gpus: int = 0  # processes, one GPU each (0: as launched, one without torchrun)
     offload: bool = False
     no_fused: bool = False
     quiet: bool = False
@@ -154,10 +156,19 @@ def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
         model.to(dev)
 
 
+def use_device(dev: torch.device) -> None:
+    """Make a numbered GPU (cuda:LOCAL_RANK under torchrun) the calling thread's current device: Triton
+    launches its kernels there whatever device the tensors are on, and a tensor made on plain "cuda"
+    lands there (on GPU 0 it would cost every process a CUDA context on GPU 0)."""
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+
+
 def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
     """Load and place the model, then run the solver once on a small random matrix with the run's
     settings, so that CUDA, cuBLAS/cuSOLVER and the Triton kernel have started (about 1.5 s on
     first use in a process) before the first real layer needs them."""
+    use_device(dev)  # this runs on a thread of its own
     model = load_opt(cfg.model, cfg.quiet)
     place(model, dev, cfg.offload)
     if dev.type == "cuda" and not (cfg.gmp or cfg.nearest) and (cfg.prune.active or cfg.quantize):
@@ -210,6 +221,7 @@ def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, k
     finally:
         for h in handles:
             h.remove()
+    distributed.reduce_hessians(solvers)  # under torchrun `hidden` is this rank's shard of the windows
     return solvers
 
 
@@ -266,6 +278,9 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, hidden: torc
             h.remove()
         for p in trainable:
             p.requires_grad_(True)
+    for name in sorted(sums):  # under torchrun each rank saw its shard of the windows
+        distributed.total(sums[name])
+    tokens = int(distributed.total(torch.tensor(tokens, device=dev)).item())
     return {name: s / tokens for name, s in sums.items()}
 
 
@@ -355,11 +370,17 @@ class Compressed:
 @torch.no_grad()
 def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: torch.device, log: Log) -> Compressed:
     """The sequential loop: each layer is calibrated on the outputs of the already-compressed
-    layers before it, compressed, and its compressed outputs feed the next layer."""
+    layers before it, compressed, and its compressed outputs feed the next layer.
+
+    Under torchrun (distributed.py) each rank runs its shard of the calibration windows through the
+    layers, the Hessians are summed across ranks, each rank solves the Linears `distributed.assign`
+    gives it, and the compressed weights and their records are shared before the layer's outputs
+    are computed."""
     nlayers = len(decoder_layers(model))
     shared = decoder_of(model).shared_input
     out = Compressed([], {}, {})
     calibrated = not (cfg.gmp or cfg.nearest)
+    calibration = distributed.shard(calibration)
     hidden = kwargs = None
     if calibrated:
         hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
@@ -367,19 +388,31 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     if cfg.mixed and cfg.bit_scope == "model":
         plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
     budget = StoredBits(cfg.mixed_precision.drift_correction if cfg.mixed else False)
+    parallel, rank = distributed.size() > 1, distributed.rank()
     progress = lambda items: log.bar(items, nlayers, "compress layers")
     for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size, progress, check=True):
         tick = time.time()
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
         solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared) if calibrated and chosen else {}
+        owners = distributed.assign(chosen, linears, shared) if parallel else {}
+        solvers = {k: s for k, s in solvers.items() if owners.get(k, rank) == rank}
+        solved: dict[str, tuple[LinearStats, QuantGrid | None, torch.Tensor | None, float]] = {}
         for n in chosen:
-            name = linear_name(model, i, n)
-            stats, grid, bits = compress_linear(name, linears[n], solvers.get(shared.get(n, n)), plan, budget,
-                                                cfg)
+            if owners.get(n, rank) != rank:
+                continue
+            spend = budget.side_by_side(first=n == chosen[0]) if parallel else budget
+            carried = spend.carried
+            solved[n] = (*compress_linear(linear_name(model, i, n), linears[n], solvers.get(shared.get(n, n)), plan,
+                                          spend, cfg), spend.carried - carried)
+        if parallel:
+            solved = distributed.share_linears(chosen, linears, owners, solved)
+            budget.carried += sum(drift for *_, drift in solved.values())
+        for n in chosen:
+            stats, grid, bits, _ = solved[n]
             out.stats.append(stats)
             if grid is not None:
-                out.grids[name], out.bits[name] = grid, bits
+                out.grids[stats.name], out.bits[stats.name] = grid, bits
         log(f"layer {i + 1}/{nlayers} compressed in {time.time() - tick:.2f}s")
     return out
 
@@ -403,6 +436,14 @@ class StoredBits:
 
     def spent(self, planned_bits: float, stored_bits: int) -> None:
         self.carried += planned_bits - stored_bits
+
+    def side_by_side(self, first: bool) -> "StoredBits":
+        """A Linear's own budget when the Linears of a layer are solved on several processes at once, where
+        none knows what the others store until the layer is done: what was carried into the layer goes to
+        its first Linear, and each Linear's drift is added to this budget after the layer. So the
+        carry reaches the next layer instead of the next Linear: the model's stored average stays on
+        target, and the result does not depend on how many processes there are or who solved what."""
+        return StoredBits(self.carry_drift, self.carried if first else 0.0)
 
 
 def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan: BitPlan, budget: StoredBits,
@@ -469,26 +510,28 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.devi
     """The SparseGPT protocol: non-overlapping seqlen windows, mean token NLL per window, exp of the mean.
 
     Whole-model batched forwards when the model sits on the device (the default there), else
-    layer by layer over all windows, for models that only visit the GPU one layer at a time."""
+    layer by layer over all windows, for models that only visit the GPU one layer at a time.
+    Under torchrun each rank takes its shard of the windows and the NLL sums are added."""
     nwin = ids.numel() // seqlen
-    windows = ids[0, : nwin * seqlen].view(nwin, seqlen)
+    windows = distributed.shard(ids[0, : nwin * seqlen].view(nwin, seqlen))
+    mine = len(windows)
     layers = decoder_layers(model)
     if whole_model is None:
         whole_model = resident(layers, dev)
     nll = torch.zeros((), dtype=torch.float64, device=dev)
     if whole_model:
-        for start in log.bar(range(0, nwin, batch_size), -(-nwin // batch_size), f"evaluate {nwin} windows"):
+        for start in log.bar(range(0, mine, batch_size), -(-mine // batch_size), f"evaluate {nwin} windows"):
             batch = windows[start:start + batch_size].to(dev)
             nll += window_nll(model(batch, use_cache=False).logits, batch)
-        return math.exp(nll.item() / nwin)
+        return math.exp(distributed.total(nll).item() / nwin)
     hidden, kwargs = capture_layer_inputs(model, windows, dev, batch_size)
     progress = lambda items: log.bar(items, len(layers), f"evaluate {nwin} windows, layer by layer")
     for _ in walk_layers(model, dev, hidden, kwargs, batch_size, progress):
         pass  # the walk itself runs each layer over the windows
-    for start in range(0, nwin, batch_size):
+    for start in range(0, mine, batch_size):
         logits = logits_from_hidden(model, hidden[start:start + batch_size])
         nll += window_nll(logits, windows[start:start + batch_size].to(dev))
-    return math.exp(nll.item() / nwin)
+    return math.exp(distributed.total(nll).item() / nwin)
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -502,9 +545,18 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the run
 
 
+def run_device(cfg: RunConfig) -> torch.device:
+    """Where layers are processed: --device, else CUDA if present; under torchrun each process's own GPU."""
+    return distributed.local_device(torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+
+
 def run(cfg: RunConfig) -> dict[str, Any]:
-    log = Log(cfg.quiet)
-    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """One run: load, compress, evaluate, write the outputs. Under torchrun every rank runs it (inside
+    `distributed.session`); only rank 0 logs, runs --lm_eval and writes outputs, and the others return
+    their perplexities and timings alone."""
+    log = Log(cfg.quiet or not distributed.is_main())
+    dev = run_device(cfg)
+    use_device(dev)
     # fp32 matmuls in full precision, as the published scripts set them (a run, not an import, decides this)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -535,6 +587,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         for d, ids in eval_ids.items():
             ppl[d] = perplexity(model, ids, seqlen, dev, cfg.batch_size, log=log)
             log(f"{d} perplexity: {ppl[d]:.3f}")
+    if not distributed.is_main():  # no collective follows: rank 0 alone reports and writes
+        return {"perplexity": ppl, "timings": dict(stage.seconds, total=time.time() - started)}
     scores = {}
     if cfg.lm_eval:
         with stage("lm_eval"):
@@ -559,6 +613,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "summary": None if summary is None else asdict(summary),
         "layers": [asdict(s) for s in stats],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "processes": distributed.size(),
     }
     if scores:
         results["lm_eval"] = scores
@@ -652,6 +707,30 @@ def check_outputs(cfg: RunConfig) -> None:
             raise UsageError(f"{flag} {path} exists and is read-only; choose another file")
 
 
+def check_processes(cfg: RunConfig) -> None:
+    """--gpus, or the processes torchrun started: one GPU each, and a calibration window each."""
+    launched = distributed.launched_size()
+    if cfg.gpus < 0:
+        raise UsageError(f"--gpus {cfg.gpus}: give a number of processes (GPUs), e.g. 2")
+    if launched > 1 and cfg.gpus not in (0, launched):
+        raise UsageError(f"--gpus {cfg.gpus} under a launcher that started {launched} processes: drop --gpus "
+                         f"(torchrun's --nproc_per_node decides)")
+    processes = max(launched, cfg.gpus)
+    if processes <= 1:
+        return
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type not in ("cuda", "cpu"):
+        raise UsageError(f"--device {cfg.device}: several processes run on CUDA (NCCL) or the CPU (gloo) only")
+    if dev.type == "cuda" and dev.index is not None:
+        raise UsageError(f"--device {cfg.device} with {processes} processes: each takes its own GPU "
+                         f"(cuda:LOCAL_RANK); give --device cuda")
+    if dev.type == "cuda" and processes > torch.cuda.device_count():
+        raise UsageError(f"{processes} processes need {processes} GPUs; this host has {torch.cuda.device_count()}")
+    if cfg.nsamples < processes:
+        raise UsageError(f"--nsamples {cfg.nsamples}: each of the {processes} processes needs a calibration "
+                         f"window; give at least {processes}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Reject what would waste a run, each with the fix in the message."""
     if not cfg.model.strip():
@@ -695,6 +774,7 @@ def validate(cfg: RunConfig) -> None:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {cfg.device}: CUDA is not available here; use --device cpu "
                              f"(or leave --device out)")
+    check_processes(cfg)
     if cfg.cache_dir and os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
         raise UsageError(f"--cache_dir {cfg.cache_dir} is a file, not a directory; choose a directory "
                          f"(it is created if absent)")
@@ -881,6 +961,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--eval", type=_list(str), help="datasets to report perplexity on")
     p.add_argument("--batch_size", type=int, help="windows per forward pass")
     p.add_argument("--device", type=str, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--gpus", type=int, help="run as this many processes, one GPU each, through torch.distributed.run (the same as "
+                   "torchrun --standalone --nproc_per_node N opt_enhanced.py ...); with --device cpu, CPU processes")
     p.add_argument("--offload", action="store_true",
                    help="keep the model on the CPU, one decoder layer on the GPU at a time (automatic when it does not fit)")
     p.add_argument("--no_fused", action="store_true",
@@ -959,17 +1041,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     set_stage("checking the flags")
-    cfg, existed = None, {}
+    cfg, existed, started = None, {}, False
     with sigterm_interrupts():
         try:
             cfg = parse_args(argv)
             validate(cfg)
+            if cfg.gpus > 1 and distributed.launched_size() == 1:
+                set_stage(f"running {cfg.gpus} processes")
+                return distributed.launch(cfg.gpus, [os.path.abspath(__file__), *argv])
             existed = {flag: os.path.exists(path) for flag, path in _outputs(cfg).items()}  # dirs: empty ones
             check_model(cfg)
-            results = run(cfg)
+            started = True
+            with distributed.session(run_device(cfg)):
+                results = run(cfg)
             error = None
         except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
             error, code, message = e, 2, _one_line(e)
+        except distributed.PeerLost as e:
+            error, code, message = e, 1, f"lost contact with the other processes while {current_stage()}: {e}"
         except (FloatingPointError, RuntimeError) as e:
             error, code, message = e, 1, _one_line(e)
         except KeyboardInterrupt as e:
@@ -980,12 +1069,18 @@ def main(argv: list[str] | None = None) -> int:
             error, code = e, 1
             message = f"unexpected {type(e).__name__} while {current_stage()}: {_one_line(e)} (rerun with --debug " \
                       f"for the traceback)"
+    rank, processes = distributed.launched_rank(), distributed.launched_size()
     if error is not None:
         if debug:
             traceback.print_exception(error)
-        _remove_new_outputs(cfg, existed)
-        print(f"error: {message}", file=sys.stderr)
+        if rank == 0:  # the one writer
+            _remove_new_outputs(cfg, existed)
+        if rank == 0 or started:  # the checks before the run give every process the same answer: said once
+            where = f"rank {rank}: " if processes > 1 and started else ""
+            print(f"error: {where}{message}", file=sys.stderr)
         return code
+    if rank != 0:
+        return 0
     ppl = results["perplexity"]
     print(json.dumps({"perplexity": {k: round(v, 3) for k, v in ppl.items()}, "timings": results["timings"],
                       "outputs": _outputs(cfg)}))
