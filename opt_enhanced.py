@@ -333,6 +333,7 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
             costs[name] = channel_costs(linears[n].weight.data, solvers[shared.get(n, n)], cfg, sensitivity[name])
             groups.setdefault(shared.get(n, n), []).append(name)  # q/k/v (and gate/up): one width
         tied += groups.values()
+        del solvers  # as in compress: not alive while the next layer's are built
         log(f"costed layer {i + 1}/{nlayers}")
     mp = cfg.mixed_precision
     if mp.granularity == "linear":
@@ -378,6 +379,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
             out.stats.append(stats)
             if grid is not None:
                 out.grids[name], out.bits[name] = grid, bits
+        del solvers  # this layer's Hessians and factors (~20 GB at OPT-175B width) go before the next layer's come
         log(f"layer {i + 1}/{nlayers} compressed in {time.time() - tick:.2f}s")
     return out
 

@@ -5,6 +5,7 @@ Run: python -m pytest -q test_offload.py
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import pytest
@@ -243,3 +244,25 @@ def test_streams_for_overlaps_only_offloaded_layers_on_cuda():
     host = offload.HostStreams()
     assert offload.streams_for(cpu, cpu, overlap=host) is host
 
+
+def test_compress_frees_a_layers_hessians_before_the_next_layers_are_built(monkeypatch):
+    """At OPT-175B width one layer's X^T X and factors are ~20 GB of GPU memory: two layers' must not coexist."""
+    alive: list[weakref.ref] = []
+
+    class Tracked(oe.SparseGPT):
+        def __init__(self, *args, **kw) -> None:
+            super().__init__(*args, **kw)
+            alive.append(weakref.ref(self))
+
+    collect = oe.collect_hessians
+    checked = []
+
+    def collect_after_the_last_layers_are_gone(*args, **kw):
+        checked.append([r() is None for r in alive])
+        return collect(*args, **kw)
+
+    monkeypatch.setattr(oe, "SparseGPT", Tracked)
+    monkeypatch.setattr(oe, "collect_hessians", collect_after_the_last_layers_are_gone)
+    cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=2, blocksize=16, sparsity=0.5)
+    oe.compress(tiny_model(layers=3), torch.randint(0, 64, (2, 16)), cfg, CPU, Log(True))
+    assert len(checked) == 3 and checked[0] == [] and all(all(gone) and gone for gone in checked[1:])
