@@ -52,3 +52,16 @@ def test_factor_bench_on_the_cpu(capsys):
     assert rows[0]["one_cholesky_relative_difference"] < 1e-5
     assert rows[0]["one_cholesky_identity_solve_relative_difference"] < 1e-5
     assert "skipping n=2049" in capsys.readouterr().err
+
+
+def test_synthetic_reports_each_layers_wall_time(tmp_path, capsys):
+    out = tmp_path / "walls.json"
+    assert bench.main(["--synthetic", "opt-tiny", "--layers", "3", "--offload", "--no-overlap", "--json", str(out),
+                       "--", *FLAGS]) == 0
+    res = json.loads(out.read_text())
+    walls = res["per_layer_wall_s"]
+    assert len(walls) == 3 and all(w > 0 for w in walls) and res["steady_layer_s"] == walls[1]
+    assert sum(walls) <= res["compress_s"] and res["overlap"] is False  # on the CPU nothing moves
+    assert "per-layer wall s (overlap off): 0: " in capsys.readouterr().out
+    clock = bench.LayerClock()
+    assert list(clock.bar(iter("ab"), 2, "")) == ["a", "b"] and clock.report()["steady_layer_s"] is None
