@@ -100,9 +100,13 @@ def walk_layers(model: nn.Module, dev: torch.device, hidden: torch.Tensor | None
     Offloaded layers on CUDA move behind the computation (offload.py: the next layer comes in and the
     previous one goes home while the caller works); `overlap` False moves them in line, a Streams object
     forces that mover whatever the devices (tests), None follows offload.OVERLAP. `moves` collects what
-    the mover did. The results are the same either way."""
+    the mover did. The results are the same either way.
+
+    A streamed model (streaming.py: its layers are read from safetensors when needed) has a
+    `layer_store`: each layer gets its host tensors from it before the move and gives them back after."""
     layers = decoder_layers(model)
-    home = home_of(layers)
+    store = layer_store(model)
+    home = torch.device("cpu") if store is not None else home_of(layers)
     items = enumerate(layers) if progress is None else progress(enumerate(layers))
 
     def after(i: int, layer: nn.Module) -> None:
@@ -113,13 +117,22 @@ def walk_layers(model: nn.Module, dev: torch.device, hidden: torch.Tensor | None
 
     streams = offload.streams_for(home, dev, overlap)
     if streams is not None:
-        yield from offload.overlapped_walk(layers, dev, streams, items, after, moves)
+        yield from offload.overlapped_walk(layers, dev, streams, items, after, moves, store)
         return
     for i, layer in items:
+        if store is not None:
+            store.load(i, layer)
         layer.to(dev)
         yield i, layer
         after(i, layer)
         layer.to(home)
+        if store is not None:
+            store.unload(i, layer, True)
+
+
+def layer_store(model: nn.Module) -> offload.LayerHome | None:
+    """Where a streamed model's decoder layers are read from and written to (streaming.py), else None."""
+    return getattr(model, "layer_store", None)
 
 
 def linear_name(model: nn.Module, layer: int, name: str) -> str:

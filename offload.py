@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
 
 import torch
 import torch.nn as nn
@@ -112,6 +112,19 @@ def streams_for(home: torch.device, dev: torch.device, overlap: bool | Streams |
     return None
 
 
+class LayerHome(Protocol):
+    """Where decoder layers live between visits when the model does not hold them (streaming.py reads
+    them from safetensors): the walk asks for a layer's host tensors before moving it and hands them
+    back after."""
+
+    def load(self, index: int, layer: nn.Module) -> None:
+        """Give `layer` its host tensors (it holds none, e.g. meta ones, before)."""
+
+    def unload(self, index: int, layer: nn.Module, visited: bool) -> None:
+        """Take the layer's host tensors back, keeping what a walk that `visited` it (handed it to its
+        caller) may have changed."""
+
+
 @dataclass
 class Slot:
     """One tensor of a layer (a parameter or a buffer of one of its modules) and its host copy."""
@@ -175,7 +188,8 @@ class Visit:
     and the worker's copy home once it leaves."""
 
     index: int
-    slots: list[Slot]
+    layer: nn.Module
+    slots: list[Slot] = field(default_factory=list)  # filled by the worker: a streamed layer has none before
     arriving: Future | None = None
     leaving: Future | None = None
 
@@ -194,8 +208,10 @@ class LayerMover:
     stream (current when the mover is made) is the one that computes. The worker runs its jobs in the
     order they are given, so a layer sent home before the next is fetched leaves the device first."""
 
-    def __init__(self, dev: torch.device, streams: Streams, stats: MoveStats | None = None) -> None:
+    def __init__(self, dev: torch.device, streams: Streams, stats: MoveStats | None = None,
+                 home: LayerHome | None = None) -> None:
         self.dev = dev
+        self.home = home
         self.streams = streams
         self.compute = streams.current(dev)
         self.side = streams.side(dev)
@@ -209,7 +225,7 @@ class LayerMover:
 
     def fetch(self, index: int, layer: nn.Module) -> Visit:
         """Start bringing `layer` to the device; it stays at home until `arrive`."""
-        visit = Visit(index, slots_of(layer))
+        visit = Visit(index, layer)
         self.stats.log.append(("fetch", index))
         visit.arriving = self.worker.submit(self._bring, visit)
         return visit
@@ -243,11 +259,11 @@ class LayerMover:
         for slot in visit.slots:
             slot.set(slot.home)
         self.stats.log.append(("depart", visit.index))
-        visit.leaving = self.worker.submit(self._send, visit.index, visit.slots, current, done)
+        visit.leaving = self.worker.submit(self._send, visit, current, done)
 
     def abandon(self, visit: Visit) -> None:
         """A fetched layer that will not arrive (the walk stopped early): drop its device tensors."""
-        self.worker.submit(self._drop, visit.arriving)
+        self.worker.submit(self._drop, visit, visit.arriving)
         visit.arriving = None
 
     def close(self) -> None:
@@ -258,6 +274,9 @@ class LayerMover:
 
     @torch.no_grad()
     def _bring(self, visit: Visit) -> tuple[list[torch.Tensor], Any]:
+        if self.home is not None:
+            self.home.load(visit.index, visit.layer)
+        visit.slots = slots_of(visit.layer)
         homes = [slot.home for slot in visit.slots]
         if self.inbound_read is not None:
             self.streams.synchronize(self.inbound_read)  # the previous layer's bytes have left the buffer
@@ -272,7 +291,7 @@ class LayerMover:
         return moved, ready
 
     @torch.no_grad()
-    def _send(self, index: int, slots: list[Slot], current: list[torch.Tensor], done: Any) -> None:
+    def _send(self, visit: Visit, current: list[torch.Tensor], done: Any) -> None:
         self.streams.wait(self.side, done)  # the caller's stream has finished with the layer
         with self.streams.using(self.side):
             staged = self.outbound.views(current)
@@ -280,19 +299,23 @@ class LayerMover:
                 view.copy_(tensor, non_blocking=True)
             landed = self.streams.record(self.side)
         self.streams.synchronize(landed)
-        for slot, view in zip(slots, staged):
+        for slot, view in zip(visit.slots, staged):
             slot.home.copy_(view)
         current.clear()  # the device tensors are freed here, after their last reader
         self._count(-1)
-        self.stats.log.append(("sent", index))
+        if self.home is not None:
+            self.home.unload(visit.index, visit.layer, True)
+        self.stats.log.append(("sent", visit.index))
 
-    def _drop(self, arriving: Future) -> None:
+    def _drop(self, visit: Visit, arriving: Future) -> None:
         try:
             moved, _ = arriving.result()
         except Exception:  # the fetch itself failed: nothing was made
             return
         moved.clear()
         self._count(-1)
+        if self.home is not None:
+            self.home.unload(visit.index, visit.layer, False)
 
     def _count(self, change: int) -> None:
         self.stats.on_device += change
@@ -301,12 +324,13 @@ class LayerMover:
 
 def overlapped_walk(layers: nn.ModuleList, dev: torch.device, streams: Streams,
                     items: Iterable[tuple[int, nn.Module]], after: Callable[[int, nn.Module], None],
-                    stats: MoveStats | None = None) -> Iterator[tuple[int, nn.Module]]:
+                    stats: MoveStats | None = None, home: LayerHome | None = None
+                    ) -> Iterator[tuple[int, nn.Module]]:
     """modelutils.walk_layers with the moves behind the computation: each layer is handed to the caller
     on `dev`, then `after(i, layer)` (the forward that feeds the next layer) runs before it goes home.
     Layer i+1 is fetched before layer i is handed over. When the walk ends, normally or not, every
-    layer is at home with the contents the caller left it with."""
-    mover = LayerMover(dev, streams, stats)
+    layer is at home with the contents the caller left it with (given back to `home` if there is one)."""
+    mover = LayerMover(dev, streams, stats, home)
     visit: Visit | None = None  # the layer being worked on, on the device
     upcoming: Visit | None = None  # the next one, being fetched
     sends: list[Future] = []
@@ -328,7 +352,9 @@ def overlapped_walk(layers: nn.ModuleList, dev: torch.device, streams: Streams,
         finished = True
     finally:
         try:
-            if visit is not None:  # the caller or the forward failed: the layer goes home as it is
+            if visit is not None and visit.arriving is not None:  # stopped while waiting for it
+                mover.abandon(visit)
+            elif visit is not None:  # the caller or the forward failed: the layer goes home as it is
                 mover.depart(visit)
                 sends.append(visit.leaving)
             if upcoming is not None:

@@ -29,11 +29,12 @@ from bitalloc import MixedPrecision
 from compression_stats import LinearStats, code_bits, format_summary, plot_bits, storage_bits, summarize
 import compressed_tensors_export
 import lm_eval_tasks
+import streaming
 from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, decoder_layers, decoder_of,
                         find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name,
-                        load_opt, logits_from_hidden, model_source, resident, walk_layers)
+                        layer_store, load_opt, logits_from_hidden, model_source, resident, walk_layers)
 from quant import QuantGrid
 from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path, set_stage,
                      sigterm_interrupts, write_json)
@@ -88,6 +89,7 @@ class RunConfig:
     batch_size: int = 8
     device: str = ""
     offload: bool = False
+    stream: bool = False
     no_fused: bool = False
     quiet: bool = False
 
@@ -139,7 +141,12 @@ class RunConfig:
 def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
     """Keep the whole model on the GPU when it fits easily; otherwise (or when asked) only the
     layer at hand: the decoder layers stay on the CPU and visit the GPU one at a time. "Fits" counts
-    the memory the model already holds there as free (bench.py --synthetic builds it on the GPU)."""
+    the memory the model already holds there as free (bench.py --synthetic builds it on the GPU).
+    A streamed model's layers are read when needed (streaming.py): only the rest goes to `dev`."""
+    if layer_store(model) is not None:
+        for m in decoder_io_modules(model):
+            m.to(dev)
+        return
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     there = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == dev.type)
     if dev.type == "cuda" and size > 0.4 * (torch.cuda.mem_get_info(dev)[0] + there):
@@ -156,7 +163,10 @@ def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
     """Load and place the model, then run the solver once on a small random matrix with the run's
     settings, so that CUDA, cuBLAS/cuSOLVER and the Triton kernel have started (about 1.5 s on
     first use in a process) before the first real layer needs them."""
-    model = load_opt(cfg.model, cfg.quiet)
+    if cfg.stream:  # the compressed layers wait beside the --save target, so that saving only links them
+        model = streaming.load_streamed(cfg.model, os.path.dirname(os.path.abspath(cfg.save)) if cfg.save else None)
+    else:
+        model = load_opt(cfg.model, cfg.quiet)
     place(model, dev, cfg.offload)
     if dev.type == "cuda" and not (cfg.gmp or cfg.nearest) and (cfg.prune.active or cfg.quantize):
         columns = model.config.hidden_size
@@ -527,7 +537,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     done = Compressed([], {}, {})
     with stage("compress"):
         if cfg.prune.active or cfg.quantize:
-            done = compress(model, calibration, cfg, dev, log)
+            with streaming.writing(model):  # a streamed model keeps its compressed layers (in files)
+                done = compress(model, calibration, cfg, dev, log)
     stats = done.stats
 
     ppl: dict[str, float] = {}
@@ -610,7 +621,10 @@ def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) 
     """A from_pretrained-loadable checkpoint, written whole or not at all."""
     set_stage(f"writing --save {path}")
     with atomic_directory(path, prefix=".save-") as tmp:
-        model.to("cpu").save_pretrained(tmp)
+        if layer_store(model) is not None:
+            streaming.save_streamed(model, tmp)
+        else:
+            model.to("cpu").save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(results, os.path.join(tmp, "compression.json"))
     set_stage("writing the outputs")
@@ -722,9 +736,9 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} is outside [{lo}, {hi}] of --bit_options")
         if cfg.nearest:
             raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
-        if cfg.offload and cfg.bit_scope == "model":
+        if (cfg.offload or cfg.stream) and cfg.bit_scope == "model":
             raise UsageError("--bit_scope model needs the whole model on the GPU; "
-                             "drop --offload or use --bit_scope layer")
+                             "drop --offload/--stream or use --bit_scope layer")
     if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
             cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width"):
         raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
@@ -770,6 +784,9 @@ def validate(cfg: RunConfig) -> None:
     for flag, path in (("--save", cfg.save), ("--export", cfg.export)):
         if path and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
+    if cfg.stream and cfg.export:
+        raise UsageError("--export packs the whole model in host memory; with --stream use --save (then export "
+                         "from the saved directory)")
     if cfg.save and cfg.save == cfg.export:
         raise UsageError("--save and --export need different directories")
     if cfg.lm_eval:
@@ -777,8 +794,8 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError("--lm_eval needs lm-evaluation-harness: pip install lm-eval accelerate")
         if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
             raise UsageError(f"--lm_eval_include {cfg.lm_eval_include} is not a directory of task definitions")
-        if cfg.offload:
-            raise UsageError("--lm_eval runs the whole model on the device; drop --offload")
+        if cfg.offload or cfg.stream:
+            raise UsageError("--lm_eval runs the whole model on the device; drop --offload/--stream")
         unknown = lm_eval_tasks.unknown_tasks(cfg.lm_eval, cfg.lm_eval_include or None)
         if unknown:
             raise UsageError(f"--lm_eval: unknown task(s) {', '.join(unknown)}; give lm-eval task names, or local "
@@ -879,6 +896,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--device", type=str, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--offload", action="store_true",
                    help="keep the model on the CPU, one decoder layer on the GPU at a time (automatic when it does not fit)")
+    p.add_argument("--stream", action="store_true",
+                   help="read each decoder layer from the local safetensors checkpoint when it is needed and write it "
+                        "back compressed (host memory: a few layers, not the model); implies --offload")
     p.add_argument("--no_fused", action="store_true",
                    help="plain PyTorch column loop even on CUDA (the fused Triton kernel is the default there)")
     p.add_argument("--quiet", action="store_true", help="only errors and the final results")
