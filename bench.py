@@ -1,7 +1,7 @@
 """Benchmark: time and peak GPU memory per stage, for many configurations in one process.
 
     python bench.py MODEL --configs FILE [--data_dir DIR] [--json OUT]
-    python bench.py --synthetic opt-6.7b [--layers N] [--offload] [--stages | --no-overlap] [--repeat K] [--json OUT] [-- FLAGS]
+    python bench.py --synthetic opt-6.7b [--layers N] [--offload | --stream] [--stages | --no-overlap] [--repeat K] [--json OUT] [-- FLAGS]
     python bench.py --factor 4096 12288 49152 [--json OUT]
 
 FILE has one configuration per line, `name|flags` (the flags of opt_enhanced.py, without the model);
@@ -17,7 +17,9 @@ prints each layer's wall time inside compress (from when the walk takes the laye
 the next) and the median of the inner layers, the steady per-layer time: with --offload the next
 layer comes in and the last one goes home behind the computation (offload.py), which neither the
 first layer's arrival nor the last one's return can be; --no-overlap moves them in line, to measure
-what the overlap saves. --stages times the same work stage by stage instead (uniform settings only):
+what the overlap saves. --stream makes each layer's weights when the walk reaches it (a copy of one
+random template layer) and drops them after, as opt_enhanced --stream reads them from safetensors: the
+peak host RSS is then that of a few layers, not of the model. --stages times the same work stage by stage instead (uniform settings only):
 per layer, moving it to the GPU, the forward pass that accumulates the Hessians (and, inside it, the
 X^T X updates alone), per Linear its inverse factor and its solve, the forward pass that feeds the
 next layer, and moving it back (in line, so that each move is timed alone); each stage synchronises
@@ -43,9 +45,10 @@ import torch
 
 import offload as offload_module
 import opt_enhanced as oe
+import streaming
 import sparsegpt_enhanced
 from modelutils import (capture_layer_inputs, decoder_layers, decoder_of, find_linears, forward_layer, home_of,
-                        hook_inputs)
+                        hook_inputs, submodule)
 from quant import QuantGrid
 from runtime import Log, Stages, write_json
 from sparsegpt_enhanced import SparseGPT, solve_order
@@ -84,23 +87,59 @@ def host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def build_synthetic(name: str, layers: int | None, dev: torch.device, offload: bool) -> tuple[torch.nn.Module, float]:
-    """(a random-weight fp16 OPT of the named shape placed as a run places it, seconds it took)."""
+def build_synthetic(name: str, layers: int | None, dev: torch.device, offload: bool, stream: bool = False
+                    ) -> tuple[torch.nn.Module, float]:
+    """(a random-weight fp16 OPT of the named shape placed as a run places it, seconds it took). With
+    `stream`, only the non-layer modules and one random template layer are made (SyntheticStore)."""
     from transformers import OPTConfig, OPTForCausalLM
 
     hidden, nlayers, heads, ffn = SHAPES[name]
-    shape = OPTConfig(hidden_size=hidden, num_hidden_layers=layers or nlayers, num_attention_heads=heads, ffn_dim=ffn,
-                      word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048, dropout=0.0)
+    shape = OPTConfig(hidden_size=hidden, num_hidden_layers=1 if stream else layers or nlayers,
+                      num_attention_heads=heads, ffn_dim=ffn, word_embed_proj_dim=hidden, vocab_size=50272,
+                      max_position_embeddings=2048, dropout=0.0)
     tick = time.time()
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
     try:
         with torch.device(dev):
             model = OPTForCausalLM(shape).eval()
+        if stream:
+            SyntheticStore.attach(model, layers or nlayers)
     finally:
         torch.set_default_dtype(torch.float32)
     oe.place(model, dev, offload)
     return model, time.time() - tick
+
+
+class SyntheticStore(streaming.LayerStore):
+    """--synthetic --stream: each decoder layer's weights are made when the walk reaches it and freed
+    after it (nothing is kept), as a streamed run reads them from safetensors. A layer is a copy of one
+    random template layer held in host memory: copying runs at the speed of reading a file in the page
+    cache, where drawing a 175B-width layer's 1.8 G random numbers on the CPU would take longer than
+    compressing it."""
+
+    def __init__(self, template: dict[str, torch.Tensor], prefix: str, layers: int) -> None:
+        super().__init__(prefix, [{} for _ in range(layers)])
+        self.template = template
+
+    def load(self, index: int, layer: torch.nn.Module) -> None:
+        layer.load_state_dict({n: t.clone() for n, t in self.template.items()}, strict=True, assign=True)
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module, layers: int) -> None:
+        """Turn a one-layer model into a streamed one of `layers` layers, its only layer the template."""
+        from accelerate import init_empty_weights
+
+        decoder = decoder_layers(model)
+        template = {n: t.to("cpu") for n, t in decoder[0].state_dict().items()}
+        kind = type(decoder[0])
+        model.config.num_hidden_layers = layers
+        with init_empty_weights(include_buffers=False):
+            skeleton = [kind(model.config, layer_idx=i) for i in range(layers)]
+        path = decoder_of(model).layers
+        parent, _, attribute = path.rpartition(".")
+        setattr(submodule(model, parent), attribute, torch.nn.ModuleList(skeleton))  # the template's copy goes
+        model.layer_store = cls(template, path + ".", layers)
 
 
 class LayerClock(Log):
@@ -138,20 +177,24 @@ def layer_wall_line(res: dict[str, Any]) -> str:
 
 
 def synthetic(name: str, layers: int | None, offload: bool, flags: list[str], stages: bool = False,
-              repeat: int = 1, overlap: bool = True) -> dict:
+              repeat: int = 1, overlap: bool = True, stream: bool = False) -> dict:
     """Compression of a random-weight OPT of the given shape: seconds, peak GPU and host memory;
     with `stages`, stage by stage (`staged_compress`, layers moved in line so each move is timed
     alone); otherwise through opt_enhanced.compress, offloaded layers moved behind the computation
-    unless `overlap` is False, with each layer's wall time."""
+    unless `overlap` is False, with each layer's wall time. With `stream` the layers are made when
+    the walk reaches them and dropped after (SyntheticStore), as --stream reads them from files."""
+    if stream and stages:
+        raise SystemExit("bench.py --stages moves whole layers in line; time --stream without --stages")
     moves = offload_module.OVERLAP
     offload_module.OVERLAP = overlap
     try:
-        return _synthetic(name, layers, offload, flags, stages, repeat)
+        return _synthetic(name, layers, offload, flags, stages, repeat, stream) | {"stream": stream}
     finally:
         offload_module.OVERLAP = moves
 
 
-def _synthetic(name: str, layers: int | None, offload: bool, flags: list[str], stages: bool, repeat: int) -> dict:
+def _synthetic(name: str, layers: int | None, offload: bool, flags: list[str], stages: bool, repeat: int,
+               stream: bool) -> dict:
     nlayers = SHAPES[name][1]
     cfg = oe.parse_args(["synthetic", "c4", "--quiet", *(flags or ["--sparsity", "0.5", "--wbits", "4"])])
     dev = torch.device(cfg.device or "cuda")
@@ -159,7 +202,7 @@ def _synthetic(name: str, layers: int | None, offload: bool, flags: list[str], s
     seqlen = cfg.seqlen or 2048
     runs = []
     for _ in range(repeat):
-        model, built = build_synthetic(name, layers, dev, offload)
+        model, built = build_synthetic(name, layers, dev, offload, stream)
         calibration = torch.randint(0, model.config.vocab_size, (cfg.nsamples, seqlen),
                                     generator=torch.Generator().manual_seed(0))
         run: dict[str, Any] = {"build_s": built, "host_peak_after_build_gib": host_peak_gib()}
@@ -422,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offload", action="store_true", help="--synthetic: keep the model on the CPU")
     p.add_argument("--stages", action="store_true",
                    help="--synthetic: time each stage of each layer (layers moved in line, each move timed)")
+    p.add_argument("--stream", action="store_true",
+                   help="--synthetic: make each layer's weights when it is reached and drop them after (host "
+                        "memory: a few layers; implies --offload)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="--synthetic --offload: move layers in line instead of behind the computation")
     p.add_argument("--repeat", type=int, default=1, help="--synthetic: build and compress this many times")
@@ -441,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
             write_json(res, args.json)
         return 0
     if args.synthetic:
-        res = synthetic(args.synthetic, args.layers, args.offload, flags, args.stages, args.repeat, args.overlap)
+        res = synthetic(args.synthetic, args.layers, args.offload or args.stream, flags, args.stages, args.repeat,
+                        args.overlap, args.stream)
         print(stage_table(res) if args.stages else layer_wall_line(res), flush=True)
         print(json.dumps(res), flush=True)
         if args.json:
