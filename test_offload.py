@@ -266,3 +266,22 @@ def test_compress_frees_a_layers_hessians_before_the_next_layers_are_built(monke
     cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=2, blocksize=16, sparsity=0.5)
     oe.compress(tiny_model(layers=3), torch.randint(0, 64, (2, 16)), cfg, CPU, Log(True))
     assert len(checked) == 3 and checked[0] == [] and all(all(gone) and gone for gone in checked[1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the real streams, events and pinned buffers")
+def test_on_cuda_overlapped_and_in_line_moves_give_identical_weights_and_perplexity(monkeypatch):
+    dev = torch.device("cuda")
+    cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=4, blocksize=16, sparsity=0.5, wbits=4)
+    oe.validate(cfg)
+    calibration = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 64, (1, 6 * 32), generator=torch.Generator().manual_seed(2))
+    results = []
+    for overlap in (False, True):
+        monkeypatch.setattr(offload, "OVERLAP", overlap)
+        model = loud(tiny_model(layers=4)).half()
+        oe.place(model, dev, offload=True)
+        oe.compress(model, calibration, cfg, dev, Log(True))
+        results.append((oe.perplexity(model, ids, 32, dev, 2), {n: p.cpu() for n, p in model.named_parameters()}))
+        assert all(p.device.type == "cpu" for p in decoder_layers(model).parameters())
+    (ppl_a, a), (ppl_b, b) = results
+    assert ppl_a == ppl_b and all(torch.equal(a[n], b[n]) for n in a)
