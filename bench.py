@@ -1,7 +1,7 @@
 """Benchmark: time and peak GPU memory per stage, for many configurations in one process.
 
     python bench.py MODEL --configs FILE [--data_dir DIR] [--json OUT]
-    python bench.py --synthetic opt-6.7b [--layers N] [--offload] [--stages] [--repeat K] [--json OUT] [-- FLAGS]
+    python bench.py --synthetic opt-6.7b [--layers N] [--offload | --stream] [--stages | --no-overlap] [--repeat K] [--json OUT] [-- FLAGS]
     python bench.py --factor 4096 12288 49152 [--json OUT]
 
 FILE has one configuration per line, `name|flags` (the flags of opt_enhanced.py, without the model);
@@ -12,13 +12,19 @@ FILE has one configuration per line, `name|flags` (the flags of opt_enhanced.py,
 the full compression path (opt_enhanced.compress) on random calibration tokens (default 128 x 2048,
 50% + 4-bit); FLAGS are opt_enhanced's (`-- --device cpu --nsamples 4 --seqlen 32` for a CPU smoke
 test at the opt-tiny shape). --repeat K builds and compresses K times in one process: the first is
-the cold one (CUDA and cuBLAS start, Triton compiles or loads its kernels), the others are warm.
---stages times the same work stage by stage instead (uniform settings only): per layer, moving it
-to the GPU, the forward pass that accumulates the Hessians (and, inside it, the X^T X updates
-alone), per Linear its inverse factor and its solve, the forward pass that feeds the next layer,
-and moving it back; each stage synchronises the GPU, so the stages add up to a little more than
-compress takes. Both report peak GPU memory (per stage with --stages) and the process's peak
-host RSS.
+the cold one (CUDA and cuBLAS start, Triton compiles or loads its kernels), the others are warm. It
+prints each layer's wall time inside compress (from when the walk takes the layer to when it takes
+the next) and the median of the inner layers, the steady per-layer time: with --offload the next
+layer comes in and the last one goes home behind the computation (offload.py), which neither the
+first layer's arrival nor the last one's return can be; --no-overlap moves them in line, to measure
+what the overlap saves. --stream makes each layer's weights when the walk reaches it (a copy of one
+random template layer) and drops them after, as opt_enhanced --stream reads them from safetensors: the
+peak host RSS is then that of a few layers, not of the model. --stages times the same work stage by stage instead (uniform settings only):
+per layer, moving it to the GPU, the forward pass that accumulates the Hessians (and, inside it, the
+X^T X updates alone), per Linear its inverse factor and its solve, the forward pass that feeds the
+next layer, and moving it back (in line, so that each move is timed alone); each stage synchronises
+the GPU, so the stages add up to a little more than compress takes. Both report peak GPU memory (per
+stage with --stages) and the process's peak host RSS.
 
 Under torchrun (`torchrun --standalone --nproc_per_node 2 bench.py --synthetic opt-1.3b`), --synthetic
 compresses on every process as opt_enhanced does there (distributed.py): each builds the same model on
@@ -42,10 +48,12 @@ from typing import Any, Iterator
 import torch
 
 import distributed
+import offload as offload_module
 import opt_enhanced as oe
+import streaming
 import sparsegpt_enhanced
 from modelutils import (capture_layer_inputs, decoder_layers, decoder_of, find_linears, forward_layer, home_of,
-                        hook_inputs)
+                        hook_inputs, submodule)
 from quant import QuantGrid
 from runtime import Log, Stages, write_json
 from sparsegpt_enhanced import SparseGPT, solve_order
@@ -84,29 +92,110 @@ def host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
 
 
-def build_synthetic(name: str, layers: int | None, dev: torch.device, offload: bool) -> tuple[torch.nn.Module, float]:
-    """(a random-weight fp16 OPT of the named shape placed as a run places it, seconds it took)."""
+def build_synthetic(name: str, layers: int | None, dev: torch.device, offload: bool, stream: bool = False
+                    ) -> tuple[torch.nn.Module, float]:
+    """(a random-weight fp16 OPT of the named shape placed as a run places it, seconds it took). With
+    `stream`, only the non-layer modules and one random template layer are made (SyntheticStore)."""
     from transformers import OPTConfig, OPTForCausalLM
 
     hidden, nlayers, heads, ffn = SHAPES[name]
-    shape = OPTConfig(hidden_size=hidden, num_hidden_layers=layers or nlayers, num_attention_heads=heads, ffn_dim=ffn,
-                      word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048, dropout=0.0)
+    shape = OPTConfig(hidden_size=hidden, num_hidden_layers=1 if stream else layers or nlayers,
+                      num_attention_heads=heads, ffn_dim=ffn, word_embed_proj_dim=hidden, vocab_size=50272,
+                      max_position_embeddings=2048, dropout=0.0)
     tick = time.time()
     torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
     try:
         with torch.device(dev):
             model = OPTForCausalLM(shape).eval()
+        if stream:
+            SyntheticStore.attach(model, layers or nlayers)
     finally:
         torch.set_default_dtype(torch.float32)
     oe.place(model, dev, offload)
     return model, time.time() - tick
 
 
+class SyntheticStore(streaming.LayerStore):
+    """--synthetic --stream: each decoder layer's weights are made when the walk reaches it and freed
+    after it (nothing is kept), as a streamed run reads them from safetensors. A layer is a copy of one
+    random template layer held in host memory: copying runs at the speed of reading a file in the page
+    cache, where drawing a 175B-width layer's 1.8 G random numbers on the CPU would take longer than
+    compressing it."""
+
+    def __init__(self, template: dict[str, torch.Tensor], prefix: str, layers: int) -> None:
+        super().__init__(prefix, [{} for _ in range(layers)])
+        self.template = template
+
+    def load(self, index: int, layer: torch.nn.Module) -> None:
+        layer.load_state_dict({n: t.clone() for n, t in self.template.items()}, strict=True, assign=True)
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module, layers: int) -> None:
+        """Turn a one-layer model into a streamed one of `layers` layers, its only layer the template."""
+        from accelerate import init_empty_weights
+
+        decoder = decoder_layers(model)
+        template = {n: t.to("cpu") for n, t in decoder[0].state_dict().items()}
+        kind = type(decoder[0])
+        model.config.num_hidden_layers = layers
+        with init_empty_weights(include_buffers=False):
+            skeleton = [kind(model.config, layer_idx=i) for i in range(layers)]
+        path = decoder_of(model).layers
+        parent, _, attribute = path.rpartition(".")
+        setattr(submodule(model, parent), attribute, torch.nn.ModuleList(skeleton))  # the template's copy goes
+        model.layer_store = cls(template, path + ".", layers)
+
+
+class LayerClock(Log):
+    """A quiet Log whose progress bar notes when the walk takes each layer, for per-layer wall times of
+    compress itself: a layer's time runs from when the walk takes it to when it takes the next (its
+    arrival, the solves, the forward, and handing it back; with overlap, what of the moves the
+    computation did not hide), the last layer's to the end of compress (its copy home included)."""
+
+    def __init__(self) -> None:
+        super().__init__(True)
+        self.starts: list[float] = []
+        self.end = 0.0
+
+    def bar(self, iterable, total: int, desc: str):
+        for item in iterable:
+            self.starts.append(time.perf_counter())
+            yield item
+        self.end = time.perf_counter()
+
+    def report(self) -> dict[str, Any]:
+        ends = self.starts[1:] + [self.end or time.perf_counter()]
+        walls = [b - a for a, b in zip(self.starts, ends)]
+        inner = sorted(walls[1:-1])  # neither the first layer's unhidden fetch nor the last one's copy home
+        steady = inner[len(inner) // 2] if inner else None
+        return {"per_layer_wall_s": walls, "steady_layer_s": steady}
+
+
+def layer_wall_line(res: dict[str, Any]) -> str:
+    """One line of a non-staged run's per-layer wall seconds and the steady (inner layers') median."""
+    walls = ", ".join(f"{i}: {s:.2f}" for i, s in enumerate(res["per_layer_wall_s"]))
+    steady = res["steady_layer_s"]
+    tail = f"; steady per layer {steady:.2f} s (median of layers 1..{len(res['per_layer_wall_s']) - 2})" \
+        if steady is not None else "; --layers 3 or more for a steady per-layer time"
+    return f"per-layer wall s (overlap {'on' if res['overlap'] else 'off'}): {walls}{tail}"
+
+
 def synthetic(name: str, layers: int | None, offload: bool, flags: list[str], stages: bool = False,
-              repeat: int = 1) -> dict:
+              repeat: int = 1, overlap: bool = True, stream: bool = False) -> dict:
     """Compression of a random-weight OPT of the given shape: seconds, peak GPU and host memory;
-    with `stages`, stage by stage (`staged_compress`)."""
+    with `stages`, stage by stage (`staged_compress`, layers moved in line so each move is timed
+    alone); otherwise through opt_enhanced.compress, offloaded layers moved behind the computation
+    unless `overlap` is False, with each layer's wall time. With `stream` the layers are made when
+    the walk reaches them and dropped after (SyntheticStore), as --stream reads them from files."""
+    if stream and stages:
+        raise SystemExit("bench.py --stages moves whole layers in line; time --stream without --stages")
+    flags = [*(flags or ["--sparsity", "0.5", "--wbits", "4"]), *([] if overlap else ["--no-overlap"])]
+    return _synthetic(name, layers, offload, flags, stages, repeat, stream) | {"stream": stream}
+
+
+def _synthetic(name: str, layers: int | None, offload: bool, flags: list[str], stages: bool, repeat: int,
+               stream: bool) -> dict:
     nlayers = SHAPES[name][1]
     cfg = oe.parse_args(["synthetic", "c4", "--quiet", *(flags or ["--sparsity", "0.5", "--wbits", "4"])])
     dev = distributed.local_device(torch.device(cfg.device or "cuda"))
@@ -114,7 +203,7 @@ def synthetic(name: str, layers: int | None, offload: bool, flags: list[str], st
     seqlen = cfg.seqlen or 2048
     runs = []
     for _ in range(repeat):
-        model, built = build_synthetic(name, layers, dev, offload)
+        model, built = build_synthetic(name, layers, dev, offload, stream)
         calibration = torch.randint(0, model.config.vocab_size, (cfg.nsamples, seqlen),
                                     generator=torch.Generator().manual_seed(0))
         run: dict[str, Any] = {"build_s": built, "host_peak_after_build_gib": host_peak_gib()}
@@ -122,10 +211,12 @@ def synthetic(name: str, layers: int | None, offload: bool, flags: list[str], st
             run.update(staged_compress(model, calibration, cfg, dev))
         else:
             stage = Stages(dev)
+            clock = LayerClock()
             with stage("compress"):
-                done = oe.compress(model, calibration, cfg, dev, Log(True))
+                done = oe.compress(model, calibration, cfg, dev, clock)
             run.update(compress_s=stage.seconds["compress"], solver_s=sum(s.seconds for s in done.stats),
-                       peak_gpu_gib=stage.peak_gib.get("compress", 0.0))
+                       peak_gpu_gib=stage.peak_gib.get("compress", 0.0), **clock.report(),
+                       overlap=cfg.overlap and offload_module.streams_for(home_of(decoder_layers(model)), dev) is not None)
         run["per_layer_s"] = run["compress_s"] / model.config.num_hidden_layers
         run["host_peak_gib"] = host_peak_gib()
         if distributed.size() > 1:
@@ -259,7 +350,8 @@ def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.R
                 linear.weight.data = result.weight.to(W.dtype)
             entry["damping"] = damping
             record["linears"].append(entry)
-        # solvers (X^T X and factors) stay alive until the next layer's replace them, as in compress
+        solvers.clear()  # this layer's X^T X and factors go before the forward and the next layer, as in compress
+        solver = result = None
         with clock("forward", record):
             forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
         with clock("to_home", record):
@@ -375,7 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=None, help="--synthetic: build only this many decoder layers")
     p.add_argument("--offload", action="store_true", help="--synthetic: keep the model on the CPU")
-    p.add_argument("--stages", action="store_true", help="--synthetic: time each stage of each layer")
+    p.add_argument("--stages", action="store_true",
+                   help="--synthetic: time each stage of each layer (layers moved in line, each move timed)")
+    p.add_argument("--stream", action="store_true",
+                   help="--synthetic: make each layer's weights when it is reached and drop them after (host "
+                        "memory: a few layers; implies --offload)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="--synthetic --offload: move layers in line instead of behind the computation")
     p.add_argument("--repeat", type=int, default=1, help="--synthetic: build and compress this many times")
     p.add_argument("--factor", type=int, nargs="+", metavar="N", help="time the inverse factor at these sizes")
     p.add_argument("--device", default=None, help="--factor: the device (default cuda if available)")
@@ -397,11 +495,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--stages times one process: run it without torchrun")
         dev = distributed.local_device(torch.device(oe.parse_args(["synthetic", "c4", *flags]).device or "cuda"))
         with distributed.session(dev):
-            res = synthetic(args.synthetic, args.layers, args.offload, flags, args.stages, args.repeat)
+            res = synthetic(args.synthetic, args.layers, args.offload or args.stream, flags, args.stages, args.repeat,
+                            args.overlap, args.stream)
         if distributed.launched_rank() != 0:
             return 0
-        if args.stages:
-            print(stage_table(res), flush=True)
+        print(stage_table(res) if args.stages else layer_wall_line(res), flush=True)
         print(json.dumps(res), flush=True)
         if args.json:
             write_json(res, args.json)

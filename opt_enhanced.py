@@ -30,11 +30,12 @@ from bitalloc import MixedPrecision
 from compression_stats import LinearStats, code_bits, format_summary, plot_bits, storage_bits, summarize
 import compressed_tensors_export
 import lm_eval_tasks
+import streaming
 from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, decoder_layers, decoder_of,
                         find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name,
-                        load_opt, logits_from_hidden, model_source, resident, walk_layers)
+                        layer_store, load_opt, logits_from_hidden, model_source, resident, walk_layers)
 from quant import QuantGrid
 from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path, set_stage,
                      sigterm_interrupts, write_json)
@@ -91,6 +92,8 @@ class RunConfig:
     device: str = ""
     gpus: int = 0  # processes, one GPU each (0: as launched, one without torchrun)
     offload: bool = False
+    stream: bool = False
+    overlap: bool = True  # offloaded layers move behind the computation (offload.py); False: in line
     no_fused: bool = False
     quiet: bool = False
 
@@ -143,7 +146,12 @@ class RunConfig:
 def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
     """Keep the whole model on the GPU when it fits easily; otherwise (or when asked) only the
     layer at hand: the decoder layers stay on the CPU and visit the GPU one at a time. "Fits" counts
-    the memory the model already holds there as free (bench.py --synthetic builds it on the GPU)."""
+    the memory the model already holds there as free (bench.py --synthetic builds it on the GPU).
+    A streamed model's layers are read when needed (streaming.py): only the rest goes to `dev`."""
+    if layer_store(model) is not None:
+        for m in decoder_io_modules(model):
+            m.to(dev)
+        return
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     there = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == dev.type)
     if dev.type == "cuda" and size > 0.4 * (torch.cuda.mem_get_info(dev)[0] + there):
@@ -169,7 +177,10 @@ def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
     settings, so that CUDA, cuBLAS/cuSOLVER and the Triton kernel have started (about 1.5 s on
     first use in a process) before the first real layer needs them."""
     use_device(dev)  # this runs on a thread of its own
-    model = load_opt(cfg.model, cfg.quiet)
+    if cfg.stream:  # the compressed layers wait beside the --save target, so that saving only links them
+        model = streaming.load_streamed(cfg.model, os.path.dirname(os.path.abspath(cfg.save)) if cfg.save else None)
+    else:
+        model = load_opt(cfg.model, cfg.quiet)
     place(model, dev, cfg.offload)
     if dev.type == "cuda" and not (cfg.gmp or cfg.nearest) and (cfg.prune.active or cfg.quantize):
         columns = model.config.hidden_size
@@ -350,6 +361,7 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
             costs[name] = channel_costs(linears[n].weight.data, solvers[shared.get(n, n)], cfg, sensitivity[name])
             groups.setdefault(shared.get(n, n), []).append(name)  # q/k/v (and gate/up): one width
         tied += groups.values()
+        del solvers  # as in compress: not alive while the next layer's are built
         log(f"costed layer {i + 1}/{nlayers}")
     mp = cfg.mixed_precision
     if mp.granularity == "linear":
@@ -390,7 +402,8 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     budget = StoredBits(cfg.mixed_precision.drift_correction if cfg.mixed else False)
     parallel, rank = distributed.size() > 1, distributed.rank()
     progress = lambda items: log.bar(items, nlayers, "compress layers")
-    for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size, progress, check=True):
+    for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size, progress, check=True,
+                                overlap=None if cfg.overlap else False):
         tick = time.time()
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
@@ -413,6 +426,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
             out.stats.append(stats)
             if grid is not None:
                 out.grids[stats.name], out.bits[stats.name] = grid, bits
+        del solvers  # this layer's Hessians and factors (~20 GB at OPT-175B width) go before the next layer's come
         log(f"layer {i + 1}/{nlayers} compressed in {time.time() - tick:.2f}s")
     return out
 
@@ -579,7 +593,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     done = Compressed([], {}, {})
     with stage("compress"):
         if cfg.prune.active or cfg.quantize:
-            done = compress(model, calibration, cfg, dev, log)
+            with streaming.writing(model):  # a streamed model keeps its compressed layers (in files)
+                done = compress(model, calibration, cfg, dev, log)
     stats = done.stats
 
     ppl: dict[str, float] = {}
@@ -665,7 +680,10 @@ def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) 
     """A from_pretrained-loadable checkpoint, written whole or not at all."""
     set_stage(f"writing --save {path}")
     with atomic_directory(path, prefix=".save-") as tmp:
-        model.to("cpu").save_pretrained(tmp)
+        if layer_store(model) is not None:
+            streaming.save_streamed(model, tmp)
+        else:
+            model.to("cpu").save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(results, os.path.join(tmp, "compression.json"))
     set_stage("writing the outputs")
@@ -802,9 +820,9 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} is outside [{lo}, {hi}] of --bit_options")
         if cfg.nearest:
             raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
-        if cfg.offload and cfg.bit_scope == "model":
+        if (cfg.offload or cfg.stream) and cfg.bit_scope == "model":
             raise UsageError("--bit_scope model needs the whole model on the GPU; "
-                             "drop --offload or use --bit_scope layer")
+                             "drop --offload/--stream or use --bit_scope layer")
     if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
             cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width") or \
             cfg.clip_objective not in ("solver", "uncompensated"):
@@ -851,6 +869,9 @@ def validate(cfg: RunConfig) -> None:
     for flag, path in (("--save", cfg.save), ("--export", cfg.export)):
         if path and os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
+    if cfg.stream and cfg.export:
+        raise UsageError("--export packs the whole model in host memory; with --stream use --save (then export "
+                         "from the saved directory)")
     if cfg.save and cfg.save == cfg.export:
         raise UsageError("--save and --export need different directories")
     if cfg.lm_eval:
@@ -858,8 +879,8 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError("--lm_eval needs lm-evaluation-harness: pip install lm-eval accelerate")
         if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
             raise UsageError(f"--lm_eval_include {cfg.lm_eval_include} is not a directory of task definitions")
-        if cfg.offload:
-            raise UsageError("--lm_eval runs the whole model on the device; drop --offload")
+        if cfg.offload or cfg.stream:
+            raise UsageError("--lm_eval runs the whole model on the device; drop --offload/--stream")
         unknown = lm_eval_tasks.unknown_tasks(cfg.lm_eval, cfg.lm_eval_include or None)
         if unknown:
             raise UsageError(f"--lm_eval: unknown task(s) {', '.join(unknown)}; give lm-eval task names, or local "
@@ -965,6 +986,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    "torchrun --standalone --nproc_per_node N opt_enhanced.py ...); with --device cpu, CPU processes")
     p.add_argument("--offload", action="store_true",
                    help="keep the model on the CPU, one decoder layer on the GPU at a time (automatic when it does not fit)")
+    p.add_argument("--no-overlap", "--no_overlap", dest="overlap", action="store_false",
+                   help="move offloaded layers to the GPU and back in line instead of behind the computation")
+    p.add_argument("--stream", action="store_true",
+                   help="read each decoder layer from the local safetensors checkpoint when it is needed and write it "
+                        "back compressed (host memory: a few layers, not the model); implies --offload")
     p.add_argument("--no_fused", action="store_true",
                    help="plain PyTorch column loop even on CUDA (the fused Triton kernel is the default there)")
     p.add_argument("--quiet", action="store_true", help="only errors and the final results")

@@ -10,7 +10,7 @@ import torch
 
 import bench
 import opt_enhanced as oe
-from modelutils import find_linears
+from modelutils import find_linears, walk_layers
 from runtime import Log
 
 CPU = torch.device("cpu")
@@ -52,3 +52,30 @@ def test_factor_bench_on_the_cpu(capsys):
     assert rows[0]["one_cholesky_relative_difference"] < 1e-5
     assert rows[0]["one_cholesky_identity_solve_relative_difference"] < 1e-5
     assert "skipping n=2049" in capsys.readouterr().err
+
+
+def test_synthetic_reports_each_layers_wall_time(tmp_path, capsys):
+    out = tmp_path / "walls.json"
+    assert bench.main(["--synthetic", "opt-tiny", "--layers", "3", "--offload", "--no-overlap", "--json", str(out),
+                       "--", *FLAGS]) == 0
+    res = json.loads(out.read_text())
+    walls = res["per_layer_wall_s"]
+    assert len(walls) == 3 and all(w > 0 for w in walls) and res["steady_layer_s"] == walls[1]
+    assert sum(walls) <= res["compress_s"] and res["overlap"] is False  # on the CPU nothing moves
+    assert "per-layer wall s (overlap off): 0: " in capsys.readouterr().out
+    clock = bench.LayerClock()
+    assert list(clock.bar(iter("ab"), 2, "")) == ["a", "b"] and clock.report()["steady_layer_s"] is None
+
+
+def test_synthetic_stream_makes_each_layer_when_reached_and_drops_it(tmp_path):
+    model, _ = bench.build_synthetic("opt-tiny", 3, CPU, True, stream=True)
+    layers = model.model.decoder.layers
+    assert len(layers) == 3 and all(p.device.type == "meta" for p in layers.parameters())
+    template = model.layer_store.template
+    for i, layer in walk_layers(model, CPU):
+        assert all(torch.equal(t, template[n]) for n, t in layer.state_dict().items())
+    assert all(p.device.type == "meta" for p in layers.parameters())
+    out = tmp_path / "stream.json"
+    assert bench.main(["--synthetic", "opt-tiny", "--layers", "3", "--stream", "--json", str(out), "--", *FLAGS]) == 0
+    res = json.loads(out.read_text())
+    assert res["stream"] and res["offload"] and len(res["per_layer_wall_s"]) == 3 and res["params"] > 3 * 2 ** 20
