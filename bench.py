@@ -1,30 +1,67 @@
 """Benchmark: time and peak GPU memory per stage, for many configurations in one process.
 
     python bench.py MODEL --configs FILE [--data_dir DIR] [--json OUT]
-    python bench.py --synthetic opt-6.7b [--layers N] [--offload] [-- FLAGS]
+    python bench.py --synthetic opt-6.7b [--layers N] [--offload | --stream] [--stages | --no-overlap] [--repeat K] [--json OUT] [-- FLAGS]
+    python bench.py --factor 4096 12288 49152 [--json OUT]
 
 FILE has one configuration per line, `name|flags` (the flags of opt_enhanced.py, without the model);
 `--dataset` defaults to c4. Each configuration loads the model afresh; tokenized data is memoised, so
 `tokenize` is only paid by the first configuration (and by none with a warm --cache_dir).
 
 --synthetic builds a random-weight fp16 OPT with the named model's shapes (no download) and times
-the full compression path on random calibration tokens (default 128 x 2048, 50% + 4-bit).
+the full compression path (opt_enhanced.compress) on random calibration tokens (default 128 x 2048,
+50% + 4-bit); FLAGS are opt_enhanced's (`-- --device cpu --nsamples 4 --seqlen 32` for a CPU smoke
+test at the opt-tiny shape). --repeat K builds and compresses K times in one process: the first is
+the cold one (CUDA and cuBLAS start, Triton compiles or loads its kernels), the others are warm. It
+prints each layer's wall time inside compress (from when the walk takes the layer to when it takes
+the next) and the median of the inner layers, the steady per-layer time: with --offload the next
+layer comes in and the last one goes home behind the computation (offload.py), which neither the
+first layer's arrival nor the last one's return can be; --no-overlap moves them in line, to measure
+what the overlap saves. --stream makes each layer's weights when the walk reaches it (a copy of one
+random template layer) and drops them after, as opt_enhanced --stream reads them from safetensors: the
+peak host RSS is then that of a few layers, not of the model. --stages times the same work stage by stage instead (uniform settings only):
+per layer, moving it to the GPU, the forward pass that accumulates the Hessians (and, inside it, the
+X^T X updates alone), per Linear its inverse factor and its solve, the forward pass that feeds the
+next layer, and moving it back (in line, so that each move is timed alone); each stage synchronises
+the GPU, so the stages add up to a little more than compress takes. Both report peak GPU memory (per
+stage with --stages) and the process's peak host RSS.
+
+Under torchrun (`torchrun --standalone --nproc_per_node 2 bench.py --synthetic opt-1.3b`), --synthetic
+compresses on every process as opt_enhanced does there (distributed.py): each builds the same model on
+its own GPU; rank 0 prints, with every process's peak GPU and host memory. --stages times one process.
+
+--factor times SparseGPT.inverse_factor against the published three-step factor (Cholesky,
+cholesky_inverse, Cholesky of the inverse) on a random Hessian of each size, with peak GPU memory
+above X^T X and the two factors' relative difference. On the CPU sizes above 2048 are skipped.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import shlex
 import sys
 import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
+import distributed
+import offload as offload_module
 import opt_enhanced as oe
+import streaming
+import sparsegpt_enhanced
+from modelutils import (capture_layer_inputs, decoder_layers, decoder_of, find_linears, forward_layer, home_of,
+                        hook_inputs, submodule)
+from quant import QuantGrid
+from runtime import Log, Stages, write_json
+from sparsegpt_enhanced import SparseGPT, solve_order
 
-# hidden, layers, heads, ffn of the published OPT models
+# hidden, layers, heads, ffn of the published OPT models, and opt-tiny (no such model) for smoke tests on the CPU
 SHAPES = {"opt-125m": (768, 12, 12, 3072), "opt-1.3b": (2048, 24, 32, 8192), "opt-6.7b": (4096, 32, 32, 16384),
-          "opt-13b": (5120, 40, 40, 20480), "opt-175b": (12288, 96, 96, 49152)}
+          "opt-13b": (5120, 40, 40, 20480), "opt-175b": (12288, 96, 96, 49152), "opt-tiny": (64, 2, 4, 256)}
+CPU_FACTOR_MAX = 2048  # --factor on the CPU: larger sizes take minutes on the development machine
 
 STAGES = ("load", "tokenize", "compress", "evaluate", "total")
 
@@ -50,34 +87,377 @@ def row(name: str, res: dict) -> str:
     return f"| {name:18s} | " + " | ".join(cells) + " |"
 
 
-def synthetic(name: str, layers: int | None, offload: bool, flags: list[str]) -> dict:
-    """Compression of a random-weight OPT of the given shape: seconds and peak GPU memory."""
+def host_peak_gib() -> float:
+    """The process's peak resident host memory so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+
+
+def build_synthetic(name: str, layers: int | None, dev: torch.device, offload: bool, stream: bool = False
+                    ) -> tuple[torch.nn.Module, float]:
+    """(a random-weight fp16 OPT of the named shape placed as a run places it, seconds it took). With
+    `stream`, only the non-layer modules and one random template layer are made (SyntheticStore)."""
     from transformers import OPTConfig, OPTForCausalLM
 
     hidden, nlayers, heads, ffn = SHAPES[name]
-    cfg = oe.parse_args(["synthetic", "c4", "--quiet", *(flags or ["--sparsity", "0.5", "--wbits", "4"])])
-    dev = torch.device(cfg.device or "cuda")
-    shape = OPTConfig(hidden_size=hidden, num_hidden_layers=layers or nlayers, num_attention_heads=heads, ffn_dim=ffn,
-                      word_embed_proj_dim=hidden, vocab_size=50272, max_position_embeddings=2048, dropout=0.0)
+    shape = OPTConfig(hidden_size=hidden, num_hidden_layers=1 if stream else layers or nlayers,
+                      num_attention_heads=heads, ffn_dim=ffn, word_embed_proj_dim=hidden, vocab_size=50272,
+                      max_position_embeddings=2048, dropout=0.0)
     tick = time.time()
+    torch.manual_seed(0)
     torch.set_default_dtype(torch.float16)
-    with torch.device(dev):
-        model = OPTForCausalLM(shape).eval()
-    torch.set_default_dtype(torch.float32)
+    try:
+        with torch.device(dev):
+            model = OPTForCausalLM(shape).eval()
+        if stream:
+            SyntheticStore.attach(model, layers or nlayers)
+    finally:
+        torch.set_default_dtype(torch.float32)
     oe.place(model, dev, offload)
-    built = time.time() - tick
+    return model, time.time() - tick
+
+
+class SyntheticStore(streaming.LayerStore):
+    """--synthetic --stream: each decoder layer's weights are made when the walk reaches it and freed
+    after it (nothing is kept), as a streamed run reads them from safetensors. A layer is a copy of one
+    random template layer held in host memory: copying runs at the speed of reading a file in the page
+    cache, where drawing a 175B-width layer's 1.8 G random numbers on the CPU would take longer than
+    compressing it."""
+
+    def __init__(self, template: dict[str, torch.Tensor], prefix: str, layers: int) -> None:
+        super().__init__(prefix, [{} for _ in range(layers)])
+        self.template = template
+
+    def load(self, index: int, layer: torch.nn.Module) -> None:
+        layer.load_state_dict({n: t.clone() for n, t in self.template.items()}, strict=True, assign=True)
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module, layers: int) -> None:
+        """Turn a one-layer model into a streamed one of `layers` layers, its only layer the template."""
+        from accelerate import init_empty_weights
+
+        decoder = decoder_layers(model)
+        template = {n: t.to("cpu") for n, t in decoder[0].state_dict().items()}
+        kind = type(decoder[0])
+        model.config.num_hidden_layers = layers
+        with init_empty_weights(include_buffers=False):
+            skeleton = [kind(model.config, layer_idx=i) for i in range(layers)]
+        path = decoder_of(model).layers
+        parent, _, attribute = path.rpartition(".")
+        setattr(submodule(model, parent), attribute, torch.nn.ModuleList(skeleton))  # the template's copy goes
+        model.layer_store = cls(template, path + ".", layers)
+
+
+class LayerClock(Log):
+    """A quiet Log whose progress bar notes when the walk takes each layer, for per-layer wall times of
+    compress itself: a layer's time runs from when the walk takes it to when it takes the next (its
+    arrival, the solves, the forward, and handing it back; with overlap, what of the moves the
+    computation did not hide), the last layer's to the end of compress (its copy home included)."""
+
+    def __init__(self) -> None:
+        super().__init__(True)
+        self.starts: list[float] = []
+        self.end = 0.0
+
+    def bar(self, iterable, total: int, desc: str):
+        for item in iterable:
+            self.starts.append(time.perf_counter())
+            yield item
+        self.end = time.perf_counter()
+
+    def report(self) -> dict[str, Any]:
+        ends = self.starts[1:] + [self.end or time.perf_counter()]
+        walls = [b - a for a, b in zip(self.starts, ends)]
+        inner = sorted(walls[1:-1])  # neither the first layer's unhidden fetch nor the last one's copy home
+        steady = inner[len(inner) // 2] if inner else None
+        return {"per_layer_wall_s": walls, "steady_layer_s": steady}
+
+
+def layer_wall_line(res: dict[str, Any]) -> str:
+    """One line of a non-staged run's per-layer wall seconds and the steady (inner layers') median."""
+    walls = ", ".join(f"{i}: {s:.2f}" for i, s in enumerate(res["per_layer_wall_s"]))
+    steady = res["steady_layer_s"]
+    tail = f"; steady per layer {steady:.2f} s (median of layers 1..{len(res['per_layer_wall_s']) - 2})" \
+        if steady is not None else "; --layers 3 or more for a steady per-layer time"
+    return f"per-layer wall s (overlap {'on' if res['overlap'] else 'off'}): {walls}{tail}"
+
+
+def synthetic(name: str, layers: int | None, offload: bool, flags: list[str], stages: bool = False,
+              repeat: int = 1, overlap: bool = True, stream: bool = False) -> dict:
+    """Compression of a random-weight OPT of the given shape: seconds, peak GPU and host memory;
+    with `stages`, stage by stage (`staged_compress`, layers moved in line so each move is timed
+    alone); otherwise through opt_enhanced.compress, offloaded layers moved behind the computation
+    unless `overlap` is False, with each layer's wall time. With `stream` the layers are made when
+    the walk reaches them and dropped after (SyntheticStore), as --stream reads them from files."""
+    if stream and stages:
+        raise SystemExit("bench.py --stages moves whole layers in line; time --stream without --stages")
+    flags = [*(flags or ["--sparsity", "0.5", "--wbits", "4"]), *([] if overlap else ["--no-overlap"])]
+    return _synthetic(name, layers, offload, flags, stages, repeat, stream) | {"stream": stream}
+
+
+def _synthetic(name: str, layers: int | None, offload: bool, flags: list[str], stages: bool, repeat: int,
+               stream: bool) -> dict:
+    nlayers = SHAPES[name][1]
+    cfg = oe.parse_args(["synthetic", "c4", "--quiet", *(flags or ["--sparsity", "0.5", "--wbits", "4"])])
+    dev = distributed.local_device(torch.device(cfg.device or "cuda"))
+    torch.set_float32_matmul_precision("highest")  # as opt_enhanced.run sets it
     seqlen = cfg.seqlen or 2048
-    calibration = torch.randint(0, shape.vocab_size, (cfg.nsamples, seqlen), generator=torch.Generator().manual_seed(0))
-    stage = oe.Stages(dev)
-    with stage("compress"):
-        done = oe.compress(model, calibration, cfg, dev, oe.Log(True))
-    seconds = stage.seconds["compress"]
-    per_layer = [s.seconds for s in done.stats]
-    return {"shape": name, "layers": shape.num_hidden_layers, "of": nlayers, "offload": offload,
-            "flags": flags, "build_s": built, "compress_s": seconds, "per_layer_s": seconds / shape.num_hidden_layers,
-            "solver_s": sum(per_layer), "peak_gpu_gib": stage.peak_gib.get("compress", 0.0),
-            "params": sum(p.numel() for p in model.parameters()),
+    runs = []
+    for _ in range(repeat):
+        model, built = build_synthetic(name, layers, dev, offload, stream)
+        calibration = torch.randint(0, model.config.vocab_size, (cfg.nsamples, seqlen),
+                                    generator=torch.Generator().manual_seed(0))
+        run: dict[str, Any] = {"build_s": built, "host_peak_after_build_gib": host_peak_gib()}
+        if stages:
+            run.update(staged_compress(model, calibration, cfg, dev))
+        else:
+            stage = Stages(dev)
+            clock = LayerClock()
+            with stage("compress"):
+                done = oe.compress(model, calibration, cfg, dev, clock)
+            run.update(compress_s=stage.seconds["compress"], solver_s=sum(s.seconds for s in done.stats),
+                       peak_gpu_gib=stage.peak_gib.get("compress", 0.0), **clock.report(),
+                       overlap=cfg.overlap and offload_module.streams_for(home_of(decoder_layers(model)), dev) is not None)
+        run["per_layer_s"] = run["compress_s"] / model.config.num_hidden_layers
+        run["host_peak_gib"] = host_peak_gib()
+        if distributed.size() > 1:
+            run["by_process"] = distributed.gather({"peak_gpu_gib": run["peak_gpu_gib"],
+                                                    "host_peak_gib": run["host_peak_gib"]})
+        runs.append(run)
+        params = sum(p.numel() for p in model.parameters())
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    first = runs[0]
+    return {"shape": name, "layers": layers or nlayers, "of": nlayers, "offload": offload, "stages": stages,
+            "flags": flags, "processes": distributed.size(), **first, "runs": runs if repeat > 1 else None, "params": params,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+
+
+class StageClock:
+    """Seconds and peak GPU memory of named stages, summed (seconds) or maxed (memory) over repeats."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev = dev
+        self.cuda = dev.type == "cuda"
+        self.seconds: dict[str, float] = {}
+        self.peak_gib: dict[str, float] = {}
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+
+    @contextmanager
+    def __call__(self, name: str, into: dict[str, float] | None = None) -> Iterator[None]:
+        """Time a stage; its seconds are also added to `into[name]` (a per-layer or per-Linear record)."""
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        tick = time.perf_counter()
+        yield
+        self.sync()
+        seconds = time.perf_counter() - tick
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        if into is not None:
+            into[name] = into.get(name, 0.0) + seconds
+        if self.cuda:
+            peak = torch.cuda.max_memory_allocated(self.dev) / 2 ** 30
+            self.peak_gib[name] = max(self.peak_gib.get(name, 0.0), peak)
+
+
+class KernelTimer:
+    """Total device time of many short spans (the X^T X updates inside a forward pass) without a
+    synchronisation per span: CUDA events, read once at the end; wall time on the CPU."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.cuda = dev.type == "cuda"
+        self.events: list[tuple[Any, Any]] = []
+        self.cpu_seconds = 0.0
+
+    @contextmanager
+    def span(self) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            tick = time.perf_counter()
+            yield
+            self.cpu_seconds += time.perf_counter() - tick
+
+    def seconds(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return sum(start.elapsed_time(end) for start, end in self.events) / 1000
+        return self.cpu_seconds
+
+
+@torch.no_grad()
+def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.RunConfig, dev: torch.device
+                    ) -> dict[str, Any]:
+    """opt_enhanced.compress for uniform settings (every Linear, no mixed precision), stage by stage.
+
+    Same solver calls in the same order (one SparseGPT per distinct input, act-order if asked,
+    the grid from the dense weight), so the same weights come out; the statistics compress keeps
+    per Linear are left out."""
+    if cfg.mixed or cfg.gmp or cfg.nearest or cfg.clipped:
+        raise SystemExit("bench.py --stages: uniform settings only (no --target_avg_bits, --gmp, --nearest, --clip)")
+    clock = StageClock(dev)
+    layers = decoder_layers(model)
+    home = home_of(layers)
+    shared = decoder_of(model).shared_input
+    tick = time.perf_counter()
+    with clock("capture"):
+        hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
+    per_layer: list[dict[str, Any]] = []
+    for i, layer in enumerate(layers):
+        record: dict[str, Any] = {"layer": i}
+        with clock("to_device", record):
+            layer.to(dev)
+        linears = find_linears(layer)
+        keys = sorted({shared.get(n, n) for n in linears})
+        solvers = {k: SparseGPT(linears[k].in_features, dev) for k in keys}
+        accumulate = KernelTimer(dev)
+
+        def add(key: str, x: torch.Tensor) -> None:
+            with accumulate.span():
+                solvers[key].add_batch(x)
+
+        handles = hook_inputs({k: linears[k] for k in keys}, add)
+        try:
+            with clock("hessian_forward", record):
+                forward_layer(layer, hidden, kwargs, cfg.batch_size)
+        finally:
+            for h in handles:
+                h.remove()
+        record["hessian_accumulate"] = accumulate.seconds()
+        record["linears"] = []
+        for name, linear in linears.items():
+            solver = solvers[shared.get(name, name)]
+            W = linear.weight.data
+            entry: dict[str, Any] = {"name": name, "rows": W.shape[0], "columns": W.shape[1]}
+            order = solve_order(solver.xtx.diagonal(), cfg.act_order)
+            with clock("factor", entry):
+                damping = solver.inverse_factor(cfg.percdamp, order).percdamp
+            with clock("solve", entry):
+                grid = bits = None
+                if cfg.quantize:
+                    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, None, cfg.scale_dtype)
+                    bits = torch.full((W.shape[1],), cfg.wbits, dtype=torch.int64)
+                result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order,
+                                            not cfg.no_fused)
+                linear.weight.data = result.weight.to(W.dtype)
+            entry["damping"] = damping
+            record["linears"].append(entry)
+        solvers.clear()  # this layer's X^T X and factors go before the forward and the next layer, as in compress
+        solver = result = None
+        with clock("forward", record):
+            forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
+        with clock("to_home", record):
+            layer.to(home)
+        per_layer.append(record)
+    return {"compress_s": time.perf_counter() - tick, "stage_s": clock.seconds,
+            "stage_peak_gpu_gib": clock.peak_gib,
+            "peak_gpu_gib": max(clock.peak_gib.values(), default=0.0), "per_layer": per_layer}
+
+
+def stage_table(res: dict[str, Any]) -> str:
+    """The per-layer stage seconds of a --stages run as a Markdown table, each Linear's factor and
+    solve seconds in its row, then peak GPU memory per stage (the JSON has the same numbers)."""
+    stages = ("to_device", "hessian_forward", "hessian_accumulate", "factor", "solve", "forward", "to_home")
+    lines = ["| layer | " + " | ".join(stages) + " | total | per Linear: factor + solve |",
+             "|---" * (len(stages) + 3) + "|"]
+    for layer in res["per_layer"]:
+        layer = dict(layer, factor=sum(e["factor"] for e in layer["linears"]),
+                     solve=sum(e["solve"] for e in layer["linears"]))
+        total = sum(layer[s] for s in stages if s != "hessian_accumulate")
+        linears = ", ".join(f"{e['name'].split('.')[-1]} {e['factor']:.2f}+{e['solve']:.2f}" for e in layer["linears"])
+        lines.append(f"| {layer['layer']} | " + " | ".join(f"{layer[s]:.2f}" for s in stages)
+                     + f" | {total:.2f} | {linears} |")
+    peaks = ", ".join(f"{k} {v:.1f}" for k, v in res["stage_peak_gpu_gib"].items())
+    lines.append(f"peak GPU GiB by stage: {peaks or 'n/a (CPU)'}; peak host RSS {res['host_peak_gib']:.1f} GiB")
+    return "\n".join(lines)
+
+
+def three_step_factor(solver: SparseGPT, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published factor (no dead channels here): Cholesky of the damped H, cholesky_inverse,
+    upper Cholesky of the inverse; each n x n intermediate dropped as soon as the next exists."""
+    H = solver.hessian
+    H.diagonal().add_(percdamp * torch.mean(H.diagonal()))
+    L, _ = torch.linalg.cholesky_ex(H)
+    del H
+    inverse = torch.cholesky_inverse(L)
+    del L
+    U, _ = torch.linalg.cholesky_ex(inverse, upper=True)
+    return U, inverse.diagonal().clone()
+
+
+def random_hessian(n: int, dev: torch.device, tokens: int) -> SparseGPT:
+    """X^T X of `tokens` random fp16 tokens with correlated channels (a common factor), as add_batch
+    sees layer inputs, in slices of 8192 tokens."""
+    solver = SparseGPT(n, dev)
+    g = torch.Generator(dev).manual_seed(0)
+    common = torch.randn(n, device=dev, generator=g)
+    for start in range(0, tokens, 8192):
+        rows = min(8192, tokens - start)
+        x = torch.randn(rows, n, device=dev, generator=g) + torch.randn(rows, 1, device=dev, generator=g) * common
+        solver.add_batch(x.half() if dev.type == "cuda" else x)
+    return solver
+
+
+def factor_bench(sizes: list[int], dev: torch.device, percdamp: float = 0.01, repeats: int = 2) -> list[dict]:
+    """Seconds (best of `repeats`) and peak GPU memory (above what is held before: X^T X, and the
+    three-step factor while the others run) of the three-step factor, the shipped one, and the
+    shipped one with one triangular solve against the identity instead of the recursive inverse
+    (what a larger TRIANGULAR_LEAF trades), per size, with their relative (Frobenius) difference."""
+    torch.set_float32_matmul_precision("highest")
+    clock = StageClock(dev)
+    rows = []
+    for n in [256] + sizes:  # 256 first: cuSOLVER and cuBLAS start there, untimed
+        if dev.type != "cuda" and n > CPU_FACTOR_MAX:
+            print(f"--factor: skipping n={n} on the CPU", file=sys.stderr)
+            continue
+        solver = random_hessian(n, dev, 2 * n)
+        row: dict[str, Any] = {"n": n, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+        methods = {
+            "three_step": lambda s=solver: three_step_factor(s, percdamp)[0],
+            "one_cholesky": lambda s=solver: s.inverse_factor(percdamp).upper,
+            "one_cholesky_identity_solve": lambda s=solver: s.inverse_factor(percdamp).upper,
+        }
+        factors = {}
+        for method, fn in methods.items():
+            leaf = sparsegpt_enhanced.TRIANGULAR_LEAF
+            if method == "one_cholesky_identity_solve":
+                sparsegpt_enhanced.TRIANGULAR_LEAF = n
+            best, peak = float("inf"), 0.0
+            try:
+                for _ in range(repeats):
+                    solver._factors.clear()
+                    factors.pop(method, None)
+                    held = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+                    seconds: dict[str, float] = {}
+                    with clock(method, seconds):
+                        factors[method] = fn()
+                    best = min(best, seconds[method])
+                    if dev.type == "cuda":
+                        peak = max(peak, (torch.cuda.max_memory_allocated(dev) - held) / 2 ** 30)
+            finally:
+                sparsegpt_enhanced.TRIANGULAR_LEAF = leaf
+            row[f"{method}_s"] = best
+            if dev.type == "cuda":
+                row[f"{method}_peak_gib"] = peak  # above what was held before: X^T X and the factors kept
+            if method != "three_step":
+                solver._factors.clear()
+                row[f"{method}_relative_difference"] = (
+                    torch.linalg.matrix_norm(factors.pop(method) - factors["three_step"])
+                    / torch.linalg.matrix_norm(factors["three_step"])).item()
+        row["damping"] = solver.inverse_factor(percdamp).percdamp
+        del solver, factors, methods
+        if n in sizes:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic", choices=sorted(SHAPES))
     p.add_argument("--layers", type=int, default=None, help="--synthetic: build only this many decoder layers")
     p.add_argument("--offload", action="store_true", help="--synthetic: keep the model on the CPU")
+    p.add_argument("--stages", action="store_true",
+                   help="--synthetic: time each stage of each layer (layers moved in line, each move timed)")
+    p.add_argument("--stream", action="store_true",
+                   help="--synthetic: make each layer's weights when it is reached and drop them after (host "
+                        "memory: a few layers; implies --offload)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="--synthetic --offload: move layers in line instead of behind the computation")
+    p.add_argument("--repeat", type=int, default=1, help="--synthetic: build and compress this many times")
+    p.add_argument("--factor", type=int, nargs="+", metavar="N", help="time the inverse factor at these sizes")
+    p.add_argument("--device", default=None, help="--factor: the device (default cuda if available)")
     p.add_argument("--dataset", default="c4")
     p.add_argument("--data_dir", default=None)
     p.add_argument("--cache_dir", default=None)
@@ -94,14 +484,28 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     flags = argv[argv.index("--") + 1:] if "--" in argv else []  # --synthetic: opt_enhanced flags after --
     args = p.parse_args(argv[:len(argv) - len(flags) - (1 if "--" in argv else 0)])
+    if args.factor:
+        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        res = factor_bench(args.factor, dev)
+        if args.json:
+            write_json(res, args.json)
+        return 0
     if args.synthetic:
-        res = synthetic(args.synthetic, args.layers, args.offload, flags)
+        if args.stages and distributed.launched_size() > 1:
+            p.error("--stages times one process: run it without torchrun")
+        dev = distributed.local_device(torch.device(oe.parse_args(["synthetic", "c4", *flags]).device or "cuda"))
+        with distributed.session(dev):
+            res = synthetic(args.synthetic, args.layers, args.offload or args.stream, flags, args.stages, args.repeat,
+                            args.overlap, args.stream)
+        if distributed.launched_rank() != 0:
+            return 0
+        print(stage_table(res) if args.stages else layer_wall_line(res), flush=True)
         print(json.dumps(res), flush=True)
         if args.json:
-            oe.write_json(res, args.json)
+            write_json(res, args.json)
         return 0
     if not (args.model and args.configs):
-        p.error("give MODEL and --configs, or --synthetic SHAPE")
+        p.error("give MODEL and --configs, --synthetic SHAPE, or --factor N ...")
 
     common = [args.model, args.dataset, "--quiet"]
     common += ["--data_dir", args.data_dir] if args.data_dir else []
@@ -116,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = oe.run(cfg)
         print(row(name, results[name]), flush=True)
     if args.json:
-        oe.write_json(results, args.json)
+        write_json(results, args.json)
     return 0
 
 

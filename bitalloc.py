@@ -30,6 +30,11 @@ from sparsegpt_enhanced import PruneSpec, SparseGPT
 CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
+def clip_factors(smallest: float) -> tuple[float, ...]:
+    """The range factors the clip search tries, down to `smallest` (1.0 always)."""
+    return tuple(f for f in CLIP_FACTORS if f >= smallest - 1e-9)
+
+
 @dataclass(frozen=True)
 class MixedPrecision:
     """Every parameter of a mixed-precision allocation; experiments pass variants of it."""
@@ -45,6 +50,9 @@ class MixedPrecision:
     error_shrinkage: float = 0.75  # chosen on validation text (BENCHMARKS.md)
     clip: bool = True  # shrink each width's range by the factor that minimises the estimated error
     clip_factors: tuple[float, ...] = CLIP_FACTORS
+    # Which loss picks each width's range factor: the solver's (errors partly absorbed by later columns),
+    # or "uncompensated" (each column's error at its full cost H_jj, which clamping a loud channel's weights incurs).
+    clip_objective: str = "uncompensated"
     drift_correction: bool = True  # carry each Linear's stored-bit surplus or deficit to the next
 
 
@@ -108,24 +116,24 @@ def importance(weight: torch.Tensor, solver: SparseGPT, base_bits: int, sym: boo
     return metrics, combine_metrics(metrics, weights)
 
 
-def clip_ranges(model, widths: list[int], factors: tuple[float, ...]
+def clip_ranges(model, widths: list[int], factors: tuple[float, ...], objective: str = "solver"
                 ) -> tuple[dict[int, float], dict[int, torch.Tensor]]:
     """For each width, the range factor with the least estimated loss over the whole matrix (only factors
     below 1 are returned: one number per width and Linear, nothing per row to store), and the per-column
     losses at that factor, so that the allocators need not round again."""
     shrink, losses = {}, {}
     for b in widths:
-        tried = [model.loss(b, f) for f in factors]
+        tried = [model.loss(b, f, compensated=objective == "solver") for f in factors]
         k = int(torch.argmin(torch.stack([loss.sum() for loss in tried])))
-        losses[b] = tried[k]
+        losses[b] = tried[k] if objective == "solver" else model.loss(b, factors[k])
         if factors[k] != 1.0:
             shrink[b] = factors[k]
     return shrink, losses
 
 
-def choose_shrink(model, widths: list[int], factors: tuple[float, ...]) -> dict[int, float]:
+def choose_shrink(model, widths: list[int], factors: tuple[float, ...], objective: str = "solver") -> dict[int, float]:
     """The range factor of each width (`clip_ranges` without the losses)."""
-    return clip_ranges(model, widths, factors)[0]
+    return clip_ranges(model, widths, factors, objective)[0]
 
 
 def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, base_bits: int, sym: bool,
@@ -141,7 +149,7 @@ def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, bas
     model = solver.rounding_model(weight, prune, sym, groupsize, blocksize, percdamp, order, row_weight)
     options = sorted(mp.options)
     if mp.clip:
-        shrink, losses = clip_ranges(model, options, mp.clip_factors)
+        shrink, losses = clip_ranges(model, options, mp.clip_factors, mp.clip_objective)
     else:
         shrink, losses = {}, {b: model.loss(b) for b in options}
     error = torch.stack([losses[b] for b in options], 1)

@@ -26,8 +26,9 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from export import atomic_directory, dense_tensors
+from export import dense_tensors
 from quant import QuantGrid, dequantize
+from runtime import atomic_directory
 
 MAX_WIDTH = 8  # pack_to_int32 packs 1..8 bits
 
@@ -134,7 +135,7 @@ def export_compressed_tensors(model: nn.Module, grids: dict[str, QuantGrid], bit
             if columns % groupsize:
                 raise ValueError(f"{name}: {columns} columns are not a multiple of --groupsize {groupsize}; "
                                  "compressed-tensors' groups must tile the rows")
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, prefix=".export-") as tmp:
         state, _ = dense_tensors(model, {f"{name}.weight" for name in grids})
         linear: dict[str, torch.Tensor] = {}
         predicted = 0

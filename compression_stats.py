@@ -1,4 +1,4 @@
-"""What a compression run stored: per-Linear statistics, the bit counts, and the summary printed and saved.
+"""What a compression run stored: per-Linear statistics, the bit counts, and the summary printed, saved and plotted.
 
 Three averages answer different questions, and a mixed run is judged by the second:
 - nominal: code bits per weight over all weights (pruned ones counted at their column's width);
@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from runtime import atomic_file
 
 RANGE_BITS = 64  # one fp32 (xmin, xmax) pair per row and group, the source of every width's scale/zero
 SHRINK_BITS = 32  # one fp32 range factor per clipped width and layer
@@ -126,3 +128,36 @@ def format_summary(summary: Summary, stats: list[LinearStats]) -> str:
         lines.append(f"  {s.name:48s} {s.avg_bits:5.2f}{rng}")
     lines.append(bar)
     return "\n".join(lines)
+
+
+def plot_bits(stats: list[LinearStats], path: str, options: list[int]) -> None:
+    """Heatmap of average bits per module (rows) and decoder layer (columns), written atomically.
+    The colour scale spans the bit options, so that a layer at its target does not look extreme."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {}
+    for s in stats:
+        if s.bits_per_column is not None:
+            layer, module = s.name.split("layers.", 1)[1].split(".", 1)
+            cells[(module, int(layer))] = s.avg_bits
+    modules = list(dict.fromkeys(m for m, _ in cells))
+    layers = sorted({i for _, i in cells})
+    grid = [[cells.get((m, i), float("nan")) for i in layers] for m in modules]
+    fig, ax = plt.subplots(figsize=(3.5 + 0.6 * len(layers), 1.2 + 0.45 * len(modules)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=min(options), vmax=max(options))
+    for r, row in enumerate(grid):
+        for c, v in enumerate(row):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
+    ax.set_xticks(range(len(layers)), [str(i) for i in layers])
+    ax.set_yticks(range(len(modules)), modules)
+    ax.set_xlabel("decoder layer")
+    ax.set_title("average bits per weight")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)

@@ -14,7 +14,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from runtime import atomic_file
 
 DATASETS = ("wikitext2", "ptb", "c4")
 
@@ -264,43 +265,17 @@ def _load(path: Path, vocab: int | None = None) -> list[torch.Tensor] | None:
     return list(torch.split(ids, lengths.tolist()))
 
 
-def umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (os.umask sets it, for all threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _file_mode() -> int:
-    """0o666 less the umask: what open() would give (mkstemp makes files owner-only)."""
-    return 0o666 & ~umask()
-
-
 def _save(path: Path, seqs: list[torch.Tensor]) -> None:
     """Write atomically, so a concurrent or killed run never leaves a half-written file under the final name.
     A cache that cannot be written (a directory in the way, no space) is a warning: the run goes on."""
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
         ids = torch.cat(seqs)
         lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
-        torch.save({"ids": ids, "lengths": lengths, "sha256": _checksum(ids, lengths)}, tmp)
-        os.chmod(tmp, _file_mode())  # mkstemp makes it owner-only
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            torch.save({"ids": ids, "lengths": lengths, "sha256": _checksum(ids, lengths)}, tmp)
     except OSError as e:
         print(f"warning: cannot write the cache entry {path} ({type(e).__name__}: {e.strerror or e}); "
               f"continuing without it", file=sys.stderr)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[torch.Tensor]:

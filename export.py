@@ -20,9 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +30,7 @@ from safetensors import safe_open
 
 from compression_stats import storage_bits
 from quant import MAX_WIDTH, QuantGrid, dequantize
+from runtime import atomic_directory
 
 if TYPE_CHECKING:
     from transformers import OPTForCausalLM
@@ -191,36 +189,6 @@ def dense_tensors(model: nn.Module, packed: set[str]) -> tuple[dict[str, torch.T
     return tensors, aliases
 
 
-@contextmanager
-def atomic_directory(directory: str, prefix: str = ".export-"):
-    """A new directory written whole or not at all: yields a temporary directory beside `directory`,
-    which is renamed to it when the block ends and removed if the block fails. `directory` must be absent
-    or empty; the files get the umask's usual modes."""
-    if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-        raise ValueError(f"export directory {directory} exists and is not empty; choose a new one")
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=prefix)
-    try:
-        yield tmp
-        open_permissions(tmp)
-        if os.path.isdir(directory):
-            os.rmdir(directory)  # checked empty above
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def open_permissions(directory: str) -> None:
-    """mkdtemp (and safetensors) create owner-only entries; give the export the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for f in os.listdir(directory):
-        os.chmod(os.path.join(directory, f), 0o666 & ~umask)
-
-
 def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[str, torch.Tensor], directory: str,
                       pruned: bool, n_options: int, extra: dict | None = None) -> ExportReport:
     """Write `model` (after `compress`) to a new `directory` in the packed format, atomically.
@@ -230,7 +198,7 @@ def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[
     `directory` that is renamed at the end, so a failure never leaves a partial export behind."""
     if set(grids) != set(bits):
         raise ValueError("grids and bits must name the same Linears")
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, prefix=".export-") as tmp:
         packed: dict[str, torch.Tensor] = {}
         layouts: dict[str, Any] = {}
         predicted = 0

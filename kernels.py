@@ -29,6 +29,16 @@ sums are added in float64) and, for N:M, which of several exactly equal scores i
 lowest column here; torch.topk does not specify it), which only matters for ties such as
 all-zero (dead) columns.
 
+Compilations: Triton compiles the kernel once per distinct set of constexprs (column chunking,
+steps, N:M or not, mask, quantization, the row tile) and specialisation of `count` and U's strides,
+and keeps each on disk. A run compiles one variant, two where its Linears' row counts straddle the
+row tile's switch at 4096 rows (OPT-1.3B to 6.7B: fc1), and one more for a ragged last block
+(columns not a multiple of the blocksize); `variant` spells the key out and test_kernels counts it
+for the OPT shapes. The row count and N (of N:M) are runtime arguments, not specialised. One
+compilation for sm_90 took 9-13 s of CPU on the 2-core development machine (Triton's compiler runs
+without a GPU); over 90% of its TTGIR stage is Triton's coalescing pass, which walks the whole
+unrolled kernel (~2300 TTIR ops) once for each of its ~170 loads and stores.
+
 The module imports on machines without CUDA or Triton: `is_available()` then says False and
 `solve_block_fused` raises. Triton is imported only when a CUDA device is present (or when
 TRITON_INTERPRET=1 asks for Triton's CPU interpreter, which the developers use for debugging).
@@ -108,6 +118,38 @@ def _default_config(rows: int, cw: int, nch: int) -> tuple[int, int]:
     return rows_per_warp * (2 if rows > 4096 else 1), 1
 
 
+# The kernel's integer arguments, in order. Triton specialises on each (one compilation for the value 1, one
+# for a multiple of 16, one for the rest) unless told not to: `rows` only bounds the row mask and `prunen` is
+# one comparison, so a specialisation gains nothing there; `count` (the row stride of every tile: its
+# divisibility lets the tile loads vectorise) and U's strides (fixed for a run: cholesky_ex's column-major
+# layout) keep theirs.
+INT_ARGS = ("rows", "count", "su0", "su1", "prunen")
+DO_NOT_SPECIALIZE = ("rows", "prunen")
+
+
+def launch_config(rows: int, count: int, prunen: int, prunem: int, has_mask: bool, quant: bool,
+                  block_rows: int | None = None, num_warps: int | None = None, unroll: int = UNROLL
+                  ) -> dict[str, int | bool]:
+    """The kernel's compile-time parameters for one block (its constexprs and num_warps); Triton
+    compiles one kernel per distinct set (see `variant`). Assumes `supports(count, prunen, prunem)`."""
+    nm = prunen > 0
+    cw, nch = _chunking(count, prunem if nm else 0)
+    br, nw = _default_config(rows, cw, nch)
+    return {"BLOCK_R": block_rows or br, "CW": cw, "NCH": nch, "UN": prunem if nm else unroll, "NM": nm,
+            "HAS_MASK": not nm and has_mask, "QUANT": quant, "num_warps": num_warps or nw}
+
+
+def variant(rows: int, count: int, prunen: int, prunem: int, has_mask: bool, quant: bool,
+            u_strides: tuple[int, int]) -> tuple:
+    """What a launch compiles as far as the shapes decide it: the constexprs, and how Triton
+    specialises the integer arguments it specialises on (equal to 1, a multiple of 16). Pointer
+    alignment is left out: solve_block passes fresh tensors and 128-column-aligned views of U.
+    Blocks with equal variants share one compilation per process (and one cached on disk)."""
+    values = dict(zip(INT_ARGS, (rows, count, *u_strides, prunen)))
+    return (tuple(sorted(launch_config(rows, count, prunen, prunem, has_mask, quant).items())),
+            tuple((name, v == 1, v % 16 == 0) for name, v in values.items() if name not in DO_NOT_SPECIALIZE))
+
+
 if triton is not None:
     _INF = tl.constexpr(float("inf"))
 
@@ -182,12 +224,12 @@ if triton is not None:
         tl.store(E_ptr + r_off[:, None] + col[None, :], err, mask=ok)
         return tl.sum(tl.sum(tl.math.div_rn(diff * diff, d * d), axis=1), axis=0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
     def _solve_block_kernel(
         W_ptr, U_ptr, M_ptr, S_ptr, Z_ptr, MQ_ptr, Q_ptr, E_ptr, L_ptr,
-        rows, count, su0, su1,
+        rows, count, su0, su1, prunen,
         BLOCK_R: tl.constexpr, CW: tl.constexpr, NCH: tl.constexpr, UN: tl.constexpr,
-        PRUNEN: tl.constexpr, HAS_MASK: tl.constexpr, QUANT: tl.constexpr, INTERPRET: tl.constexpr,
+        NM: tl.constexpr, HAS_MASK: tl.constexpr, QUANT: tl.constexpr, INTERPRET: tl.constexpr,
     ):
         pid = tl.program_id(0)
         r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -196,8 +238,7 @@ if triton is not None:
         rzero = tl.zeros([BLOCK_R], dtype=tl.int32)
         cc = tl.arange(0, CW)
         sud = su0 + su1  # stride of U's diagonal
-        NM: tl.constexpr = PRUNEN > 0
-        PRUNE: tl.constexpr = PRUNEN > 0 or HAS_MASK
+        PRUNE: tl.constexpr = NM or HAS_MASK
 
         # the row tile of the block, in up to four register chunks of CW columns
         W0 = _load_tile(W_ptr, r_off, rmask, 0 * CW + cc, count, 0.0)
@@ -287,7 +328,7 @@ if triton is not None:
                                     below += (scores[k] <= scores[j]).to(tl.int32)
                                 elif k > j:
                                     below += (scores[k] < scores[j]).to(tl.int32)
-                            pruned = below < PRUNEN
+                            pruned = below < prunen
                         else:
                             pruned = ms[j]
                         x = tl.where(pruned, 0.0, w)
@@ -398,22 +439,14 @@ def solve_block_fused(
     if rows == 0 or count == 0:
         return Q1, Err1, mask1, torch.zeros((), dtype=torch.float64, device=dev)
 
-    chunking = _chunking(count, prunem if nm else 0)
-    if chunking is None:
+    if not supports(count, prunen, prunem):
         raise ValueError(f"solve_block_fused: unsupported block (count={count}, prunem={prunem}); see supports()")
-    cw, nch = chunking
-    br, nw = _default_config(rows, cw, nch)
-    if block_rows is not None:
-        br = block_rows
-    if num_warps is not None:
-        nw = num_warps
-    programs = triton.cdiv(rows, br)
+    meta = launch_config(rows, count, prunen, prunem, has_mask, quant, block_rows, num_warps, _unroll)
+    programs = triton.cdiv(rows, meta["BLOCK_R"])
     partial = torch.empty(programs, dtype=torch.float32, device=dev)
     _solve_block_kernel[(programs,)](
         W1, U1, mask1.view(torch.uint8), scale, zero, maxq, Q1, Err1, partial,
-        rows, count, U1.stride(0), U1.stride(1),
-        BLOCK_R=br, CW=cw, NCH=nch, UN=prunem if nm else _unroll,
-        PRUNEN=prunen if nm else 0, HAS_MASK=not nm and has_mask, QUANT=quant, INTERPRET=_INTERPRET,
-        num_warps=nw, num_stages=1, enable_fp_fusion=False,
+        rows, count, U1.stride(0), U1.stride(1), prunen if nm else 0,
+        **meta, INTERPRET=_INTERPRET, num_stages=1, enable_fp_fusion=False,
     )
     return Q1, Err1, mask1, partial.sum(dtype=torch.float64)

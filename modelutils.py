@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+import offload
+
 
 def is_local_path(model: str) -> bool:
     """A model argument that names a directory rather than a hub id ("org/name")."""
@@ -91,22 +93,49 @@ def resident(layers: nn.ModuleList, dev: torch.device) -> bool:
 
 def walk_layers(model: nn.Module, dev: torch.device, hidden: torch.Tensor | None = None,
                 kwargs: dict[str, Any] | None = None, batch_size: int = 8,
-                progress: Callable[[Any], Any] | None = None, check: bool = False):
+                progress: Callable[[Any], Any] | None = None, check: bool = False,
+                overlap: bool | offload.Streams | None = None, moves: offload.MoveStats | None = None):
     """The walk that compression, model-scope planning and layer-by-layer evaluation share: each decoder
     layer in turn is moved to `dev` and handed to the caller (`for i, layer in walk_layers(...)`); when the
     caller is done with it, `hidden` (every window's input to this layer) is run through the layer as the
-    caller left it, in place, optionally checked for NaN/Inf, and the layer goes back where it lives."""
+    caller left it, in place, optionally checked for NaN/Inf, and the layer goes back where it lives.
+
+    Offloaded layers on CUDA move behind the computation (offload.py: the next layer comes in and the
+    previous one goes home while the caller works); `overlap` False moves them in line, a Streams object
+    forces that mover whatever the devices (tests), None follows offload.OVERLAP. `moves` collects what
+    the mover did. The results are the same either way.
+
+    A streamed model (streaming.py: its layers are read from safetensors when needed) has a
+    `layer_store`: each layer gets its host tensors from it before the move and gives them back after."""
     layers = decoder_layers(model)
-    home = home_of(layers)
+    store = layer_store(model)
+    home = torch.device("cpu") if store is not None else home_of(layers)
     items = enumerate(layers) if progress is None else progress(enumerate(layers))
-    for i, layer in items:
-        layer.to(dev)
-        yield i, layer
+
+    def after(i: int, layer: nn.Module) -> None:
         if hidden is not None:
             forward_layer(layer, hidden, kwargs, batch_size, hidden)
             if check:
                 check_finite(hidden, f"output of decoder layer {i}")
+
+    streams = offload.streams_for(home, dev, overlap)
+    if streams is not None:
+        yield from offload.overlapped_walk(layers, dev, streams, items, after, moves, store)
+        return
+    for i, layer in items:
+        if store is not None:
+            store.load(i, layer)
+        layer.to(dev)
+        yield i, layer
+        after(i, layer)
         layer.to(home)
+        if store is not None:
+            store.unload(i, layer, True)
+
+
+def layer_store(model: nn.Module) -> offload.LayerHome | None:
+    """Where a streamed model's decoder layers are read from and written to (streaming.py), else None."""
+    return getattr(model, "layer_store", None)
 
 
 def linear_name(model: nn.Module, layer: int, name: str) -> str:

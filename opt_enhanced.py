@@ -9,33 +9,36 @@ give the same perplexities. Perplexity is then measured on WikiText-2, PTB and C
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import shutil
 import sys
-import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Callable, NoReturn
+from typing import Any, NoReturn
 
 import torch
 import torch.nn as nn
 
 import datautils
 import bitalloc
+import distributed
 from bitalloc import MixedPrecision
-from compression_stats import LinearStats, code_bits, format_summary, storage_bits, summarize
+from compression_stats import LinearStats, code_bits, format_summary, plot_bits, storage_bits, summarize
 import compressed_tensors_export
 import lm_eval_tasks
+import streaming
 from compressed_tensors_export import export_compressed_tensors
-from export import atomic_directory, export_compressed
+from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, decoder_layers, decoder_of,
                         find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name,
-                        load_opt, logits_from_hidden, model_source, resident, walk_layers)
+                        layer_store, load_opt, logits_from_hidden, model_source, resident, walk_layers)
 from quant import QuantGrid
+from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path, set_stage,
+                     sigterm_interrupts, write_json)
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
@@ -60,7 +63,7 @@ class RunConfig:
     maxlayer: int = 1000
     prune_only: str = ""
     invert: bool = False
-    act_order: bool = False
+    act_order: bool | None = None  # None: on for mixed precision without sparsity or groups (solve_in_act_order)
     save: str = ""
     export: str = ""
     export_format: str = "packed"
@@ -79,13 +82,18 @@ class RunConfig:
     bit_scope: str = "layer"
     bit_granularity: str = "channel"
     clip: str = "auto"
+    clip_objective: str = "uncompensated"  # chosen on validation text (BENCHMARKS.md)
+    clip_min: float = 0.8  # chosen on validation text (BENCHMARKS.md)
     error_shrinkage: float = 0.75
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
     batch_size: int = 8
     device: str = ""
+    gpus: int = 0  # processes, one GPU each (0: as launched, one without torchrun)
     offload: bool = False
+    stream: bool = False
+    overlap: bool = True  # offloaded layers move behind the computation (offload.py); False: in line
     no_fused: bool = False
     quiet: bool = False
 
@@ -107,6 +115,14 @@ class RunConfig:
         return torch.float16 if self.export and self.export_format == "compressed-tensors" else None
 
     @property
+    def solve_in_act_order(self) -> bool:
+        """Whether the solver takes columns in act order: as asked, else only in mixed runs without sparsity or
+        groups, where it wins on validation text (BENCHMARKS.md); with sparsity it moves the masks and loses."""
+        if self.act_order is not None:
+            return self.act_order
+        return self.mixed and not self.prune.active and self.groupsize <= 0 and not (self.gmp or self.nearest)
+
+    @property
     def clipped(self) -> bool:
         """Whether widths get a shrunk range: asked for, or by default in mixed runs."""
         return self.clip == "width" or (self.clip == "auto" and self.mixed)
@@ -115,7 +131,8 @@ class RunConfig:
     def mixed_precision(self) -> MixedPrecision:
         return MixedPrecision(self.target_avg_bits, tuple(self.bit_options), self.bit_method, self.bit_scope,
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
-                              clip=self.clipped)
+                              clip=self.clipped, clip_factors=bitalloc.clip_factors(self.clip_min),
+                              clip_objective=self.clip_objective)
 
     def selected(self, layer: int, name: str) -> bool:
         """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""
@@ -123,201 +140,83 @@ class RunConfig:
         return inside != self.invert
 
 
-class UsageError(ValueError):
-    """A bad flag combination: reported in one line before any work starts."""
+# ---------------------------------------------------------------- loading
 
 
-def check_outputs(cfg: RunConfig) -> None:
-    """Every output path, before any work: its parent is an existing, writable directory; a directory
-    output (--save, --export) is new or an empty directory; a file output (--results_json, --plot) is not
-    a directory; no two outputs share a path."""
-    seen: dict[str, str] = {}
-    outputs = [("--save", cfg.save, True), ("--export", cfg.export, True),
-               ("--results_json", cfg.results_json, False), ("--plot", cfg.plot, False)]
-    example = {"--results_json": "run.json", "--plot": "bits.png"}
-    for flag, path, is_dir in outputs:
-        if not path:
-            continue
-        full = os.path.abspath(os.path.expanduser(path))
-        if full in seen:
-            raise UsageError(f"{seen[full]} and {flag} both name {path}: they need different paths")
-        seen[full] = flag
-        parent = os.path.dirname(full)
-        if not os.path.isdir(parent):
-            what = "is not a directory" if os.path.exists(parent) else "does not exist"
-            raise UsageError(f"{flag} {path}: its parent {parent} {what}; create the directory or choose another path")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise UsageError(f"{flag} {path}: cannot write into {parent} (permission denied); choose a writable "
-                             f"directory")
-        if is_dir and os.path.exists(full) and not os.path.isdir(full):
-            raise UsageError(f"{flag} {path} is a file; {flag} writes a directory: choose a new directory path")
-        if is_dir and os.path.isdir(full) and os.listdir(full):
-            raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
-        if not is_dir and os.path.isdir(full):
-            raise UsageError(f"{flag} {path} is a directory; give a file path (e.g. "
-                             f"{os.path.join(path, example[flag])})")
-        if not is_dir and os.path.exists(full) and not os.access(full, os.W_OK):
-            raise UsageError(f"{flag} {path} exists and is read-only; choose another file")
+def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
+    """Keep the whole model on the GPU when it fits easily; otherwise (or when asked) only the
+    layer at hand: the decoder layers stay on the CPU and visit the GPU one at a time. "Fits" counts
+    the memory the model already holds there as free (bench.py --synthetic builds it on the GPU).
+    A streamed model's layers are read when needed (streaming.py): only the rest goes to `dev`."""
+    if layer_store(model) is not None:
+        for m in decoder_io_modules(model):
+            m.to(dev)
+        return
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    there = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == dev.type)
+    if dev.type == "cuda" and size > 0.4 * (torch.cuda.mem_get_info(dev)[0] + there):
+        offload = True
+    if offload and dev.type == "cuda":
+        decoder_layers(model).to("cpu")
+        for m in decoder_io_modules(model):
+            m.to(dev)
+    else:
+        model.to(dev)
 
 
-def validate(cfg: RunConfig) -> None:
-    """Reject what would waste a run, each with the fix in the message."""
-    if not cfg.model.strip():
-        raise UsageError("the model argument is empty: give a local model directory (e.g. ../shared/models/opt-mini) "
-                         "or a hub id (facebook/opt-125m)")
-    for flag, value in (("--sparsity", cfg.sparsity), ("--percdamp", cfg.percdamp),
-                        ("--target_avg_bits", cfg.target_avg_bits), ("--error_shrinkage", cfg.error_shrinkage)):
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"{flag} {value} is not a finite number; see --help for its range and default")
-    if cfg.percdamp < 0:
-        raise UsageError(f"--percdamp {cfg.percdamp} is negative: give a fraction (>= 0) of the mean Hessian "
-                         f"diagonal, e.g. 0.01")
-    if cfg.groupsize == 0 or cfg.groupsize < -1:
-        raise UsageError(f"--groupsize {cfg.groupsize}: give a positive number of columns (e.g. 128), "
-                         f"or -1 for one grid per row")
-    if cfg.seqlen < 0 or cfg.seqlen == 1:
-        raise UsageError(f"--seqlen {cfg.seqlen}: a window needs at least 2 tokens (one predicts the next); "
-                         f"give --seqlen 2 or more (0 = the model's max positions)")
-    if not cfg.eval:
-        raise UsageError(f"--eval is empty: name at least one of {','.join(datautils.DATASETS)}")
-    unknown = [d for d in cfg.eval if d not in datautils.DATASETS]
-    if unknown:
-        raise UsageError(f"unknown dataset {unknown[0]!r} in --eval; choose from {', '.join(datautils.DATASETS)}")
-    weights = cfg.importance_weights
-    if len(weights) != 5 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) == 0:
-        raise UsageError(f"--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1 "
-                         f"(got {','.join(map(str, weights))})")
-    if cfg.mixed and len(set(cfg.bit_options)) == 1:
-        raise UsageError(f"--bit_options {cfg.bit_options[0]} with --target_avg_bits is uniform quantization: drop "
-                         f"--target_avg_bits (--wbits {cfg.bit_options[0]} alone does that) or give several widths, "
-                         f"e.g. 2,3,4,6,8")
-    if cfg.prunen > 0 and cfg.prunem > 0 and cfg.blocksize > 0 and cfg.blocksize % cfg.prunem:
-        divisors = [m for m in range(cfg.prunen + 1, min(cfg.blocksize, 16) + 1) if cfg.blocksize % m == 0]
-        instead = f"an M that divides {cfg.blocksize} (e.g. {divisors[0]}) or " if divisors else ""
-        raise UsageError(f"--prunem {cfg.prunem} does not divide --blocksize {cfg.blocksize}: N:M groups restart at "
-                         f"every block; choose {instead}a --blocksize that is a multiple of {cfg.prunem}")
-    if cfg.device:
-        try:
-            dev = torch.device(cfg.device)
-        except RuntimeError:
-            raise UsageError(f"--device {cfg.device!r} is not a device: use cpu or cuda (or cuda:0, ...)") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {cfg.device}: CUDA is not available here; use --device cpu "
-                             f"(or leave --device out)")
-    if cfg.cache_dir and os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
-        raise UsageError(f"--cache_dir {cfg.cache_dir} is a file, not a directory; choose a directory "
-                         f"(it is created if absent)")
-    check_outputs(cfg)
-    if not 0 <= cfg.sparsity < 1:
-        raise UsageError(f"--sparsity {cfg.sparsity} is outside [0, 1)")
-    if (cfg.prunen > 0) != (cfg.prunem > 0):
-        raise UsageError("give both --prunen and --prunem (e.g. --prunen 2 --prunem 4)")
-    if cfg.prunen and (cfg.prunen < 0 or cfg.prunen >= cfg.prunem):
-        raise UsageError(f"--prunen {cfg.prunen} must be below --prunem {cfg.prunem}")
-    if cfg.prunen and cfg.sparsity:
-        raise UsageError("use either --sparsity or --prunen/--prunem, not both")
-    if sorted(set(cfg.bit_options)) != sorted(cfg.bit_options) or not cfg.bit_options or \
-            any(b < 1 or b > 16 for b in cfg.bit_options):
-        raise UsageError(f"--bit_options {','.join(map(str, cfg.bit_options))}: give distinct widths in 1..16, "
-                         f"e.g. 2,3,4,6,8")
-    if cfg.wbits != 16 and cfg.wbits not in cfg.bit_options:
-        raise UsageError(f"--wbits {cfg.wbits} is not among --bit_options {','.join(map(str, cfg.bit_options))} (or 16 = off)")
-    if cfg.mixed:
-        if not cfg.quantize:
-            raise UsageError("--target_avg_bits needs a base width: add --wbits 4 (or another of --bit_options)")
-        lo, hi = min(cfg.bit_options), max(cfg.bit_options)
-        if not lo <= cfg.target_avg_bits <= hi:
-            raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} is outside [{lo}, {hi}] of --bit_options")
-        if cfg.nearest:
-            raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
-        if cfg.offload and cfg.bit_scope == "model":
-            raise UsageError("--bit_scope model needs the whole model on the GPU; "
-                             "drop --offload or use --bit_scope layer")
-    if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
-            cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width"):
-        raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
-                         "--clip auto|none|width")
-    if not 0 <= cfg.error_shrinkage <= 1:
-        raise UsageError(f"--error_shrinkage {cfg.error_shrinkage} is outside [0, 1]")
-    if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope == "model"):
-        raise UsageError("--bit_granularity linear allocates one width per Linear across the whole model: "
-                         "add --target_avg_bits and --bit_scope model")
-    if cfg.clip == "width" and (not cfg.quantize or cfg.nearest or cfg.gmp):
-        raise UsageError("--clip width chooses ranges from calibration statistics: it needs --wbits and "
-                         "no --nearest/--gmp")
-    if cfg.nearest and not cfg.quantize:
-        raise UsageError("--nearest rounds weights: add --wbits 4 (or another width)")
-    if cfg.nearest and cfg.prune.active and not cfg.gmp:
-        raise UsageError("--nearest does not prune; add --gmp for magnitude pruning or drop --nearest")
-    if cfg.act_order and (cfg.prunen or cfg.groupsize > 0 or cfg.gmp or cfg.nearest):
-        raise UsageError("--act-order works with unstructured sparsity and per-row grids only; drop it or "
-                         "--prunen/--prunem/--groupsize/--gmp/--nearest")
-    if cfg.gmp and not cfg.prune.active:
-        raise UsageError("--gmp needs --sparsity (or --prunen/--prunem)")
-    if cfg.gmp and cfg.quantize and not cfg.nearest:
-        raise UsageError("--gmp is a pruning baseline; add --nearest to also round weights")
-    if cfg.dataset not in datautils.DATASETS:
-        raise UsageError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(datautils.DATASETS)}")
-    for flag, value, example in (("--nsamples", cfg.nsamples, 128), ("--blocksize", cfg.blocksize, 128),
-                                 ("--batch_size", cfg.batch_size, 8)):
-        if value < 1:
-            raise UsageError(f"{flag} {value}: give a positive number (e.g. {example})")
-    model_source(cfg.model)  # a missing local model directory fails here
-    if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
-        raise UsageError(f"--data_dir {cfg.data_dir} is not a directory; give the folder holding "
-                         f"wikitext-2-raw/, ptb/ and c4/ (e.g. ../shared/data)")
-    if cfg.plot:
-        if not cfg.quantize:
-            raise UsageError("--plot shows bit-widths: add --wbits (and --target_avg_bits for mixed precision)")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plot needs matplotlib: pip install matplotlib")
-    if cfg.export and not cfg.quantize:
-        raise UsageError("--export packs quantized weights: add --wbits (or use --save for an fp16 checkpoint)")
-    if cfg.lm_eval:
-        if not lm_eval_tasks.available():
-            raise UsageError("--lm_eval needs lm-evaluation-harness: pip install lm-eval accelerate")
-        if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
-            raise UsageError(f"--lm_eval_include {cfg.lm_eval_include} is not a directory of task definitions")
-        if cfg.offload:
-            raise UsageError("--lm_eval runs the whole model on the device; drop --offload")
-        unknown = lm_eval_tasks.unknown_tasks(cfg.lm_eval, cfg.lm_eval_include or None)
-        if unknown:
-            raise UsageError(f"--lm_eval: unknown task(s) {', '.join(unknown)}; give lm-eval task names, or local "
-                             "task definitions with --lm_eval_include DIR")
-    if cfg.export_format == "compressed-tensors":
-        if not compressed_tensors_export.available():
-            raise UsageError("--export_format compressed-tensors needs the compressed-tensors package: "
-                             "pip install 'compressed-tensors>=0.17'")
-        if cfg.mixed and cfg.bit_granularity != "linear":
-            raise UsageError("compressed-tensors stores one width per Linear: add --bit_granularity linear "
-                             "--bit_scope model, or use --export_format packed for per-channel widths")
-        widths = cfg.bit_options if cfg.mixed else [cfg.wbits]
-        if max(widths) > compressed_tensors_export.MAX_WIDTH:
-            raise UsageError(f"compressed-tensors packs 1..{compressed_tensors_export.MAX_WIDTH} bits; "
-                             f"choose widths up to {compressed_tensors_export.MAX_WIDTH}")
+def use_device(dev: torch.device) -> None:
+    """Make a numbered GPU (cuda:LOCAL_RANK under torchrun) the calling thread's current device: Triton
+    launches its kernels there whatever device the tensors are on, and a tensor made on plain "cuda"
+    lands there (on GPU 0 it would cost every process a CUDA context on GPU 0)."""
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+
+
+def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
+    """Load and place the model, then run the solver once on a small random matrix with the run's
+    settings, so that CUDA, cuBLAS/cuSOLVER and the Triton kernel have started (about 1.5 s on
+    first use in a process) before the first real layer needs them."""
+    use_device(dev)  # this runs on a thread of its own
+    if cfg.stream:  # the compressed layers wait beside the --save target, so that saving only links them
+        model = streaming.load_streamed(cfg.model, os.path.dirname(os.path.abspath(cfg.save)) if cfg.save else None)
+    else:
+        model = load_opt(cfg.model, cfg.quiet)
+    place(model, dev, cfg.offload)
+    if dev.type == "cuda" and not (cfg.gmp or cfg.nearest) and (cfg.prune.active or cfg.quantize):
+        columns = model.config.hidden_size
+        x = torch.randn(4 * columns, columns, generator=torch.Generator().manual_seed(0)).to(dev, torch.float16)
+        weight = torch.randn(columns, columns, generator=torch.Generator().manual_seed(1)).to(dev)
+        solver = SparseGPT(columns, dev)
+        solver.add_batch(x)
+        grid = QuantGrid.for_weight(weight, cfg.sym, cfg.groupsize) if cfg.quantize else None
+        bits = torch.full((columns,), cfg.wbits, dtype=torch.int64) if cfg.quantize else None
+        solver.fasterprune(weight, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, None, not cfg.no_fused)
+        torch.cuda.synchronize(dev)
+    return model
+
+
+def max_positions(model: str) -> int:
+    """The model's context length, from its config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_source(model)).max_position_embeddings
+
+
+def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dict[str, torch.Tensor]]:
+    """(tokenizer, seqlen, calibration windows, evaluation ids by dataset)."""
+    with stage("tokenize", gpu=False):
+        positions = max_positions(cfg.model)
+        seqlen = cfg.seqlen or positions
+        if seqlen > positions:
+            raise UsageError(f"--seqlen {seqlen} exceeds the model's {positions} positions")
+        tokenizer = datautils.get_tokenizer(cfg.model)
+        calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
+                                                cfg.data_dir, cfg.cache_dir)
+        eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
+    return tokenizer, seqlen, calibration, eval_ids
 
 
 # ---------------------------------------------------------------- compression
-
-
-class Log:
-    """Progress lines and bars, silenced by --quiet."""
-
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def __call__(self, msg: str) -> None:
-        if not self.quiet:
-            print(msg, flush=True)
-
-    def bar(self, iterable, total: int, desc: str):
-        """A progress bar over a long loop (layers, evaluation windows); the bare iterable when quiet."""
-        if self.quiet:
-            return iterable
-        from tqdm import tqdm
-        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
@@ -334,13 +233,14 @@ def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, k
     finally:
         for h in handles:
             h.remove()
+    distributed.reduce_hessians(solvers)  # under torchrun `hidden` is this rank's shard of the windows
     return solvers
 
 
 def channel_costs(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig,
                   row_weight: torch.Tensor | None = None) -> bitalloc.ChannelCosts:
     """The mixed-precision costs of one Linear's channels, with the run's solve settings."""
-    order = solve_order(solver.xtx.diagonal(), cfg.act_order)
+    order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
     return bitalloc.channel_costs(weight, solver, cfg.prune, cfg.wbits, cfg.sym, cfg.groupsize, cfg.blocksize,
                                   cfg.percdamp, order, cfg.mixed_precision, row_weight)
 
@@ -390,6 +290,9 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, hidden: torc
             h.remove()
         for p in trainable:
             p.requires_grad_(True)
+    for name in sorted(sums):  # under torchrun each rank saw its shard of the windows
+        distributed.total(sums[name])
+    tokens = int(distributed.total(torch.tensor(tokens, device=dev)).item())
     return {name: s / tokens for name, s in sums.items()}
 
 
@@ -459,6 +362,7 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
             costs[name] = channel_costs(linears[n].weight.data, solvers[shared.get(n, n)], cfg, sensitivity[name])
             groups.setdefault(shared.get(n, n), []).append(name)  # q/k/v (and gate/up): one width
         tied += groups.values()
+        del solvers  # as in compress: not alive while the next layer's are built
         log(f"costed layer {i + 1}/{nlayers}")
     mp = cfg.mixed_precision
     if mp.granularity == "linear":
@@ -479,11 +383,17 @@ class Compressed:
 @torch.no_grad()
 def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: torch.device, log: Log) -> Compressed:
     """The sequential loop: each layer is calibrated on the outputs of the already-compressed
-    layers before it, compressed, and its compressed outputs feed the next layer."""
+    layers before it, compressed, and its compressed outputs feed the next layer.
+
+    Under torchrun (distributed.py) each rank runs its shard of the calibration windows through the
+    layers, the Hessians are summed across ranks, each rank solves the Linears `distributed.assign`
+    gives it, and the compressed weights and their records are shared before the layer's outputs
+    are computed."""
     nlayers = len(decoder_layers(model))
     shared = decoder_of(model).shared_input
     out = Compressed([], {}, {})
     calibrated = not (cfg.gmp or cfg.nearest)
+    calibration = distributed.shard(calibration)
     hidden = kwargs = None
     if calibrated:
         hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
@@ -491,20 +401,34 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     if cfg.mixed and cfg.bit_scope == "model":
         plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
     budget = StoredBits(cfg.mixed_precision.drift_correction if cfg.mixed else False)
+    parallel, rank = distributed.size() > 1, distributed.rank()
     progress = lambda items: log.bar(items, nlayers, "compress layers")
-    for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size, progress, check=True):
+    for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size, progress, check=True,
+                                overlap=None if cfg.overlap else False):
         tick = time.time()
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
         solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared, linear_name(model, i, "")) \
             if calibrated and chosen else {}
+        owners = distributed.assign(chosen, linears, shared) if parallel else {}
+        solvers = {k: s for k, s in solvers.items() if owners.get(k, rank) == rank}
+        solved: dict[str, tuple[LinearStats, QuantGrid | None, torch.Tensor | None, float]] = {}
         for n in chosen:
-            name = linear_name(model, i, n)
-            stats, grid, bits = compress_linear(name, linears[n], solvers.get(shared.get(n, n)), plan, budget,
-                                                cfg)
+            if owners.get(n, rank) != rank:
+                continue
+            spend = budget.side_by_side(first=n == chosen[0]) if parallel else budget
+            carried = spend.carried
+            solved[n] = (*compress_linear(linear_name(model, i, n), linears[n], solvers.get(shared.get(n, n)), plan,
+                                          spend, cfg), spend.carried - carried)
+        if parallel:
+            solved = distributed.share_linears(chosen, linears, owners, solved)
+            budget.carried += sum(drift for *_, drift in solved.values())
+        for n in chosen:
+            stats, grid, bits, _ = solved[n]
             out.stats.append(stats)
             if grid is not None:
-                out.grids[name], out.bits[name] = grid, bits
+                out.grids[stats.name], out.bits[stats.name] = grid, bits
+        del solvers  # this layer's Hessians and factors (~20 GB at OPT-175B width) go before the next layer's come
         log(f"layer {i + 1}/{nlayers} compressed in {time.time() - tick:.2f}s")
     return out
 
@@ -529,6 +453,14 @@ class StoredBits:
     def spent(self, planned_bits: float, stored_bits: int) -> None:
         self.carried += planned_bits - stored_bits
 
+    def side_by_side(self, first: bool) -> "StoredBits":
+        """A Linear's own budget when the Linears of a layer are solved on several processes at once, where
+        none knows what the others store until the layer is done: what was carried into the layer goes to
+        its first Linear, and each Linear's drift is added to this budget after the layer. So the
+        carry reaches the next layer instead of the next Linear: the model's stored average stays on
+        target, and the result does not depend on how many processes there are or who solved what."""
+        return StoredBits(self.carry_drift, self.carried if first else 0.0)
+
 
 def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan: BitPlan, budget: StoredBits,
                     cfg: RunConfig) -> tuple[LinearStats, QuantGrid | None, torch.Tensor | None]:
@@ -552,9 +484,9 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
             bits = bitalloc.allocate(costs, cfg.mixed_precision, budget.linear_target(planned, kept))
         predicted = code_bits(costs.size.round().long(), bits)  # what the allocator expects to store
     elif cfg.quantize and cfg.clipped and solver is not None:
-        order = solve_order(solver.xtx.diagonal(), cfg.act_order)
+        order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
         rounding = solver.rounding_model(W, cfg.prune, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp, order)
-        shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], bitalloc.CLIP_FACTORS)
+        shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], bitalloc.clip_factors(cfg.clip_min), cfg.clip_objective)
     error, damping = 0.0, cfg.percdamp
     grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink, cfg.scale_dtype) if cfg.quantize else None
     if solver is None:  # the baselines: magnitude pruning and/or round-to-nearest
@@ -564,7 +496,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
             grid = QuantGrid.rounding(Q, cfg.sym, cfg.groupsize, scale_dtype=cfg.scale_dtype)
             Q = grid.round(Q, bits)
     else:
-        order = solve_order(solver.xtx.diagonal(), cfg.act_order)
+        order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order, bits)
         result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order, not cfg.no_fused)
         Q, mask, error, damping = result.weight, result.mask, result.error, solver.inverse_factor(cfg.percdamp, order).percdamp
     linear.weight.data = Q.to(W.dtype)
@@ -594,26 +526,28 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.devi
     """The SparseGPT protocol: non-overlapping seqlen windows, mean token NLL per window, exp of the mean.
 
     Whole-model batched forwards when the model sits on the device (the default there), else
-    layer by layer over all windows, for models that only visit the GPU one layer at a time."""
+    layer by layer over all windows, for models that only visit the GPU one layer at a time.
+    Under torchrun each rank takes its shard of the windows and the NLL sums are added."""
     nwin = ids.numel() // seqlen
-    windows = ids[0, : nwin * seqlen].view(nwin, seqlen)
+    windows = distributed.shard(ids[0, : nwin * seqlen].view(nwin, seqlen))
+    mine = len(windows)
     layers = decoder_layers(model)
     if whole_model is None:
         whole_model = resident(layers, dev)
     nll = torch.zeros((), dtype=torch.float64, device=dev)
     if whole_model:
-        for start in log.bar(range(0, nwin, batch_size), -(-nwin // batch_size), f"evaluate {nwin} windows"):
+        for start in log.bar(range(0, mine, batch_size), -(-mine // batch_size), f"evaluate {nwin} windows"):
             batch = windows[start:start + batch_size].to(dev)
             nll += window_nll(model(batch, use_cache=False).logits, batch)
-        return math.exp(nll.item() / nwin)
+        return math.exp(distributed.total(nll).item() / nwin)
     hidden, kwargs = capture_layer_inputs(model, windows, dev, batch_size)
     progress = lambda items: log.bar(items, len(layers), f"evaluate {nwin} windows, layer by layer")
     for _ in walk_layers(model, dev, hidden, kwargs, batch_size, progress):
         pass  # the walk itself runs each layer over the windows
-    for start in range(0, nwin, batch_size):
+    for start in range(0, mine, batch_size):
         logits = logits_from_hidden(model, hidden[start:start + batch_size])
         nll += window_nll(logits, windows[start:start + batch_size].to(dev))
-    return math.exp(nll.item() / nwin)
+    return math.exp(distributed.total(nll).item() / nwin)
 
 
 def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -627,151 +561,25 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- the run
 
 
-def plot_bits(stats: list[LinearStats], path: str, options: list[int]) -> None:
-    """Heatmap of average bits per module (rows) and decoder layer (columns), written atomically.
-    The colour scale spans the bit options, so that a layer at its target does not look extreme."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = {}
-    for s in stats:
-        if s.bits_per_column is not None:
-            layer, module = s.name.split("layers.", 1)[1].split(".", 1)
-            cells[(module, int(layer))] = s.avg_bits
-    modules = list(dict.fromkeys(m for m, _ in cells))
-    layers = sorted({i for _, i in cells})
-    grid = [[cells.get((m, i), float("nan")) for i in layers] for m in modules]
-    fig, ax = plt.subplots(figsize=(3.5 + 0.6 * len(layers), 1.2 + 0.45 * len(modules)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto", vmin=min(options), vmax=max(options))
-    for r, row in enumerate(grid):
-        for c, v in enumerate(row):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_xticks(range(len(layers)), [str(i) for i in layers])
-    ax.set_yticks(range(len(modules)), modules)
-    ax.set_xlabel("decoder layer")
-    ax.set_title("average bits per weight")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+def run_device(cfg: RunConfig) -> torch.device:
+    """Where layers are processed: --device, else CUDA if present; under torchrun each process's own GPU."""
+    return distributed.local_device(torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
 
 
-def place(model: nn.Module, dev: torch.device, offload: bool = False) -> None:
-    """Keep the whole model on the GPU when it fits easily; otherwise (or when asked) only the
-    layer at hand: the decoder layers stay on the CPU and visit the GPU one at a time. "Fits" counts
-    the memory the model already holds there as free (bench.py --synthetic builds it on the GPU)."""
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    there = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == dev.type)
-    if dev.type == "cuda" and size > 0.4 * (torch.cuda.mem_get_info(dev)[0] + there):
-        offload = True
-    if offload and dev.type == "cuda":
-        decoder_layers(model).to("cpu")
-        for m in decoder_io_modules(model):
-            m.to(dev)
-    else:
-        model.to(dev)
-
-
-def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
-    """Load and place the model, then run the solver once on a small random matrix with the run's
-    settings, so that CUDA, cuBLAS/cuSOLVER and the Triton kernel have started (about 1.5 s on
-    first use in a process) before the first real layer needs them."""
-    model = load_opt(cfg.model, cfg.quiet)
-    place(model, dev, cfg.offload)
-    if dev.type == "cuda" and not (cfg.gmp or cfg.nearest) and (cfg.prune.active or cfg.quantize):
-        columns = model.config.hidden_size
-        x = torch.randn(4 * columns, columns, generator=torch.Generator().manual_seed(0)).to(dev, torch.float16)
-        weight = torch.randn(columns, columns, generator=torch.Generator().manual_seed(1)).to(dev)
-        solver = SparseGPT(columns, dev)
-        solver.add_batch(x)
-        grid = QuantGrid.for_weight(weight, cfg.sym, cfg.groupsize) if cfg.quantize else None
-        bits = torch.full((columns,), cfg.wbits, dtype=torch.int64) if cfg.quantize else None
-        solver.fasterprune(weight, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, None, not cfg.no_fused)
-        torch.cuda.synchronize(dev)
-    return model
-
-
-class Background:
-    """Call `fn` on a thread now; `result()` waits for it and returns its value or raises its exception."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._call, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _call(self, fn: Callable[[], Any]) -> None:
-        try:
-            self._value = fn()
-        except BaseException as e:  # handed to the caller of result()
-            self._error = e
-
-    def join(self) -> None:
-        """Wait for `fn` to end, whatever its outcome."""
-        self._thread.join()
-
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-# The stage a run is in, for the one-line message of an unexpected error or an interruption (main).
-STAGE = {"now": "checking the flags"}
-
-
-class Stages:
-    """Wall time and peak GPU memory of each stage of a run (for --results_json and bench.py)."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.dev = dev
-        self.seconds: dict[str, float] = {}
-        self.peak_gib: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str, gpu: bool = True):
-        """Time a stage; `gpu=False` for CPU-only stages, which then neither wait for nor measure the GPU."""
-        cuda = gpu and self.dev.type == "cuda"
-        STAGE["now"] = name
-        if cuda:
-            torch.cuda.synchronize(self.dev)
-            torch.cuda.reset_peak_memory_stats(self.dev)
-        tick = time.time()
-        yield
-        if cuda:
-            torch.cuda.synchronize(self.dev)
-            self.peak_gib[name] = torch.cuda.max_memory_allocated(self.dev) / 2 ** 30
-        self.seconds[name] = time.time() - tick
-
-
-def max_positions(model: str) -> int:
-    """The model's context length, from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_source(model)).max_position_embeddings
-
-
-def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dict[str, torch.Tensor]]:
-    """(tokenizer, seqlen, calibration windows, evaluation ids by dataset)."""
-    with stage("tokenize", gpu=False):
-        positions = max_positions(cfg.model)
-        seqlen = cfg.seqlen or positions
-        if seqlen > positions:
-            raise UsageError(f"--seqlen {seqlen} exceeds the model's {positions} positions")
-        tokenizer = datautils.get_tokenizer(cfg.model)
-        calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
-                                                cfg.data_dir, cfg.cache_dir)
-        eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
-    return tokenizer, seqlen, calibration, eval_ids
+def device_memory(dev: torch.device) -> int:
+    """Bytes of memory the device has in all (the GPU's, or the machine's for the CPU)."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
-    log = Log(cfg.quiet)
+    """One run: load, compress, evaluate, write the outputs. Under torchrun every rank runs it (inside
+    `distributed.session`); only rank 0 logs, runs --lm_eval and writes outputs, and the others return
+    their perplexities and timings alone."""
+    log = Log(cfg.quiet or not distributed.is_main())
     dev = run_device(cfg)
+    use_device(dev)
     # fp32 matmuls in full precision, as the published scripts set them (a run, not an import, decides this)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -794,7 +602,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     done = Compressed([], {}, {})
     with stage("compress"):
         if cfg.prune.active or cfg.quantize:
-            done = compress(model, calibration, cfg, dev, log)
+            with streaming.writing(model):  # a streamed model keeps its compressed layers (in files)
+                done = compress(model, calibration, cfg, dev, log)
     stats = done.stats
 
     ppl: dict[str, float] = {}
@@ -802,6 +611,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         for d, ids in eval_ids.items():
             ppl[d] = perplexity(model, ids, seqlen, dev, cfg.batch_size, log=log)
             log(f"{d} perplexity: {ppl[d]:.3f}")
+    if not distributed.is_main():  # no collective follows: rank 0 alone reports and writes
+        return {"perplexity": ppl, "timings": dict(stage.seconds, total=time.time() - started)}
     scores = {}
     if cfg.lm_eval:
         with stage("lm_eval"):
@@ -817,7 +628,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             raise RuntimeError("quantization was requested but no channel was quantized (check --minlayer/--maxlayer/--prune_only)")
         log(format_summary(summary, stats))
     check_results(cfg, ppl, summary, stats)
-    STAGE["now"] = "writing the outputs"
+    set_stage("writing the outputs")
     results = {
         "config": asdict(cfg),
         "perplexity": ppl,
@@ -826,6 +637,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "summary": None if summary is None else asdict(summary),
         "layers": [asdict(s) for s in stats],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "processes": distributed.size(),
     }
     if scores:
         results["lm_eval"] = scores
@@ -854,23 +666,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 TARGET_TOLERANCE = 0.05
 
 
-def nonfinite_path(obj: Any, path: str = "") -> str | None:
-    """Where in a JSON-like object the first NaN or infinity is (e.g. `layers[3].error`), or None."""
-    if isinstance(obj, float):
-        return None if math.isfinite(obj) else (path or "value")
-    if isinstance(obj, dict):
-        items = ((f"{path}.{k}" if path else str(k), v) for k, v in obj.items())
-    elif isinstance(obj, (list, tuple)):
-        items = ((f"{path}[{i}]", v) for i, v in enumerate(obj))
-    else:
-        return None
-    for where, value in items:
-        found = nonfinite_path(value, where)
-        if found is not None:
-            return found
-    return None
-
-
 def check_results(cfg: RunConfig, ppl: dict[str, float], summary, stats: list[LinearStats]) -> None:
     """Results that cannot be right fail the run (RuntimeError, exit 1) before any output is written:
     a NaN or infinite perplexity, a mixed run whose stored average is off its target, a NaN statistic."""
@@ -890,39 +685,227 @@ def check_results(cfg: RunConfig, ppl: dict[str, float], summary, stats: list[Li
         raise RuntimeError(f"the results hold NaN/inf at {where}; nothing was written")
 
 
-def _file_mode(directory: bool = False) -> int:
-    """What open() or mkdir() would give under the umask: mkstemp/mkdtemp create owner-only entries."""
-    return (0o777 if directory else 0o666) & ~datautils.umask()
-
-
-def write_json(obj: Any, path: str) -> None:
-    """Atomic: a reader never sees half a file; the temporary file goes if writing fails or is interrupted.
-    Strict JSON: a NaN or infinity anywhere is a RuntimeError naming where."""
-    where = nonfinite_path(obj)
-    if where is not None:
-        raise RuntimeError(f"{path} would hold NaN/inf at {where}; not written")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-        os.chmod(tmp, _file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_model(model: nn.Module, tokenizer, results: dict[str, Any], path: str) -> None:
-    """A from_pretrained-loadable checkpoint, written whole or not at all, with the umask's modes (safetensors
-    writes the weights owner-only)."""
-    STAGE["now"] = f"writing --save {path}"
+    """A from_pretrained-loadable checkpoint, written whole or not at all."""
+    set_stage(f"writing --save {path}")
     with atomic_directory(path, prefix=".save-") as tmp:
-        model.to("cpu").save_pretrained(tmp)
+        if layer_store(model) is not None:
+            streaming.save_streamed(model, tmp)
+        else:
+            model.to("cpu").save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(results, os.path.join(tmp, "compression.json"))
-    STAGE["now"] = "writing the outputs"
+    set_stage("writing the outputs")
+
+
+# ---------------------------------------------------------------- the command line
+
+
+class UsageError(ValueError):
+    """A bad flag combination: reported in one line before any work starts."""
+
+
+def check_outputs(cfg: RunConfig) -> None:
+    """Every output path, before any work: its parent is an existing, writable directory; a directory
+    output (--save, --export) is new or an empty directory; a file output (--results_json, --plot) is not
+    a directory; no two outputs share a path."""
+    seen: dict[str, str] = {}
+    outputs = [("--save", cfg.save, True), ("--export", cfg.export, True),
+               ("--results_json", cfg.results_json, False), ("--plot", cfg.plot, False)]
+    example = {"--results_json": "run.json", "--plot": "bits.png"}
+    for flag, path, is_dir in outputs:
+        if not path:
+            continue
+        full = os.path.abspath(os.path.expanduser(path))
+        if full in seen:
+            raise UsageError(f"{seen[full]} and {flag} both name {path}: they need different paths")
+        seen[full] = flag
+        parent = os.path.dirname(full)
+        if not os.path.isdir(parent):
+            what = "is not a directory" if os.path.exists(parent) else "does not exist"
+            raise UsageError(f"{flag} {path}: its parent {parent} {what}; create the directory or choose another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"{flag} {path}: cannot write into {parent} (permission denied); choose a writable "
+                             f"directory")
+        if is_dir and os.path.exists(full) and not os.path.isdir(full):
+            raise UsageError(f"{flag} {path} is a file; {flag} writes a directory: choose a new directory path")
+        if is_dir and os.path.isdir(full) and os.listdir(full):
+            raise UsageError(f"{flag} {path} exists and is not empty; choose a new directory")
+        if not is_dir and os.path.isdir(full):
+            raise UsageError(f"{flag} {path} is a directory; give a file path (e.g. "
+                             f"{os.path.join(path, example[flag])})")
+        if not is_dir and os.path.exists(full) and not os.access(full, os.W_OK):
+            raise UsageError(f"{flag} {path} exists and is read-only; choose another file")
+
+
+def check_processes(cfg: RunConfig) -> None:
+    """--gpus, or the processes torchrun started: one GPU each, and a calibration window each."""
+    launched = distributed.launched_size()
+    if cfg.gpus < 0:
+        raise UsageError(f"--gpus {cfg.gpus}: give a number of processes (GPUs), e.g. 2")
+    if launched > 1 and cfg.gpus not in (0, launched):
+        raise UsageError(f"--gpus {cfg.gpus} under a launcher that started {launched} processes: drop --gpus "
+                         f"(torchrun's --nproc_per_node decides)")
+    processes = max(launched, cfg.gpus)
+    if processes <= 1:
+        return
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type not in ("cuda", "cpu"):
+        raise UsageError(f"--device {cfg.device}: several processes run on CUDA (NCCL) or the CPU (gloo) only")
+    if dev.type == "cuda" and dev.index is not None:
+        raise UsageError(f"--device {cfg.device} with {processes} processes: each takes its own GPU "
+                         f"(cuda:LOCAL_RANK); give --device cuda")
+    if dev.type == "cuda" and processes > torch.cuda.device_count():
+        raise UsageError(f"{processes} processes need {processes} GPUs; this host has {torch.cuda.device_count()}")
+    if cfg.nsamples < processes:
+        raise UsageError(f"--nsamples {cfg.nsamples}: each of the {processes} processes needs a calibration "
+                         f"window; give at least {processes}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject what would waste a run, each with the fix in the message."""
+    if not cfg.model.strip():
+        raise UsageError("the model argument is empty: give a local model directory (e.g. ../shared/models/opt-mini) "
+                         "or a hub id (facebook/opt-125m)")
+    for flag, value in (("--sparsity", cfg.sparsity), ("--percdamp", cfg.percdamp),
+                        ("--target_avg_bits", cfg.target_avg_bits), ("--error_shrinkage", cfg.error_shrinkage),
+                        ("--clip_min", cfg.clip_min)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} {value} is not a finite number; see --help for its range and default")
+    if cfg.percdamp < 0:
+        raise UsageError(f"--percdamp {cfg.percdamp} is negative: give a fraction (>= 0) of the mean Hessian "
+                         f"diagonal, e.g. 0.01")
+    if cfg.groupsize == 0 or cfg.groupsize < -1:
+        raise UsageError(f"--groupsize {cfg.groupsize}: give a positive number of columns (e.g. 128), "
+                         f"or -1 for one grid per row")
+    if cfg.seqlen < 0 or cfg.seqlen == 1:
+        raise UsageError(f"--seqlen {cfg.seqlen}: a window needs at least 2 tokens (one predicts the next); "
+                         f"give --seqlen 2 or more (0 = the model's max positions)")
+    if not cfg.eval:
+        raise UsageError(f"--eval is empty: name at least one of {','.join(datautils.DATASETS)}")
+    unknown = [d for d in cfg.eval if d not in datautils.DATASETS]
+    if unknown:
+        raise UsageError(f"unknown dataset {unknown[0]!r} in --eval; choose from {', '.join(datautils.DATASETS)}")
+    weights = cfg.importance_weights
+    if len(weights) != 5 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) == 0:
+        raise UsageError(f"--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1 "
+                         f"(got {','.join(map(str, weights))})")
+    if cfg.mixed and len(set(cfg.bit_options)) == 1:
+        raise UsageError(f"--bit_options {cfg.bit_options[0]} with --target_avg_bits is uniform quantization: drop "
+                         f"--target_avg_bits (--wbits {cfg.bit_options[0]} alone does that) or give several widths, "
+                         f"e.g. 2,3,4,6,8")
+    if cfg.prunen > 0 and cfg.prunem > 0 and cfg.blocksize > 0 and cfg.blocksize % cfg.prunem:
+        divisors = [m for m in range(cfg.prunen + 1, min(cfg.blocksize, 16) + 1) if cfg.blocksize % m == 0]
+        instead = f"an M that divides {cfg.blocksize} (e.g. {divisors[0]}) or " if divisors else ""
+        raise UsageError(f"--prunem {cfg.prunem} does not divide --blocksize {cfg.blocksize}: N:M groups restart at "
+                         f"every block; choose {instead}a --blocksize that is a multiple of {cfg.prunem}")
+    if cfg.device:
+        try:
+            dev = torch.device(cfg.device)
+        except RuntimeError:
+            raise UsageError(f"--device {cfg.device!r} is not a device: use cpu or cuda (or cuda:0, ...)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {cfg.device}: CUDA is not available here; use --device cpu "
+                             f"(or leave --device out)")
+    check_processes(cfg)
+    if cfg.cache_dir and os.path.exists(cfg.cache_dir) and not os.path.isdir(cfg.cache_dir):
+        raise UsageError(f"--cache_dir {cfg.cache_dir} is a file, not a directory; choose a directory "
+                         f"(it is created if absent)")
+    check_outputs(cfg)
+    if not 0 <= cfg.sparsity < 1:
+        raise UsageError(f"--sparsity {cfg.sparsity} is outside [0, 1)")
+    if (cfg.prunen > 0) != (cfg.prunem > 0):
+        raise UsageError("give both --prunen and --prunem (e.g. --prunen 2 --prunem 4)")
+    if cfg.prunen and (cfg.prunen < 0 or cfg.prunen >= cfg.prunem):
+        raise UsageError(f"--prunen {cfg.prunen} must be below --prunem {cfg.prunem}")
+    if cfg.prunen and cfg.sparsity:
+        raise UsageError("use either --sparsity or --prunen/--prunem, not both")
+    if sorted(set(cfg.bit_options)) != sorted(cfg.bit_options) or not cfg.bit_options or \
+            any(b < 1 or b > 16 for b in cfg.bit_options):
+        raise UsageError(f"--bit_options {','.join(map(str, cfg.bit_options))}: give distinct widths in 1..16, "
+                         f"e.g. 2,3,4,6,8")
+    if cfg.wbits != 16 and cfg.wbits not in cfg.bit_options:
+        raise UsageError(f"--wbits {cfg.wbits} is not among --bit_options {','.join(map(str, cfg.bit_options))} (or 16 = off)")
+    if cfg.mixed:
+        if not cfg.quantize:
+            raise UsageError("--target_avg_bits needs a base width: add --wbits 4 (or another of --bit_options)")
+        lo, hi = min(cfg.bit_options), max(cfg.bit_options)
+        if not lo <= cfg.target_avg_bits <= hi:
+            raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} is outside [{lo}, {hi}] of --bit_options")
+        if cfg.nearest:
+            raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
+        if (cfg.offload or cfg.stream) and cfg.bit_scope == "model":
+            raise UsageError("--bit_scope model needs the whole model on the GPU; "
+                             "drop --offload/--stream or use --bit_scope layer")
+    if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
+            cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width") or \
+            cfg.clip_objective not in ("solver", "uncompensated"):
+        raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
+                         "--clip auto|none|width, --clip_objective solver|uncompensated")
+    if not 0 < cfg.clip_min <= 1:
+        raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
+                         f"the clip search tries, e.g. 0.5")
+    if not 0 <= cfg.error_shrinkage <= 1:
+        raise UsageError(f"--error_shrinkage {cfg.error_shrinkage} is outside [0, 1]")
+    if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope == "model"):
+        raise UsageError("--bit_granularity linear allocates one width per Linear across the whole model: "
+                         "add --target_avg_bits and --bit_scope model")
+    if cfg.clip == "width" and (not cfg.quantize or cfg.nearest or cfg.gmp):
+        raise UsageError("--clip width chooses ranges from calibration statistics: it needs --wbits and "
+                         "no --nearest/--gmp")
+    if cfg.nearest and not cfg.quantize:
+        raise UsageError("--nearest rounds weights: add --wbits 4 (or another width)")
+    if cfg.nearest and cfg.prune.active and not cfg.gmp:
+        raise UsageError("--nearest does not prune; add --gmp for magnitude pruning or drop --nearest")
+    if cfg.act_order and (cfg.prunen or cfg.groupsize > 0 or cfg.gmp or cfg.nearest):
+        raise UsageError("--act-order works with unstructured sparsity and per-row grids only; drop it or "
+                         "--prunen/--prunem/--groupsize/--gmp/--nearest")
+    if cfg.gmp and not cfg.prune.active:
+        raise UsageError("--gmp needs --sparsity (or --prunen/--prunem)")
+    if cfg.gmp and cfg.quantize and not cfg.nearest:
+        raise UsageError("--gmp is a pruning baseline; add --nearest to also round weights")
+    if cfg.dataset not in datautils.DATASETS:
+        raise UsageError(f"unknown dataset {cfg.dataset!r}; choose from {', '.join(datautils.DATASETS)}")
+    for flag, value, example in (("--nsamples", cfg.nsamples, 128), ("--blocksize", cfg.blocksize, 128),
+                                 ("--batch_size", cfg.batch_size, 8)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: give a positive number (e.g. {example})")
+    model_source(cfg.model)  # a missing local model directory fails here
+    if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
+        raise UsageError(f"--data_dir {cfg.data_dir} is not a directory; give the folder holding "
+                         f"wikitext-2-raw/, ptb/ and c4/ (e.g. ../shared/data)")
+    if cfg.plot:
+        if not cfg.quantize:
+            raise UsageError("--plot shows bit-widths: add --wbits (and --target_avg_bits for mixed precision)")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib")
+    if cfg.export and not cfg.quantize:
+        raise UsageError("--export packs quantized weights: add --wbits (or use --save for an fp16 checkpoint)")
+    if cfg.stream and cfg.export:
+        raise UsageError("--export packs the whole model in host memory; with --stream use --save (then export "
+                         "from the saved directory)")
+    if cfg.lm_eval:
+        if not lm_eval_tasks.available():
+            raise UsageError("--lm_eval needs lm-evaluation-harness: pip install lm-eval accelerate")
+        if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
+            raise UsageError(f"--lm_eval_include {cfg.lm_eval_include} is not a directory of task definitions")
+        if cfg.offload or cfg.stream:
+            raise UsageError("--lm_eval runs the whole model on the device; drop --offload/--stream")
+        unknown = lm_eval_tasks.unknown_tasks(cfg.lm_eval, cfg.lm_eval_include or None)
+        if unknown:
+            raise UsageError(f"--lm_eval: unknown task(s) {', '.join(unknown)}; give lm-eval task names, or local "
+                             "task definitions with --lm_eval_include DIR")
+    if cfg.export_format == "compressed-tensors":
+        if not compressed_tensors_export.available():
+            raise UsageError("--export_format compressed-tensors needs the compressed-tensors package: "
+                             "pip install 'compressed-tensors>=0.17'")
+        if cfg.mixed and cfg.bit_granularity != "linear":
+            raise UsageError("compressed-tensors stores one width per Linear: add --bit_granularity linear "
+                             "--bit_scope model, or use --export_format packed for per-channel widths")
+        widths = cfg.bit_options if cfg.mixed else [cfg.wbits]
+        if max(widths) > compressed_tensors_export.MAX_WIDTH:
+            raise UsageError(f"compressed-tensors packs 1..{compressed_tensors_export.MAX_WIDTH} bits; "
+                             f"choose widths up to {compressed_tensors_export.MAX_WIDTH}")
 
 
 def _list(kind):
@@ -981,7 +964,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--prune_only", type=str, help="compress only Linear layers whose name contains this")
     p.add_argument("--invert", action="store_true", help="invert the layer selection")
     p.add_argument("--act-order", "--act_order", dest="act_order", action="store_true",
-                   help="solve columns in order of decreasing activation energy (GPTQ's --act-order)")
+                   help="solve columns in order of decreasing activation energy (GPTQ's --act-order); default: on "
+                        "for mixed precision without sparsity or groups, off otherwise")
+    p.add_argument("--no-act-order", "--no_act_order", dest="act_order", action="store_false",
+                   help="solve columns in stored order, also in mixed runs without sparsity")
     p.add_argument("--save", type=str, help="write a from_pretrained checkpoint to this (new) directory")
     p.add_argument("--export", type=str, help="write the packed form (bit-packed codes, bit map, ranges, mask) to this (new) directory")
     p.add_argument("--export_format", choices=("packed", "compressed-tensors"), help="--export's format: our packed one (export.load_compressed reads it), or compressed-tensors "
@@ -1003,6 +989,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--bit_granularity", choices=("channel", "linear"), help="one width per input channel, or per Linear (q/k/v tied; needs --bit_scope model)")
     p.add_argument("--clip", choices=("auto", "none", "width"), help="shrink each width's range by the factor (per Linear) that minimises the estimated "
                         "error; auto = on for mixed precision, off (the reference grid) for uniform runs")
+    p.add_argument("--clip_objective", choices=("solver", "uncompensated"),
+                   help="the loss that picks each width's range factor: the solver's estimate, or each column's error "
+                        "at its full cost H_jj")
+    p.add_argument("--clip_min", type=float, help="the smallest range factor the clip search tries (1 = min-max only)")
     p.add_argument("--error_shrinkage", type=float, help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
                         "text the calibration data does not excite)")
     p.add_argument("--bit_options", type=_list(int), help="allowed widths, e.g. 2,3,4,6,8")
@@ -1010,8 +1000,15 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--eval", type=_list(str), help="datasets to report perplexity on")
     p.add_argument("--batch_size", type=int, help="windows per forward pass")
     p.add_argument("--device", type=str, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--gpus", type=int, help="run as this many processes, one GPU each, through torch.distributed.run (the same as "
+                   "torchrun --standalone --nproc_per_node N opt_enhanced.py ...); with --device cpu, CPU processes")
     p.add_argument("--offload", action="store_true",
                    help="keep the model on the CPU, one decoder layer on the GPU at a time (automatic when it does not fit)")
+    p.add_argument("--no-overlap", "--no_overlap", dest="overlap", action="store_false",
+                   help="move offloaded layers to the GPU and back in line instead of behind the computation")
+    p.add_argument("--stream", action="store_true",
+                   help="read each decoder layer from the local safetensors checkpoint when it is needed and write it "
+                        "back compressed (host memory: a few layers, not the model); implies --offload")
     p.add_argument("--no_fused", action="store_true",
                    help="plain PyTorch column loop even on CUDA (the fused Triton kernel is the default there)")
     p.add_argument("--quiet", action="store_true", help="only errors and the final results")
@@ -1021,23 +1018,6 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(**args)
 
 
-class Interrupted(BaseException):
-    """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt, so that every temporary
-    output is removed on the way out (the writers clean up on BaseException)."""
-
-
-def run_device(cfg: RunConfig) -> torch.device:
-    """--device, else the GPU when there is one."""
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def device_memory(dev: torch.device) -> int:
-    """Bytes of memory the device has in all (the GPU's, or the machine's for the CPU)."""
-    if dev.type == "cuda":
-        return torch.cuda.get_device_properties(dev).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def check_model(cfg: RunConfig) -> None:
     """The checks that need the model's config and tokenizer but no weights (seconds, before any work):
     a supported family, calibration windows whose layer inputs fit in the device's memory, a tokenizer that fits
@@ -1045,15 +1025,17 @@ def check_model(cfg: RunConfig) -> None:
     answers)."""
     from modelutils import hub_reachable, linear_names, load_config
 
-    STAGE["now"] = "checking the model"
+    set_stage("checking the model")
     config = load_config(cfg.model)
     seqlen = cfg.seqlen or config.max_position_embeddings
     width = 2 if str(config.dtype).endswith("float16") else 4  # (config.torch_dtype would draw a deprecation warning)
-    need, dev = cfg.nsamples * seqlen * config.hidden_size * width, run_device(cfg)
+    windows = -(-cfg.nsamples // distributed.launched_size())  # each process holds its share of the windows
+    need, dev = windows * seqlen * config.hidden_size * width, run_device(cfg)
     if need > device_memory(dev):
         raise UsageError(f"--nsamples {cfg.nsamples} windows of {seqlen} tokens are {need / 2 ** 30:.1f} GiB of layer "
-                         f"inputs (hidden size {config.hidden_size}), more than the {device_memory(dev) / 2 ** 30:.1f} "
-                         f"GiB the {dev.type} has; lower --nsamples (e.g. 128) or --seqlen")
+                         f"inputs (hidden size {config.hidden_size}) per process, more than the "
+                         f"{device_memory(dev) / 2 ** 30:.1f} GiB the {dev.type} has; lower --nsamples (e.g. 128) or "
+                         f"--seqlen")
     if cfg.prune.active or cfg.quantize:
         names = linear_names(config)
         if not any(cfg.selected(i, n) for i, layer in enumerate(names) for n in layer):
@@ -1084,7 +1066,7 @@ def _outputs(cfg: RunConfig | None) -> dict[str, str]:
 
 def _remove_new_outputs(cfg: RunConfig | None, existed: dict[str, bool]) -> None:
     """After a failed or interrupted run: remove what it wrote under the output paths (validated at the
-    start as absent or empty directories, so nothing of the user's goes), and the plot's temporary file."""
+    start as absent or empty directories, so nothing of the user's goes)."""
     for flag, path in _outputs(cfg).items():
         if flag not in existed:  # never validated: leave it alone
             continue
@@ -1097,8 +1079,6 @@ def _remove_new_outputs(cfg: RunConfig | None, existed: dict[str, bool]) -> None
                     shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
         elif not existed[flag] and os.path.isfile(path):
             os.remove(path)
-    if cfg is not None and cfg.plot and os.path.exists(cfg.plot + ".tmp.png"):
-        os.remove(cfg.plot + ".tmp.png")
 
 
 def _one_line(e: BaseException) -> str:
@@ -1110,56 +1090,53 @@ def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 2 a usage error (flags, model, data or output paths: nothing was started);
     1 the run failed (non-finite numbers, results that cannot be right, unexpected errors); 130/143
     interrupted by SIGINT/SIGTERM. Every error is one line on stderr; --debug adds the traceback."""
-    import signal
     import traceback
 
     from modelutils import ModelError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
-    STAGE["now"] = "checking the flags"
-    cfg, existed, previous = None, {}, {}
-
-    def interrupt(signum, frame):
-        # The first signal ends the run; a second (Ctrl-C pressed twice) must not cut the cleanup short.
-        for s in previous:
-            signal.signal(s, signal.SIG_IGN)
-        raise KeyboardInterrupt if signum == signal.SIGINT else Interrupted(signum)
-
-    try:
-        previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: the signals keep their handlers
-        pass
-    try:
+    set_stage("checking the flags")
+    cfg, existed, started = None, {}, False
+    with sigterm_interrupts():
         try:
             cfg = parse_args(argv)
             validate(cfg)
+            if cfg.gpus > 1 and distributed.launched_size() == 1:
+                set_stage(f"running {cfg.gpus} processes")
+                return distributed.launch(cfg.gpus, [os.path.abspath(__file__), *argv])
             existed = {flag: os.path.exists(path) for flag, path in _outputs(cfg).items()}  # dirs: empty ones
             check_model(cfg)
-            results = run(cfg)
+            started = True
+            with distributed.session(run_device(cfg)):
+                results = run(cfg)
+            error = None
         except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
             error, code, message = e, 2, _one_line(e)
+        except distributed.PeerLost as e:
+            error, code, message = e, 1, f"lost contact with the other processes while {current_stage()}: {e}"
         except (FloatingPointError, RuntimeError) as e:
             error, code, message = e, 1, _one_line(e)
         except KeyboardInterrupt as e:
-            error, code, message = e, 130, f"interrupted (SIGINT) while {STAGE['now']}; temporary outputs removed"
+            error, code, message = e, 130, f"interrupted (SIGINT) while {current_stage()}; temporary outputs removed"
         except Interrupted as e:
-            error, code, message = e, 143, f"terminated (SIGTERM) while {STAGE['now']}; temporary outputs removed"
+            error, code, message = e, 143, f"terminated (SIGTERM) while {current_stage()}; temporary outputs removed"
         except Exception as e:
             error, code = e, 1
-            message = f"unexpected {type(e).__name__} while {STAGE['now']}: {_one_line(e)} (rerun with --debug " \
+            message = f"unexpected {type(e).__name__} while {current_stage()}: {_one_line(e)} (rerun with --debug " \
                       f"for the traceback)"
-        else:
-            error = None
-        if error is not None:
+        rank, processes = distributed.launched_rank(), distributed.launched_size()
+        if error is not None:  # still inside: a second signal during this cleanup is ignored
             if debug:
                 traceback.print_exception(error)
-            _remove_new_outputs(cfg, existed)
-            print(f"error: {message}", file=sys.stderr)
+            if rank == 0:  # the one writer
+                _remove_new_outputs(cfg, existed)
+            if rank == 0 or started:  # the checks before the run give every process the same answer: said once
+                where = f"rank {rank}: " if processes > 1 and started else ""
+                print(f"error: {where}{message}", file=sys.stderr)
             return code
-    finally:  # after the cleanup
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    if rank != 0:
+        return 0
     ppl = results["perplexity"]
     print(json.dumps({"perplexity": {k: round(v, 3) for k, v in ppl.items()}, "timings": results["timings"],
                       "outputs": _outputs(cfg)}))

@@ -115,12 +115,21 @@ class QuantGrid:
         maxq = (2 ** bits - 1).float()
         xmin, xmax = self.xmin[:, group], self.xmax[:, group]
         if self.shrink:
-            factor = torch.ones(MAX_WIDTH + 1, device=bits.device)
-            for b, f in self.shrink.items():
-                factor[b] = f
+            factor = torch.tensor([self.shrink.get(b, 1.0) for b in range(MAX_WIDTH + 1)], device=bits.device)
             xmin, xmax = xmin * factor[bits], xmax * factor[bits]
         scale, zero = grid_params(xmin, xmax, maxq, self.sym, self.scale_dtype)
         return scale, zero, maxq
+
+    def round_at(self, w: torch.Tensor, width: int, shrink: float = 1.0) -> torch.Tensor:
+        """Every value of w to the nearest point of its grid at one width, the range scaled by `shrink`:
+        `round` with the grid parameters computed per group instead of per column, for the error model,
+        which rounds whole matrices at one width many times."""
+        maxq = torch.tensor(float(2 ** width - 1), device=self.xmin.device)
+        scale, zero = grid_params(self.xmin * shrink, self.xmax * shrink, maxq, self.sym, self.scale_dtype)
+        if self.grouped:
+            group = torch.arange(w.shape[1], device=self.xmin.device) // self.groupsize
+            scale, zero = scale[:, group], zero[:, group]
+        return quantize(w, scale, zero, maxq)
 
     def codes_of(self, w: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes, scale, zero) of the values w (rows, columns) on this grid, computed where w lives

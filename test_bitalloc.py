@@ -15,6 +15,7 @@ import opt_enhanced as oe
 from bitalloc import allocate_budget, allocate_quantile, channel_metrics, combine_metrics
 from compression_stats import summarize
 from quant import QuantGrid
+from runtime import Log
 from sparsegpt_enhanced import PruneSpec, SparseGPT
 
 OPTIONS = [2, 3, 4, 6, 8]
@@ -62,7 +63,7 @@ def compress_tiny(model, **kw) -> list:
     cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=8, blocksize=16, **kw)
     oe.validate(cfg)
     calib = torch.randint(0, 64, (8, 64), generator=torch.Generator().manual_seed(1))
-    return oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True)).stats
+    return oe.compress(model, calib, cfg, torch.device("cpu"), Log(True)).stats
 
 
 # ---------------------------------------------------------------- metrics
@@ -318,3 +319,63 @@ def test_mask_drift_is_reported_and_zero_without_sparsity(monkeypatch):
                                  bit_method="budget"))
     assert nm.mask_drift_bits != 0.0 and abs(recorder.stored_average() - 3.0) <= 0.02
     assert summarize(compress_tiny(tiny_model(), prunen=2, prunem=4, wbits=3)).mask_drift_bits is None  # uniform
+
+
+# ---------------------------------------------------------------- solve order and clip range defaults
+
+
+def test_act_order_with_mixed_widths_solves_a_coarse_channel_before_a_fine_one_of_the_same_energy():
+    from sparsegpt_enhanced import solve_order
+    energy = torch.tensor([1.0, 8.0, 8.0, 2.0, 64.0])
+    assert solve_order(energy, False) is None
+    assert solve_order(energy, True).tolist() == [4, 1, 2, 3, 0]
+    assert solve_order(energy, True, torch.full((5,), 3)).tolist() == [4, 1, 2, 3, 0]  # one width: act order
+    # keys H_jj 4^-b: 1/16, 8/256, 8/16, 2/16, 64/4096: the loud 2-bit channel first, the 6-bit one last
+    bits = torch.tensor([2, 4, 2, 2, 6])
+    assert solve_order(energy, True, bits).tolist() == [2, 3, 0, 1, 4]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--wbits", "4", "--target_avg_bits", "4"], True),  # mixed without sparsity or groups: on
+    (["--wbits", "4", "--target_avg_bits", "4", "--no-act-order"], False),
+    (["--wbits", "4", "--target_avg_bits", "4", "--sparsity", "0.5"], False),
+    (["--wbits", "4", "--target_avg_bits", "4", "--groupsize", "16"], False),
+    (["--wbits", "4"], False),  # uniform runs keep the reference order
+    (["--wbits", "4", "--act-order"], True),
+    (["--wbits", "4", "--sparsity", "0.5", "--act-order"], True),
+])
+def test_act_order_default_is_on_only_for_mixed_runs_without_sparsity_or_groups(flags, expected):
+    cfg = oe.parse_args(["model", "c4", *flags])
+    oe.validate(cfg)
+    assert cfg.solve_in_act_order is expected
+
+
+def test_clip_search_stops_at_clip_min():
+    assert bitalloc.clip_factors(0.8) == (1.0, 0.95, 0.9, 0.85, 0.8)
+    assert bitalloc.clip_factors(1.0) == (1.0,)
+    cfg = oe.parse_args(["model", "c4", "--wbits", "3", "--target_avg_bits", "3"])
+    assert min(cfg.mixed_precision.clip_factors) == 0.8
+    assert oe.parse_args(["model", "c4", "--clip_min", "0.5"]).mixed_precision.clip_factors == bitalloc.CLIP_FACTORS
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(oe.UsageError):
+            oe.validate(oe.parse_args(["model", "c4", "--wbits", "3", "--target_avg_bits", "3", "--clip_min", bad]))
+
+
+def test_uncompensated_clip_objective_weighs_each_columns_error_by_its_full_cost():
+    torch.manual_seed(0)
+    x = torch.randn(256, 32) * torch.linspace(0.1, 5, 32)
+    solver = solver_for(x)
+    W = torch.randn(16, 32)
+    W[:, 31] *= 4  # the loudest channel holds each row's extreme weights: clamping them costs H_jj each
+    model = solver.rounding_model(W, PruneSpec(), False, -1)
+    factors = bitalloc.clip_factors(0.5)
+    H = torch.diag(solver.hessian)
+    for b in (2, 3, 4):
+        grid = QuantGrid.rounding(W, False)
+        full_cost = {f: float((((W - grid.round_at(W, b, f)) ** 2).sum(0) * H).sum()) for f in factors}
+        best = min(full_cost, key=full_cost.get)
+        shrink, losses = bitalloc.clip_ranges(model, [b], factors, "uncompensated")
+        assert shrink.get(b, 1.0) == best
+        assert torch.equal(losses[b], model.loss(b, best))  # the allocators still get the solver's loss
+    assert bitalloc.choose_shrink(model, [2, 3, 4], factors, "uncompensated") != \
+        bitalloc.choose_shrink(model, [2, 3, 4], factors, "solver")

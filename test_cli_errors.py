@@ -23,6 +23,7 @@ import datautils
 import modelutils
 import opt_enhanced as oe
 from conftest import tiny_model, write_data, write_tokenizer
+from runtime import nonfinite_path, write_json
 
 QUICK = ["--nsamples", "2", "--seqlen", "32", "--quiet", "--device", "cpu", "--eval", "ptb"]
 
@@ -528,9 +529,9 @@ def test_allocation_off_target_fails(tiny_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_results_json_never_holds_nan(tmp_path):
-    assert oe.nonfinite_path({"a": [1.0, {"b": float("inf")}]}) == "a[1].b"
+    assert nonfinite_path({"a": [1.0, {"b": float("inf")}]}) == "a[1].b"
     with pytest.raises(RuntimeError, match=r"a\[1\]\.b"):
-        oe.write_json({"a": [1.0, {"b": float("nan")}]}, str(tmp_path / "r.json"))
+        write_json({"a": [1.0, {"b": float("nan")}]}, str(tmp_path / "r.json"))
     assert os.listdir(tmp_path) == []
 
 
@@ -587,7 +588,7 @@ def test_signal_while_writing_cleans_up(tiny_dir, tmp_path, capsys, monkeypatch,
 def test_second_signal_during_the_cleanup_is_ignored(tiny_dir, tmp_path, capsys, monkeypatch, signum, code):
     """Ctrl-C pressed twice: the second arrives while the half-written checkpoint is being removed, and
     must not stop that removal (nor print a traceback)."""
-    import export
+    import runtime
     from transformers import PreTrainedModel
 
     real_save, real_rmtree = PreTrainedModel.save_pretrained, shutil.rmtree
@@ -602,7 +603,7 @@ def test_second_signal_during_the_cleanup_is_ignored(tiny_dir, tmp_path, capsys,
         time.sleep(0.2)  # delivered here, if it is not ignored
         real_rmtree(path, *a, **kw)
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
-    monkeypatch.setattr(export.shutil, "rmtree", impatient)
+    monkeypatch.setattr(runtime.shutil, "rmtree", impatient)  # the atomic writer's cleanup
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     got, out = run_cli(*tiny_dir, tmp_path)
     assert got == code and {s: signal.getsignal(s) for s in before} == before

@@ -9,6 +9,7 @@ import torch
 
 import opt_enhanced as oe
 from conftest import tiny_model
+from runtime import Log
 
 from transformers import AutoModelForCausalLM
 
@@ -25,7 +26,7 @@ def compressed_fp16_model(**flags):
                        export_format="compressed-tensors", **flags)
     oe.validate(cfg)
     calib = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
-    return model, oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True))
+    return model, oe.compress(model, calib, cfg, torch.device("cpu"), Log(True))
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5], ids=["dense", "50%"])

@@ -12,7 +12,9 @@ from transformers import OPTForCausalLM
 
 import opt_enhanced as oe
 from conftest import tiny_model, write_data
+from modelutils import capture_layer_inputs, find_linears, resident
 from quant import QuantGrid, round_to_nearest
+from runtime import Background, Log
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 OPTIONS = [2, 3, 4, 6, 8]
@@ -43,7 +45,7 @@ def grid_codes(Q: torch.Tensor, W: torch.Tensor, bits: torch.Tensor, sym: bool =
 def run_cfg(model, calib, **kw) -> list:
     cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=calib.shape[0], blocksize=16, **kw)
     oe.validate(cfg)
-    return oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True)).stats
+    return oe.compress(model, calib, cfg, torch.device("cpu"), Log(True)).stats
 
 
 # ---------------------------------------------------------------- solver
@@ -179,6 +181,22 @@ def test_round_to_nearest_matches_reference_formula():
     assert torch.equal(round_to_nearest(W, 4, sym=False), expect)
 
 
+def test_one_width_rounding_matches_reference_formula_per_group_with_a_shrunk_range():
+    torch.manual_seed(0)
+    W = torch.randn(6, 10)
+    for groupsize, shrink in ((-1, 1.0), (4, 0.7), (-1, 0.55)):  # 4 on 10 columns: a short last group
+        expect = torch.empty_like(W)
+        for g0 in range(0, 10, groupsize if groupsize > 0 else 10):
+            w = W[:, g0:g0 + (groupsize if groupsize > 0 else 10)]
+            xmin = torch.minimum(w.min(1).values, torch.zeros(6))[:, None] * shrink
+            xmax = torch.maximum(w.max(1).values, torch.zeros(6))[:, None] * shrink
+            scale = (xmax - xmin) / 7
+            zero = torch.round(-xmin / scale)
+            expect[:, g0:g0 + w.shape[1]] = scale * (torch.clamp(torch.round(w / scale) + zero, 0, 7) - zero)
+        grid = QuantGrid.rounding(W, False, groupsize)
+        assert torch.equal(grid.round_at(W, 3, shrink), expect)
+
+
 def test_hessian_diagonal_without_forming_h():
     solver = SparseGPT(12)
     solver.add_batch(torch.randn(50, 12))
@@ -211,7 +229,7 @@ def loud_tiny_model() -> OPTForCausalLM:
     (at the initial scale a layer's output is nearly its input, which hides a layer fed the wrong input)."""
     model = tiny_model()
     with torch.no_grad():
-        for linear in oe.find_linears(model.model.decoder.layers).values():
+        for linear in find_linears(model.model.decoder.layers).values():
             linear.weight.mul_(10)
     return model
 
@@ -220,7 +238,7 @@ def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
     model = loud_tiny_model()
     ids = torch.randint(0, 64, (6, 32))
     before = {n: p.clone() for n, p in model.named_parameters()}
-    hidden, kwargs = oe.capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=4)
+    hidden, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=4)
     fisher = oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("cpu"), batch_size=4)
     assert len(fisher) == 12 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
@@ -238,11 +256,11 @@ def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
 def test_output_sensitivity_of_a_half_precision_model_runs_in_fp32_and_restores_the_weights():
     model = loud_tiny_model().half().float()  # the reference has the fp16 model's weights
     ids = torch.randint(0, 64, (6, 32))
-    hidden, kwargs = oe.capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
+    hidden, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
     reference = oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("cpu"), batch_size=3)
     model.half()
     before = {n: p.clone() for n, p in model.named_parameters()}
-    hidden, kwargs = oe.capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
+    hidden, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
     fisher = oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("cpu"), batch_size=3)
     assert all(p.dtype == torch.float16 and torch.equal(p, before[n]) for n, p in model.named_parameters())
     for name, f in reference.items():  # only the layer-0 inputs are rounded to fp16
@@ -253,7 +271,7 @@ def test_output_sensitivity_refuses_layers_away_from_the_device():
     """With --offload the layers live on the CPU while the run's device is the GPU (here: meta)."""
     model = tiny_model()
     ids = torch.randint(0, 64, (2, 16))
-    hidden, kwargs = oe.capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=2)
+    hidden, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=2)
     with pytest.raises(RuntimeError, match="drop --offload"):
         oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("meta"), batch_size=2)
 
@@ -261,8 +279,8 @@ def test_output_sensitivity_refuses_layers_away_from_the_device():
 def test_resident_ignores_the_device_index():
     """The layers report "cuda:0" where the run asks for "cuda" (here: cpu vs cpu:0); both mean resident."""
     layers = tiny_model().model.decoder.layers
-    assert oe.resident(layers, torch.device("cpu")) and oe.resident(layers, torch.device("cpu", 0))
-    assert not oe.resident(layers, torch.device("meta"))
+    assert resident(layers, torch.device("cpu")) and resident(layers, torch.device("cpu", 0))
+    assert not resident(layers, torch.device("meta"))
 
 
 def test_known_tiny_perplexity_uniform_logits():
@@ -410,9 +428,9 @@ def test_data_errors_come_before_model_errors(tiny_dir, tmp_path, capsys):
 
 
 def test_background_returns_the_value_or_raises_the_error():
-    assert oe.Background(lambda: 42).result() == 42
+    assert Background(lambda: 42).result() == 42
     with pytest.raises(ZeroDivisionError):
-        oe.Background(lambda: 1 / 0).result()
+        Background(lambda: 1 / 0).result()
 
 
 def test_too_little_text(tiny_dir, tmp_path, capsys):

@@ -11,6 +11,7 @@ import export
 import opt_enhanced as oe
 from export import ExportReport, export_compressed, load_compressed, pack_bits, unpack_bits
 from conftest import tiny_model
+from runtime import Log
 
 OPTIONS = [2, 3, 4, 6, 8]
 
@@ -20,7 +21,7 @@ def compressed(model, **kw) -> oe.Compressed:
     cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=8, blocksize=16, **kw)
     oe.validate(cfg)
     calib = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(1))
-    return oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True))
+    return oe.compress(model, calib, cfg, torch.device("cpu"), Log(True))
 
 
 def export_run(model, path, **kw) -> tuple[oe.Compressed, ExportReport]:

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Mistr
 
 import opt_enhanced as oe
 from compression_stats import summarize
-from modelutils import decoder_layers, linear_name
+from modelutils import decoder_layers, find_linears, linear_name
+from runtime import Log
 
 FAMILIES = {
     "llama": LlamaConfig,
@@ -28,7 +29,7 @@ def tiny(kind: str, vocab: int = 64) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for layer in decoder_layers(model):
-            for linear in oe.find_linears(layer).values():
+            for linear in find_linears(layer).values():
                 linear.weight.mul_(4)
     return model
 
@@ -37,7 +38,7 @@ def compress(model, **flags):
     cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=4, blocksize=32, **flags)
     oe.validate(cfg)
     calib = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
-    return oe.compress(model, calib, cfg, torch.device("cpu"), oe.Log(True))
+    return oe.compress(model, calib, cfg, torch.device("cpu"), Log(True))
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))

@@ -4,6 +4,7 @@ The GPU comparisons are skipped without CUDA (CI has Triton but no GPU: test_tri
 the same kernel there, bit for bit, through Triton's CPU interpreter); on a GPU machine run
     python -m pytest -q -s test_kernels.py      # comparisons, one summary line per case
     python test_kernels.py                      # per-block timings, solve_block vs solve_block_fused
+    python test_kernels.py --row-tiles          # per-block timings of one and two rows per thread
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 import kernels
 from quant import QuantGrid
-from sparsegpt_enhanced import PruneSpec, solve_block, unstructured_mask
+from sparsegpt_enhanced import PruneSpec, SparseGPT, solve_block, unstructured_mask
 
 OPTIONS = [2, 3, 4, 6, 8]
 gpu = pytest.mark.skipif(not kernels.is_available(), reason="needs a CUDA device and Triton")
@@ -40,6 +41,28 @@ def test_import_and_supports_without_gpu():
 
 
 # ---------------------------------------------------------------- GPU comparisons
+
+
+# hidden, ffn of OPT shapes, and how many kernel variants a 50% + 4-bit run compiles for them
+OPT_VARIANTS = {"opt-125m": (768, 3072, 1), "opt-1.3b": (2048, 8192, 2), "opt-6.7b": (4096, 16384, 2),
+                "opt-13b": (5120, 20480, 1), "opt-175b": (12288, 49152, 1)}
+
+
+@pytest.mark.parametrize("shape", list(OPT_VARIANTS))
+def test_kernel_variants_a_run_compiles(shape):
+    """Every 128-column block of a decoder layer (q, k, v, out: hidden x hidden; fc1: ffn x hidden;
+    fc2: hidden x ffn; and the load-time warm-up, hidden x hidden) with U as inverse_factor lays it
+    out: one kernel variant, or two where the Linears' rows straddle the row-tile switch at 4096
+    rows (two rows per thread above it), and no more than that for odd row counts or another N."""
+    hidden, ffn, expected = OPT_VARIANTS[shape]
+    solver = SparseGPT(40)
+    solver.add_batch(torch.randn(200, 40))
+    assert solver.inverse_factor(0.01).upper.stride() == (1, 40)  # column-major, as cholesky_ex gives it
+    linears = [(hidden, hidden)] * 5 + [(ffn, hidden), (hidden, ffn)]
+    variants = {kernels.variant(rows, 128, 0, 0, True, True, (1, columns)) for rows, columns in linears}
+    assert len(variants) == expected
+    assert kernels.variant(13, 128, 0, 0, True, True, (1, 48)) == kernels.variant(16, 128, 0, 0, True, True, (1, 48))
+    assert len({kernels.variant(hidden, 128, n, 4, False, True, (1, hidden)) for n in (1, 2, 3)}) == 1  # N of 4
 
 
 def make_block(rows: int, count: int, seed: int, device: str = DEVICE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +221,27 @@ def bench(rows_list=(384, 1536, 12288), count: int = 128, compile_only: bool = F
             print(f"{label:<14} {rows:>6} {t_ref:>15.3f} {t_fused:>9.4f} {t_fm:>14.4f} {t_ref / t_fm:>7.0f}x")
 
 
+def bench_row_tiles(rows_list=(2048, 4096, 8192, 12288, 16384, 49152), count: int = 128) -> None:
+    """Per-block times of the fused kernel (50% + 4-bit) with one and with two rows per thread at
+    the row counts of OPT's Linears: what the switch at 4096 rows (`kernels._default_config`),
+    which costs models from 1.3B to 6.7B a second compilation, buys."""
+    print(f"device: {torch.cuda.get_device_name()}; fused ms per block, count={count}, 50% + 4-bit")
+    print(f"{'rows':>6} {'1 row/thread':>13} {'2 rows/thread':>14} {'default':>8}")
+    for rows in rows_list:
+        W, U = make_block(rows, count, 0)
+        scale, zero, maxq = column_params(W, torch.full((count,), 4))
+        mask = unstructured_mask(W, torch.diag(U), 0.5)
+        one = kernels.launch_config(1, count, 0, 0, True, True)["BLOCK_R"]
+        times = [_time_ms(lambda br=br: kernels.solve_block_fused(W, U, mask, 0, 0, scale, zero, maxq, block_rows=br),
+                          50) for br in (one, 2 * one)]
+        default = kernels.launch_config(rows, count, 0, 0, True, True)["BLOCK_R"]
+        print(f"{rows:>6} {times[0]:>13.4f} {times[1]:>14.4f} {'2' if default == 2 * one else '1':>8}")
+
+
 if __name__ == "__main__":
     if not kernels.is_available():
         sys.exit("needs a CUDA device and Triton")
-    bench(compile_only="--compile-only" in sys.argv)
+    if "--row-tiles" in sys.argv:
+        bench_row_tiles()
+    else:
+        bench(compile_only="--compile-only" in sys.argv)

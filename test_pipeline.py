@@ -14,7 +14,10 @@ import torch
 from transformers import OPTForCausalLM, PreTrainedModel
 
 import opt_enhanced as oe
+import runtime
 from conftest import tiny_model
+from modelutils import find_linears
+from runtime import Log
 
 CPU = torch.device("cpu")
 
@@ -23,7 +26,7 @@ def loud(model: OPTForCausalLM) -> OPTForCausalLM:
     """Decoder weights large enough that every layer changes the residual stream a lot, as trained ones
     do (at the initial scale a layer's output is nearly its input, which hides a layer fed the wrong one)."""
     with torch.no_grad():
-        for linear in oe.find_linears(model.model.decoder.layers).values():
+        for linear in find_linears(model.model.decoder.layers).values():
             linear.weight.mul_(10)
     return model
 
@@ -76,7 +79,7 @@ def test_each_layer_is_calibrated_on_the_compressed_model_hidden_states(kw):
     calib = torch.randint(0, 64, (7, 24), generator=torch.Generator().manual_seed(3))
     seen, handles = record_layer_inputs(model)
     try:
-        oe.compress(model, calib, config(nsamples=7, blocksize=16, batch_size=3, **kw), CPU, oe.Log(True))
+        oe.compress(model, calib, config(nsamples=7, blocksize=16, batch_size=3, **kw), CPU, Log(True))
     finally:
         for h in handles:
             h.remove()
@@ -237,14 +240,14 @@ def fail_in(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
             raise OSError("disk full")
         monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken)
     else:
-        real = oe.write_json
+        real = runtime.write_json
 
         def broken_json(obj, path):
             if path.endswith("compression.json"):
                 Path(path).write_text("{")
                 raise OSError("disk full")
             real(obj, path)
-        monkeypatch.setattr(oe, "write_json", broken_json)
+        monkeypatch.setattr(oe, "write_json", broken_json)  # the name save_model calls
 
 
 @pytest.mark.slow

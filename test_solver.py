@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from quant import QuantGrid
+import sparsegpt_enhanced
 from sparsegpt_enhanced import PruneSpec, SparseGPT
 
 
@@ -230,3 +231,119 @@ def test_inverse_factor_is_the_cholesky_factor_of_the_damped_inverse(scale):
     U = solver.inverse_factor(0.01).upper.double()
     assert torch.equal(U, torch.triu(U)) and (torch.diag(U) > 0).all()
     assert torch.allclose(U.t() @ U, inverse, rtol=1e-3, atol=1e-3 * inverse.abs().max().item())
+
+
+def three_step_factor(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published factor: Cholesky of H, the inverse from it, the upper Cholesky factor of the
+    inverse. (U, diag(H^-1)), in H's dtype."""
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    return torch.linalg.cholesky(inverse, upper=True), torch.diag(inverse)
+
+
+def damped_in_order(xtx: torch.Tensor, ntokens: int, order: torch.Tensor | None, percdamp: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H in solve order with dead channels set to 1 and damped, the dead channels), as the textbook loop does."""
+    H = 2 / ntokens * xtx
+    if order is not None:
+        H = H[order][:, order]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    H += percdamp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    return H, dead
+
+
+def hessian_case(n: int, permuted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Correlated inputs of n channels, two of them never active, and optionally a random solve
+    order, which moves the dead channels away from where they are stored."""
+    X = correlated_inputs(2 * n, n, seed=n).double()
+    X[:, [4, n // 2]] = 0
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(n)) if permuted else None
+    return X, order
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("leaf", [32, None], ids=["recursive", "default leaf"])
+@pytest.mark.parametrize("permuted", [False, True], ids=["stored order", "permuted"])
+@pytest.mark.parametrize("n", [64, 257, 1000])
+def test_one_cholesky_factor_equals_the_three_step_factor(n, permuted, leaf, monkeypatch):
+    """The factor from one Cholesky of the reversed H and a triangular inverse is the published
+    three-step factor: to 1e-10 in float64, to fp32 rounding in fp32 (no less accurate than the
+    three steps against the float64 truth); dead channels are found in solve order."""
+    if leaf is not None:
+        monkeypatch.setattr(sparsegpt_enhanced, "TRIANGULAR_LEAF", leaf)  # recursion down to blocks of 32
+    X, order = hessian_case(n, permuted)
+    H, dead = damped_in_order(X.t() @ X, X.shape[0], order, 0.01)
+    U_true, diag_true = three_step_factor(H)
+
+    exact = SparseGPT(n)
+    exact.xtx, exact.ntokens = X.t() @ X, X.shape[0]  # float64 all the way through
+    factor = exact.inverse_factor(0.01, order)
+    assert factor.upper.dtype == torch.float64 and factor.percdamp == 0.01
+    assert torch.equal(factor.dead, dead) and int(dead.sum()) == 2
+    assert torch.equal(factor.upper, torch.triu(factor.upper))
+    assert relative(factor.upper, U_true) < 1e-10
+    assert relative(factor.inverse_diag, diag_true) < 1e-10
+
+    fp32 = SparseGPT(n)
+    fp32.add_batch(X.float())
+    factor = fp32.inverse_factor(0.01, order)
+    H32, _ = damped_in_order(fp32.xtx, fp32.ntokens, order, 0.01)
+    U_old, diag_old = three_step_factor(H32)
+    assert factor.upper.dtype == torch.float32 and torch.equal(factor.dead, dead)
+    assert relative(factor.upper, U_old) < 2e-5
+    assert relative(factor.inverse_diag, diag_old) < 2e-5
+    U_exact, _ = three_step_factor(H32.double())  # the fp32 H's own factor, exactly
+    assert relative(factor.upper, U_exact) <= 2 * relative(U_old, U_exact) + 1e-7
+
+
+def test_triangular_inverse_in_place():
+    """L^-1 overwrites L, the upper triangle stays exactly zero, whatever the split sizes (odd, 128-aligned)."""
+    g = torch.Generator().manual_seed(7)
+    for n, leaf in [(1, 4), (5, 4), (257, 16), (300, 16), (700, 64)]:
+        L = torch.tril(torch.randn(n, n, generator=g, dtype=torch.float64)) / math.sqrt(n)
+        L.diagonal().copy_(1 + torch.rand(n, generator=g, dtype=torch.float64))
+        expected = torch.linalg.inv(L)
+        out = sparsegpt_enhanced.invert_lower_triangular_(L, leaf)
+        assert out is L and torch.equal(L, torch.tril(L))
+        assert relative(L, expected) < 1e-12
+
+
+def test_an_indefinite_hessian_is_retried_with_more_damping():
+    """Two negative eigenvalues of -0.3 against a mean diagonal of about 1.5: damping 0.01 and 0.1 fail,
+    1.0 succeeds, and the factor is that of H + 1.0 * mean(diag H) * I."""
+    g = torch.Generator().manual_seed(8)
+    Q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g, dtype=torch.float64))
+    eigenvalues = torch.linspace(1, 2, 40, dtype=torch.float64)
+    eigenvalues[[3, 17]] = -0.3
+    H = Q @ torch.diag(eigenvalues) @ Q.t()
+    solver = SparseGPT(40)
+    solver.xtx, solver.ntokens = H.clone(), 2  # H = 2/2 X^T X
+    logs = []
+    factor = solver.inverse_factor(0.01, log=logs.append)
+    assert factor.percdamp == pytest.approx(1.0) and len(logs) == 2 and "not positive definite" in logs[0]
+    damped = H + torch.diag(H).mean() * torch.eye(40, dtype=torch.float64)
+    assert torch.allclose(factor.upper.t() @ factor.upper, torch.linalg.inv(damped), rtol=1e-10, atol=1e-12)
+
+
+def test_a_factor_that_overflows_is_retried():
+    """A pivot of 1e-39 (positive, so the Cholesky factorization accepts it) without damping: its
+    inverse factor entry, 3e19, squares past fp32's range, so the factor is refused and the
+    default damping (0.01) is tried next, as the published code does for a non-finite factor."""
+    solver = SparseGPT(8)
+    solver.xtx, solver.ntokens = torch.diag(torch.tensor([1.0] * 7 + [1e-39])), 2
+    logs = []
+    factor = solver.inverse_factor(0.0, log=logs.append)
+    assert factor.percdamp == 0.01 and len(logs) == 1
+    assert torch.isfinite(factor.upper).all() and torch.isfinite(factor.inverse_diag).all()
+
+
+def test_a_nan_in_the_hessian_leaves_no_factor():
+    X = correlated_inputs(100, 16, seed=9)
+    solver = SparseGPT(16)
+    solver.add_batch(X)
+    solver.xtx[3, 5] = solver.xtx[5, 3] = float("nan")
+    with pytest.raises(RuntimeError, match="singular"):
+        solver.inverse_factor(0.01, log=lambda msg: None)

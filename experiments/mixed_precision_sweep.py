@@ -28,6 +28,9 @@ import torch  # noqa: E402
 
 import datautils  # noqa: E402
 import opt_enhanced as oe  # noqa: E402
+from compression_stats import summarize  # noqa: E402
+from modelutils import load_opt  # noqa: E402
+from runtime import Log, write_json  # noqa: E402
 
 VALIDATION = ("wt2-valid", "ptb-valid", "c4-heldout")
 TEST = oe.EVAL_DATASETS
@@ -72,19 +75,19 @@ def run(args: argparse.Namespace) -> None:
                                  str(seed), "--seqlen", str(seqlen), "--quiet", *flags])
             oe.validate(cfg)
             torch.manual_seed(seed)
-            model = oe.load_opt(args.model, True)
+            model = load_opt(args.model, True)
             oe.place(model, dev)
             calibration = datautils.get_calibration(dataset, tokenizer, cfg.nsamples, seed, seqlen, args.data_dir, cache)
             tick = time.time()
-            compressed = oe.compress(model, calibration, cfg, dev, oe.Log(True))
+            compressed = oe.compress(model, calibration, cfg, dev, Log(True))
             seconds = time.time() - tick
-            summary = oe.summarize(compressed.stats) if cfg.quantize else None
+            summary = summarize(compressed.stats) if cfg.quantize else None
             row = {"name": name, "seed": seed, "dataset": dataset, "flags": flags, "compress_s": seconds,
                    "summary": None if summary is None else summary.__dict__,
                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
             row.update({k: oe.perplexity(model, v, seqlen, dev, 8) for k, v in scored.items()})
             rows.append(row)
-            oe.write_json(rows, args.out)
+            write_json(rows, args.out)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
                               if k not in ("summary", "flags")}), flush=True)
 

@@ -9,6 +9,7 @@ import torch
 
 import datautils
 import opt_enhanced as oe
+from modelutils import load_opt
 
 M, D, C = ".local/opt-mini", ".local/data", "/tmp/c1"
 dev = torch.device("cuda")
@@ -23,7 +24,7 @@ TEXTS = {"wt2-valid": _wt2, "ptb-valid": _ptb, "c4-heldout": _c4h,
 def setup(flags: list[str], seed: int):
     """(cfg, model on the GPU, calibration windows) for one run."""
     cfg = oe.parse_args([M, "c4", "--data_dir", D, "--cache_dir", C, "--seed", str(seed), "--quiet", *flags])
-    model = oe.load_opt(M, True)
+    model = load_opt(M, True)
     oe.place(model, dev)
     return cfg, model, datautils.get_calibration("c4", tok, 128, seed, 2048, D, C)
 
