@@ -4,23 +4,29 @@ Why one thread: the machines have 2 cores and the tests' matrices are tiny. On a
 thread is as fast as two (test_enhanced, test_export, test_solver and test_pipeline: 14.6-15.9 s
 either way); beside one other busy process (a second test run, a CLI run), torch's two threads wait
 on each other: test_enhanced.py and test_export.py took 160-197 s on two threads, 14 s on one.
-Subprocesses that tests start keep torch's default: the test process only waits for them. The test
-command (`pytest -q -n 2`) runs two such single-threaded workers, one per core: 52-55 s instead of 62-72 s.
+The test command (`pytest -q -n 2`) runs two such single-threaded workers, one per core: 52-55 s instead
+of 62-72 s. Subprocesses that tests start get one thread too (OMP_NUM_THREADS, which torch, NumPy and
+their BLAS read at start): while a worker waits for its child, the other worker keeps its own core busy,
+so a two-threaded child oversubscribes the machine. The comparison script (bench.py, 9 runs) took 31 CPU
+seconds on two threads and 10 on one, beside other busy processes.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
-import pytest
-import torch
-from transformers import OPTConfig, OPTForCausalLM
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported; inherited by every subprocess a test starts
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
 
 torch.set_num_threads(1)
 
 # End-to-end tests in modules this file does not own, marked here by node id or file (the rest carry
-# @pytest.mark.slow): the comparison script (eight CLI processes) and lm-evaluation-harness (its import alone
+# @pytest.mark.slow): the comparison script (nine runs in one bench.py process) and lm-evaluation-harness (its import alone
 # takes seconds).
 SLOW_ELSEWHERE = ("test_enhanced.py::test_comparison_script_runs_and_checks_targets", "test_lm_eval.py::")
 
