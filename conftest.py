@@ -8,7 +8,9 @@ The test command (`pytest -q -n 2`) runs two such single-threaded workers, one p
 of 62-72 s. Subprocesses that tests start get one thread too (OMP_NUM_THREADS, which torch, NumPy and
 their BLAS read at start): while a worker waits for its child, the other worker keeps its own core busy,
 so a two-threaded child oversubscribes the machine. The comparison script (bench.py, 9 runs) took 31 CPU
-seconds on two threads and 10 on one, beside other busy processes.
+seconds on two threads and 10 on one, beside other busy processes. For the same reason the Rust
+tokenizers encode batches on one thread (TOKENIZERS_PARALLELISM=false): test_datautils.py took 35-36
+CPU seconds (37-40 s wall) that way and 39-43 (55-77 s) on two threads, beside other busy processes.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import os
 from pathlib import Path
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported; inherited by every subprocess a test starts
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
