@@ -11,6 +11,10 @@ so a two-threaded child oversubscribes the machine. The comparison script (bench
 seconds on two threads and 10 on one, beside other busy processes. For the same reason the Rust
 tokenizers encode batches on one thread (TOKENIZERS_PARALLELISM=false): test_datautils.py took 35-36
 CPU seconds (37-40 s wall) that way and 39-43 (55-77 s) on two threads, beside other busy processes.
+
+torch and transformers are imported where they are used, not at the top: pytest-xdist's controller
+loads this file too, and importing them there (5-6 CPU seconds) delayed the start of the workers,
+which import them again for the tests.
 """
 from __future__ import annotations
 
@@ -18,15 +22,15 @@ import gzip
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from transformers import OPTForCausalLM
 
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported; inherited by every subprocess a test starts
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import OPTConfig, OPTForCausalLM  # noqa: E402
-
-torch.set_num_threads(1)
 
 # End-to-end tests in modules this file does not own, marked here by node id or file (the rest carry
 # @pytest.mark.slow): the comparison script (nine runs in one bench.py process) and lm-evaluation-harness (its import alone
@@ -37,6 +41,10 @@ SLOW_ELSEWHERE = ("test_enhanced.py::test_comparison_script_runs_and_checks_targ
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs (CLI, subprocesses, real data, Triton's interpreter); "
                                        "still in the default run, skip them with -m 'not slow'")
+    if config.getoption("dist", default="no") == "no" or hasattr(config, "workerinput"):  # not xdist's controller
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,6 +60,9 @@ def tiny_model(layers: int = 2, hidden: int = 32, ffn: int = 64, vocab: int = 64
                attn: str | None = None) -> OPTForCausalLM:
     """A random OPT (seed 0), fp32, eval mode. `attn="eager"` makes a layer called without its attention
     mask attend to later tokens (sdpa, the default, would fall back to causal attention by itself)."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
     torch.manual_seed(0)
     extra = {} if attn is None else {"attn_implementation": attn}
     cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
@@ -77,6 +88,8 @@ def write_tokenizer(path: Path) -> None:
 
 def write_data(root: Path, words: int = 4000) -> None:
     """Files laid out like ../shared/data (WikiText-2, PTB, C4), of random words from a small lexicon."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     lexicon = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "with", "it"]
 
