@@ -1,4 +1,5 @@
-"""Shared test setup: one torch thread, the `slow` marker, and tiny OPT models and data built once.
+"""Shared test setup: one torch thread, the `slow` marker, the costliest tests first (and xdist's work
+stealing, so the two workers finish together), and tiny OPT models and data built once.
 
 Why one thread: the machines have 2 cores and the tests' matrices are tiny. On an idle machine one
 thread is as fast as two (test_enhanced, test_export, test_solver and test_pipeline: 14.6-15.9 s
@@ -47,10 +48,40 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+# The costliest tests, costliest first (CPU seconds on the 2-core machine beside other load: the comparison
+# script 8.6, Triton's interpreter 7.0, a second Python process 6.4, PTB's 5 MB tokenized twice 4.8). They
+# run before the other slow tests, which run before the rest, so that no worker is left with a long test
+# at the end while the other one waits.
+COSTLIEST = ("test_enhanced.py::test_comparison_script_runs_and_checks_targets",
+             "test_triton_interpret.py::test_kernel_under_the_triton_interpreter",
+             "test_datautils.py::test_cache_is_shared_with_another_process",
+             "test_datautils.py::test_text_windows_match_the_reference_draw")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.nodeid.startswith(SLOW_ELSEWHERE):
             item.add_marker(pytest.mark.slow)
+
+    def rank(item: pytest.Item) -> int:
+        for k, nodeid in enumerate(COSTLIEST):
+            if item.nodeid.startswith(nodeid):
+                return k
+        return len(COSTLIEST) + (item.get_closest_marker("slow") is None)
+
+    items.sort(key=rank)  # stable: file order within each rank, the same on every worker
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`-n N` (xdist's default --dist load) runs with work stealing: each worker starts on half of the
+    ordered tests and an idle one takes unstarted tests from the other. --dist load hands out chunks
+    of 50 tests at first, so one worker would have got all the costliest ones."""
+    if config.getoption("dist") == "load":
+        from xdist.scheduler import WorkStealingScheduling
+
+        return WorkStealingScheduling(config, log)
+    return None
 
 
 # ---------------------------------------------------------------- tiny models and data
