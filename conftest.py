@@ -1,26 +1,40 @@
-"""Shared test setup: one torch thread, the `slow` marker, and tiny OPT models and data built once.
+"""Shared test setup: one torch thread, the `slow` marker, the costliest tests first (and xdist's work
+stealing, so the two workers finish together), and tiny OPT models and data built once.
 
 Why one thread: the machines have 2 cores and the tests' matrices are tiny. On an idle machine one
 thread is as fast as two (test_enhanced, test_export, test_solver and test_pipeline: 14.6-15.9 s
 either way); beside one other busy process (a second test run, a CLI run), torch's two threads wait
 on each other: test_enhanced.py and test_export.py took 160-197 s on two threads, 14 s on one.
-Subprocesses that tests start keep torch's default: the test process only waits for them. The test
-command (`pytest -q -n 2`) runs two such single-threaded workers, one per core: 52-55 s instead of 62-72 s.
+The test command (`pytest -q -n 2`) runs two such single-threaded workers, one per core: 52-55 s instead
+of 62-72 s. Subprocesses that tests start get one thread too (OMP_NUM_THREADS, which torch, NumPy and
+their BLAS read at start): while a worker waits for its child, the other worker keeps its own core busy,
+so a two-threaded child oversubscribes the machine. The comparison script (bench.py, 9 runs) took 31 CPU
+seconds on two threads and 10 on one, beside other busy processes. For the same reason the Rust
+tokenizers encode batches on one thread (TOKENIZERS_PARALLELISM=false): test_datautils.py took 35-36
+CPU seconds (37-40 s wall) that way and 39-43 (55-77 s) on two threads, beside other busy processes.
+
+torch and transformers are imported where they are used, not at the top: pytest-xdist's controller
+loads this file too, and importing them there (5-6 CPU seconds) delayed the start of the workers,
+which import them again for the tests.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-import torch
-from transformers import OPTConfig, OPTForCausalLM
 
-torch.set_num_threads(1)
+if TYPE_CHECKING:
+    from transformers import OPTForCausalLM
+
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported; inherited by every subprocess a test starts
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 # End-to-end tests in modules this file does not own, marked here by node id or file (the rest carry
-# @pytest.mark.slow): the comparison script (eight CLI processes) and lm-evaluation-harness (its import alone
+# @pytest.mark.slow): the comparison script (nine runs in one bench.py process) and lm-evaluation-harness (its import alone
 # takes seconds).
 SLOW_ELSEWHERE = ("test_enhanced.py::test_comparison_script_runs_and_checks_targets", "test_lm_eval.py::")
 
@@ -28,12 +42,46 @@ SLOW_ELSEWHERE = ("test_enhanced.py::test_comparison_script_runs_and_checks_targ
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs (CLI, subprocesses, real data, Triton's interpreter); "
                                        "still in the default run, skip them with -m 'not slow'")
+    if config.getoption("dist", default="no") == "no" or hasattr(config, "workerinput"):  # not xdist's controller
+        import torch
+
+        torch.set_num_threads(1)
+
+
+# The costliest tests, costliest first (CPU seconds on the 2-core machine beside other load: the comparison
+# script 8.6, Triton's interpreter 7.0, a second Python process 6.4, PTB's 5 MB tokenized twice 4.8). They
+# run before the other slow tests, which run before the rest, so that no worker is left with a long test
+# at the end while the other one waits.
+COSTLIEST = ("test_enhanced.py::test_comparison_script_runs_and_checks_targets",
+             "test_triton_interpret.py::test_kernel_under_the_triton_interpreter",
+             "test_datautils.py::test_cache_is_shared_with_another_process",
+             "test_datautils.py::test_text_windows_match_the_reference_draw")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.nodeid.startswith(SLOW_ELSEWHERE):
             item.add_marker(pytest.mark.slow)
+
+    def rank(item: pytest.Item) -> int:
+        for k, nodeid in enumerate(COSTLIEST):
+            if item.nodeid.startswith(nodeid):
+                return k
+        return len(COSTLIEST) + (item.get_closest_marker("slow") is None)
+
+    items.sort(key=rank)  # stable: file order within each rank, the same on every worker
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`-n N` (xdist's default --dist load) runs with work stealing: each worker starts on half of the
+    ordered tests and an idle one takes unstarted tests from the other. --dist load hands out chunks
+    of 50 tests at first, so one worker would have got all the costliest ones."""
+    if config.getoption("dist") == "load":
+        from xdist.scheduler import WorkStealingScheduling
+
+        return WorkStealingScheduling(config, log)
+    return None
 
 
 # ---------------------------------------------------------------- tiny models and data
@@ -43,6 +91,9 @@ def tiny_model(layers: int = 2, hidden: int = 32, ffn: int = 64, vocab: int = 64
                attn: str | None = None) -> OPTForCausalLM:
     """A random OPT (seed 0), fp32, eval mode. `attn="eager"` makes a layer called without its attention
     mask attend to later tokens (sdpa, the default, would fall back to causal attention by itself)."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
     torch.manual_seed(0)
     extra = {} if attn is None else {"attn_implementation": attn}
     cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=ffn,
@@ -68,6 +119,8 @@ def write_tokenizer(path: Path) -> None:
 
 def write_data(root: Path, words: int = 4000) -> None:
     """Files laid out like ../shared/data (WikiText-2, PTB, C4), of random words from a small lexicon."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     lexicon = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "with", "it"]
 

@@ -10,6 +10,7 @@ import opt_enhanced as oe
 
 from transformers import AutoTokenizer, OPTForCausalLM
 
+import lm_eval_tasks
 from lm_eval_tasks import available
 
 pytestmark = pytest.mark.skipif(not available(), reason="lm-eval or accelerate is not installed")
@@ -81,3 +82,25 @@ def test_unknown_task_is_a_usage_error_before_any_work(tmp_path, tiny_dir, capsy
                     "--results_json", str(tmp_path / "r.json")])
     assert code == 2 and "no_such_task_here" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_quick_check_reads_every_file_of_lm_evals_tasks():
+    """Some tags are defined only in files that YAML definitions include, not named *.yaml (acp_bench: in
+    acpbench's _boolq_cot_2shot_yaml and others). Checked once against lm-eval 0.4.13's index: the scan
+    finds all of its 14,683 names."""
+    found = lm_eval_tasks.written_in_lm_eval(["acp_bench", "hellaswag", "arc_multilingual", "no_such_task_here"])
+    assert found == {"acp_bench", "hellaswag", "arc_multilingual"}
+
+
+def test_names_found_in_lm_evals_files_are_decided_by_the_index(tmp_path, monkeypatch):
+    """"acc" is written in many of lm-eval's definitions and is no task: the index rejects it. An index of
+    the local definitions stands in for lm-eval's whole one (seconds to build)."""
+    write_task(tmp_path)
+    from lm_eval.tasks import TaskManager
+
+    small = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    monkeypatch.setattr(lm_eval_tasks, "_index", lambda include, defaults: small)
+    assert lm_eval_tasks.unknown_tasks(["tiny_choice", "acc"], str(tmp_path)) == ["acc"]
+    assert lm_eval_tasks.unknown_tasks(["tiny_choice", "acc", "no_such_task_here"], str(tmp_path)) == \
+        ["no_such_task_here"]  # found in no file: reported without the index
+    assert lm_eval_tasks.unknown_tasks(["tiny_choice"], str(tmp_path)) == []
