@@ -10,6 +10,7 @@ import torch
 import datautils
 import opt_enhanced as oe
 from modelutils import load_opt
+from runtime import write_json
 
 M, D, C = ".local/opt-mini", ".local/data", "/tmp/c1"
 dev = torch.device("cuda")
@@ -34,4 +35,4 @@ def record(rows: list, row: dict, model, path: str) -> None:
     row.update({k: oe.perplexity(model, v, 2048, dev, 8) for k, v in TEXTS.items()})
     rows.append(row)
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    json.dump(rows, open(path, "w"), indent=1)
+    write_json(rows, path)
