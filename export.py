@@ -190,7 +190,7 @@ def dense_tensors(model: nn.Module, packed: set[str]) -> tuple[dict[str, torch.T
 
 
 def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[str, torch.Tensor], directory: str,
-                      pruned: bool, n_options: int, extra: dict | None = None) -> ExportReport:
+                      pruned: bool, n_options: int, extra: dict | None = None, tokenizer=None) -> ExportReport:
     """Write `model` (after `compress`) to a new `directory` in the packed format, atomically.
 
     `grids`/`bits` are `Compressed.grids`/`.bits`, `pruned` whether sparsity was applied, `n_options` the
@@ -217,6 +217,8 @@ def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[
         safetensors.torch.save_file(dense, os.path.join(tmp, DENSE),
                                     metadata={"format": FORMAT, "version": str(VERSION), "aliases": json.dumps(aliases)})
         model.config.save_pretrained(tmp)  # config.json
+        if tokenizer is not None:  # inside the temporary directory, so the rename publishes it with the rest
+            tokenizer.save_pretrained(tmp)
         if extra is not None:
             with open(os.path.join(tmp, EXTRA), "w") as f:
                 json.dump(extra, f, indent=1, default=str)  # default=str: a stray tuple/Path must not lose the export

@@ -650,8 +650,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         log(report.summary())
     elif cfg.export:
         report = export_compressed(model.to("cpu"), done.grids, done.bits, cfg.export, cfg.prune.active,
-                                   len(cfg.bit_options), extra=results)
-        tokenizer.save_pretrained(cfg.export)
+                                   len(cfg.bit_options), extra=results, tokenizer=tokenizer)
         results["export"] = asdict(report)
         log(report.summary())
     if cfg.plot:

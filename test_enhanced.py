@@ -464,6 +464,9 @@ def test_export_reloads_to_the_same_perplexity(tiny_dir, tmp_path):
     code, res = cli(tiny_dir, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "3.5",
                     "--bit_method", "budget", "--export", str(tmp_path / "packed"), "--save", str(tmp_path / "s"))
     assert code == 0 and res["export"]["layers"] == 12
+    files = list((tmp_path / "packed").iterdir())  # the tokenizer is published with the rest, and counted
+    assert (tmp_path / "packed" / "tokenizer_config.json") in files
+    assert res["export"]["total_bytes"] == sum(f.stat().st_size for f in files)
     packed = load_compressed(str(tmp_path / "packed")).state_dict()
     saved = OPTForCausalLM.from_pretrained(tmp_path / "s").state_dict()
     assert packed.keys() == saved.keys() and all(torch.equal(packed[k], saved[k]) for k in saved)
