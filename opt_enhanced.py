@@ -400,7 +400,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     plan = BitPlan()
     if cfg.mixed and cfg.bit_scope == "model":
         plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
-    budget = StoredBits(cfg.mixed_precision.drift_correction if cfg.mixed else False)
+    budget = bitalloc.StoredBits(cfg.mixed_precision.drift_correction if cfg.mixed else False)
     parallel, rank = distributed.size() > 1, distributed.rank()
     progress = lambda items: log.bar(items, nlayers, "compress layers")
     for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size, progress, check=True,
@@ -433,37 +433,8 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     return out
 
 
-@dataclass
-class StoredBits:
-    """The stored-bit budget as the loop spends it, Linear by Linear.
-
-    The allocator prices each channel by the weights the mask rule keeps on the dense weights; the
-    solver's mask, chosen on the error-updated weights, keeps the same number per block but not per
-    column, so a Linear stores a little more or less than planned. That surplus or deficit is
-    carried into the next Linear's budget, which keeps the whole model's stored average on target."""
-
-    carry_drift: bool
-    carried: float = 0.0  # planned minus stored code bits so far
-
-    def linear_target(self, planned_bits: float, predicted_kept: float) -> float:
-        """Stored bits per kept weight for the next Linear."""
-        extra = self.carried if self.carry_drift else 0.0
-        return (planned_bits + extra) / max(predicted_kept, 1.0)
-
-    def spent(self, planned_bits: float, stored_bits: int) -> None:
-        self.carried += planned_bits - stored_bits
-
-    def side_by_side(self, first: bool) -> "StoredBits":
-        """A Linear's own budget when the Linears of a layer are solved on several processes at once, where
-        none knows what the others store until the layer is done: what was carried into the layer goes to
-        its first Linear, and each Linear's drift is added to this budget after the layer. So the
-        carry reaches the next layer instead of the next Linear: the model's stored average stays on
-        target, and the result does not depend on how many processes there are or who solved what."""
-        return StoredBits(self.carry_drift, self.carried if first else 0.0)
-
-
-def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan: BitPlan, budget: StoredBits,
-                    cfg: RunConfig) -> tuple[LinearStats, QuantGrid | None, torch.Tensor | None]:
+def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan: BitPlan,
+                    budget: bitalloc.StoredBits, cfg: RunConfig) -> tuple[LinearStats, QuantGrid | None, torch.Tensor | None]:
     tick = time.time()
     W = linear.weight.data
     check_finite(W, f"weight of {name}")

@@ -298,13 +298,13 @@ def test_uniform_runs_keep_the_reference_grid_unless_clip_is_asked():
 
 
 def test_stored_bit_drift_is_carried_into_the_next_linears_budget():
-    budget = oe.StoredBits(carry_drift=True)
+    budget = bitalloc.StoredBits(carry_drift=True)
     assert budget.linear_target(300.0, 100) == 3.0
     budget.spent(300.0, 290)  # the solver's mask kept fewer weights in wide columns than predicted
     assert budget.linear_target(300.0, 100) == 3.1
     budget.spent(310.0, 320)
     assert budget.linear_target(300.0, 100) == 3.0
-    off = oe.StoredBits(carry_drift=False)
+    off = bitalloc.StoredBits(carry_drift=False)
     off.spent(300.0, 290)
     assert off.linear_target(300.0, 100) == 3.0
 
