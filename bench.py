@@ -393,6 +393,16 @@ def three_step_factor(solver: SparseGPT, percdamp: float) -> tuple[torch.Tensor,
     return U, inverse.diagonal().clone()
 
 
+def identity_solve_factor(solver: SparseGPT, percdamp: float) -> torch.Tensor:
+    """The one-Cholesky factor with its triangular inverse as one solve against the identity (no recursion):
+    what `inverse_factor` does below TRIANGULAR_LEAF, timed at every size (no dead channels here)."""
+    H = solver.hessian.flip(0, 1)
+    H.diagonal().add_(percdamp * torch.mean(H.diagonal()))
+    L, _ = torch.linalg.cholesky_ex(H)
+    del H
+    return sparsegpt_enhanced.inverse_factor_from_reversed_cholesky(L, leaf=L.shape[0])[0]
+
+
 def random_hessian(n: int, dev: torch.device, tokens: int) -> SparseGPT:
     """X^T X of `tokens` random fp16 tokens with correlated channels (a common factor), as add_batch
     sees layer inputs, in slices of 8192 tokens."""
@@ -423,27 +433,21 @@ def factor_bench(sizes: list[int], dev: torch.device, percdamp: float = 0.01, re
         methods = {
             "three_step": lambda s=solver: three_step_factor(s, percdamp)[0],
             "one_cholesky": lambda s=solver: s.inverse_factor(percdamp).upper,
-            "one_cholesky_identity_solve": lambda s=solver: s.inverse_factor(percdamp).upper,
+            "one_cholesky_identity_solve": lambda s=solver: identity_solve_factor(s, percdamp),
         }
         factors = {}
         for method, fn in methods.items():
-            leaf = sparsegpt_enhanced.TRIANGULAR_LEAF
-            if method == "one_cholesky_identity_solve":
-                sparsegpt_enhanced.TRIANGULAR_LEAF = n
             best, peak = float("inf"), 0.0
-            try:
-                for _ in range(repeats):
-                    solver._factors.clear()
-                    factors.pop(method, None)
-                    held = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
-                    seconds: dict[str, float] = {}
-                    with clock(method, seconds):
-                        factors[method] = fn()
-                    best = min(best, seconds[method])
-                    if dev.type == "cuda":
-                        peak = max(peak, (torch.cuda.max_memory_allocated(dev) - held) / 2 ** 30)
-            finally:
-                sparsegpt_enhanced.TRIANGULAR_LEAF = leaf
+            for _ in range(repeats):
+                solver._factors.clear()
+                factors.pop(method, None)
+                held = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+                seconds: dict[str, float] = {}
+                with clock(method, seconds):
+                    factors[method] = fn()
+                best = min(best, seconds[method])
+                if dev.type == "cuda":
+                    peak = max(peak, (torch.cuda.max_memory_allocated(dev) - held) / 2 ** 30)
             row[f"{method}_s"] = best
             if dev.type == "cuda":
                 row[f"{method}_peak_gib"] = peak  # above what was held before: X^T X and the factors kept
