@@ -337,7 +337,7 @@ def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.R
             solver = solvers[shared.get(name, name)]
             W = linear.weight.data
             entry: dict[str, Any] = {"name": name, "rows": W.shape[0], "columns": W.shape[1]}
-            order = solve_order(solver.xtx.diagonal(), cfg.act_order)
+            order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
             with clock("factor", entry):
                 damping = solver.inverse_factor(cfg.percdamp, order).percdamp
             with clock("solve", entry):

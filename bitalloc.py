@@ -30,6 +30,9 @@ from sparsegpt_enhanced import PruneSpec, SparseGPT
 CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
+CLIP_MIN = 0.8  # the clip search's floor: chosen on validation text (BENCHMARKS.md)
+
+
 def clip_factors(smallest: float) -> tuple[float, ...]:
     """The range factors the clip search tries, down to `smallest` (1.0 always)."""
     return tuple(f for f in CLIP_FACTORS if f >= smallest - 1e-9)
@@ -49,7 +52,7 @@ class MixedPrecision:
     # calibration text: channels it rarely excites look free and get 2 bits, and other text pays for that.
     error_shrinkage: float = 0.75  # chosen on validation text (BENCHMARKS.md)
     clip: bool = True  # shrink each width's range by the factor that minimises the estimated error
-    clip_factors: tuple[float, ...] = CLIP_FACTORS
+    clip_factors: tuple[float, ...] = clip_factors(CLIP_MIN)
     # Which loss picks each width's range factor: the solver's (errors partly absorbed by later columns),
     # or "uncompensated" (each column's error at its full cost H_jj, which clamping a loud channel's weights incurs).
     clip_objective: str = "uncompensated"
@@ -123,9 +126,9 @@ def clip_ranges(model, widths: list[int], factors: tuple[float, ...], objective:
     losses at that factor, so that the allocators need not round again."""
     shrink, losses = {}, {}
     for b in widths:
-        tried = [model.loss(b, f, compensated=objective == "solver") for f in factors]
-        k = int(torch.argmin(torch.stack([loss.sum() for loss in tried])))
-        losses[b] = tried[k] if objective == "solver" else model.loss(b, factors[k])
+        errors = [model.rounding_error(b, f) for f in factors]
+        k = int(torch.argmin(torch.stack([model.priced(e, objective == "solver").sum() for e in errors])))
+        losses[b] = model.priced(errors[k])
         if factors[k] != 1.0:
             shrink[b] = factors[k]
     return shrink, losses

@@ -82,9 +82,9 @@ class RunConfig:
     bit_scope: str = "layer"
     bit_granularity: str = "channel"
     clip: str = "auto"
-    clip_objective: str = "uncompensated"  # chosen on validation text (BENCHMARKS.md)
-    clip_min: float = 0.8  # chosen on validation text (BENCHMARKS.md)
-    error_shrinkage: float = 0.75
+    clip_objective: str = MixedPrecision.clip_objective
+    clip_min: float = bitalloc.CLIP_MIN
+    error_shrinkage: float = MixedPrecision.error_shrinkage
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
@@ -493,12 +493,13 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.device, batch_size: int,
-               whole_model: bool | None = None, log: Log = Log(True)) -> float:
+               whole_model: bool | None = None, log: Log = Log(True), overlap: bool = True) -> float:
     """The SparseGPT protocol: non-overlapping seqlen windows, mean token NLL per window, exp of the mean.
 
     Whole-model batched forwards when the model sits on the device (the default there), else
     layer by layer over all windows, for models that only visit the GPU one layer at a time.
-    Under torchrun each rank takes its shard of the windows and the NLL sums are added."""
+    Under torchrun each rank takes its shard of the windows and the NLL sums are added. `overlap` False moves
+    offloaded layers in line (--no-overlap)."""
     nwin = ids.numel() // seqlen
     windows = distributed.shard(ids[0, : nwin * seqlen].view(nwin, seqlen))
     mine = len(windows)
@@ -513,7 +514,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, dev: torch.devi
         return math.exp(distributed.total(nll).item() / nwin)
     hidden, kwargs = capture_layer_inputs(model, windows, dev, batch_size)
     progress = lambda items: log.bar(items, len(layers), f"evaluate {nwin} windows, layer by layer")
-    for _ in walk_layers(model, dev, hidden, kwargs, batch_size, progress):
+    for _ in walk_layers(model, dev, hidden, kwargs, batch_size, progress, overlap=None if overlap else False):
         pass  # the walk itself runs each layer over the windows
     for start in range(0, mine, batch_size):
         logits = logits_from_hidden(model, hidden[start:start + batch_size])
@@ -580,7 +581,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     ppl: dict[str, float] = {}
     with stage("evaluate"):
         for d, ids in eval_ids.items():
-            ppl[d] = perplexity(model, ids, seqlen, dev, cfg.batch_size, log=log)
+            ppl[d] = perplexity(model, ids, seqlen, dev, cfg.batch_size, log=log, overlap=cfg.overlap)
             log(f"{d} perplexity: {ppl[d]:.3f}")
     if not distributed.is_main():  # no collective follows: rank 0 alone reports and writes
         return {"perplexity": ppl, "timings": dict(stage.seconds, total=time.time() - started)}

@@ -235,13 +235,20 @@ class RoundingModel:
         """Predicted count of stored (kept) weights in each column."""
         return self._stored(self.kept.sum(0))
 
-    def loss(self, width: int, shrink: float = 1.0, compensated: bool = True) -> torch.Tensor:
-        """(columns,) estimated loss of rounding every column at `width`, its range scaled by `shrink`;
-        with `compensated` False, each column's error at its full cost H_jj, as if nothing absorbed it."""
+    def rounding_error(self, width: int, shrink: float = 1.0) -> torch.Tensor:
+        """(columns,) in solve order: sum_i r_i kept_ij (w_ij - Q_b(w_ij))^2, before any per-column cost."""
         if self.grid is None:
             self.grid = QuantGrid.rounding(self.weight, self.sym, self.groupsize)
-        err = self.row_weight * (self.weight - self.grid.round_at(self.weight, width, shrink)) ** 2 * self.kept
-        return self._stored(err.sum(0) * (self.cost if compensated else self.uncompensated))
+        return (self.row_weight * (self.weight - self.grid.round_at(self.weight, width, shrink)) ** 2 * self.kept).sum(0)
+
+    def priced(self, error: torch.Tensor, compensated: bool = True) -> torch.Tensor:
+        """`rounding_error` at each column's cost, in stored order: 1/U_jj^2 (what the solver cannot push
+        onto later columns) or, with `compensated` False, H_jj (as if nothing absorbed it)."""
+        return self._stored(error * (self.cost if compensated else self.uncompensated))
+
+    def loss(self, width: int, shrink: float = 1.0, compensated: bool = True) -> torch.Tensor:
+        """(columns,) estimated loss of rounding every column at `width`, its range scaled by `shrink`."""
+        return self.priced(self.rounding_error(width, shrink), compensated)
 
 
 TRIANGULAR_LEAF = 1024  # below this, a triangular inverse is one solve against the identity
