@@ -35,7 +35,8 @@ from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, decoder_layers, decoder_of,
                         find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name,
-                        layer_store, load_opt, logits_from_hidden, model_source, resident, walk_layers)
+                        layer_store, load_config, load_opt, logits_from_hidden, model_source, resident,
+                        walk_layers)
 from quant import QuantGrid
 from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path, set_stage,
                      sigterm_interrupts, write_json)
@@ -195,17 +196,10 @@ def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
     return model
 
 
-def max_positions(model: str) -> int:
-    """The model's context length, from its config alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_source(model)).max_position_embeddings
-
-
 def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dict[str, torch.Tensor]]:
     """(tokenizer, seqlen, calibration windows, evaluation ids by dataset)."""
     with stage("tokenize", gpu=False):
-        positions = max_positions(cfg.model)
+        positions = load_config(cfg.model).max_position_embeddings  # the config alone, no weights
         seqlen = cfg.seqlen or positions
         if seqlen > positions:
             raise UsageError(f"--seqlen {seqlen} exceeds the model's {positions} positions")
@@ -994,7 +988,7 @@ def check_model(cfg: RunConfig) -> None:
     a supported family, calibration windows whose layer inputs fit in the device's memory, a tokenizer that fits
     the embedding, a layer selection that picks some Linear, and a way to the data (--data_dir, or a hub that
     answers)."""
-    from modelutils import hub_reachable, linear_names, load_config
+    from modelutils import hub_reachable, linear_names
 
     set_stage("checking the model")
     config = load_config(cfg.model)
