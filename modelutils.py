@@ -277,19 +277,27 @@ def load_opt(model: str, quiet: bool = False) -> nn.Module:
                          f"missing or damaged; write them again with save_pretrained") from e
     finally:
         logging.set_verbosity(verbosity)
-    problems = [(what, sorted(info.get(key) or ())) for what, key in
-                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mis-shaped", "mismatched_keys"))]
-    problems = [(what, [k if isinstance(k, str) else str(k[0]) for k in keys]) for what, keys in problems if keys]
+    names = lambda key: [k if isinstance(k, str) else str(k[0]) for k in info.get(key) or ()]
+    check_checkpoint(model, names("missing_keys"), names("unexpected_keys"), names("mismatched_keys"),
+                     net.state_dict())
+    net.config.use_cache = False
+    return net.eval()
+
+
+def check_checkpoint(model: str, missing: list[str], unexpected: list[str], misshaped: list[str],
+                     tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose tensors do not match its config (ModelError, naming up to three of each kind)
+    or hold NaN/Inf (FloatingPointError, naming the tensor): run on, it would compress random or broken weights."""
+    problems = [(what, sorted(keys)) for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if keys]
     if problems:
         detail = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                            for what, keys in problems)
         raise ModelError(f"the checkpoint in {model} does not match its config.json: {detail}; refusing to run on "
                          f"randomly initialised weights")
-    for name, tensor in net.state_dict().items():
+    for name, tensor in tensors.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise FloatingPointError(f"NaN/Inf in {name} of the checkpoint in {model}: the model file is damaged")
-    net.config.use_cache = False
-    return net.eval()
 
 
 def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:

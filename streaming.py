@@ -29,7 +29,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from modelutils import ModelError, decoder_layers, decoder_of, layer_store, load_config, model_source
+from modelutils import ModelError, check_checkpoint, decoder_layers, decoder_of, layer_store, load_config, model_source
 
 INDEX = "model.safetensors.index.json"
 REST = "model-rest.safetensors"  # the non-layer tensors in a streamed --save
@@ -178,15 +178,7 @@ def load_streamed(model: str, scratch_parent: str | None = None) -> nn.Module:
     for i, (layer, found) in enumerate(zip(decoder_layers(net), sources)):
         missing += [f"{prefix}{i}.{n}" for n in layer.state_dict() if n not in found]
     misshaped = [n for n, t in tensors.items() if t.shape != expected[n].shape]
-    problems = [(what, names) for what, names in (("missing", missing), ("unexpected", unexpected),
-                                                  ("mis-shaped", misshaped)) if names]
-    if problems:
-        detail = "; ".join(f"{len(names)} {what} ({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''})"
-                           for what, names in problems)
-        raise ModelError(f"the checkpoint in {model} does not match its config: {detail}")
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise FloatingPointError(f"NaN/Inf in {name} of the checkpoint in {model}: the model file is damaged")
+    check_checkpoint(model, missing, unexpected, misshaped, tensors)
     net.layer_store = LayerStore(prefix, sources, scratch_parent)
     net.config.use_cache = False
     return net.eval()
