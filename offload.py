@@ -27,6 +27,7 @@ tests (`HostStreams`: no streams, every event already complete).
 from __future__ import annotations
 
 import contextlib
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Protocol
@@ -200,7 +201,12 @@ class MoveStats:
 
     on_device: int = 0  # layers whose device copies exist now
     peak_on_device: int = 0
-    log: list[tuple[str, int]] = field(default_factory=list)  # (fetch, arrive, depart, refetch, brought or sent; layer)
+    log: list[tuple[str, int]] = field(default_factory=list)  # (what happened, to which layer)
+    times: list[float] = field(default_factory=list)  # time.perf_counter() of each entry of `log`
+
+    def note(self, event: str, index: int) -> None:
+        self.log.append((event, index))
+        self.times.append(time.perf_counter())
 
 
 class LayerMover:
@@ -226,7 +232,7 @@ class LayerMover:
     def fetch(self, index: int, layer: nn.Module) -> Visit:
         """Start bringing `layer` to the device; it stays at home until `arrive`."""
         visit = Visit(index, layer)
-        self.stats.log.append(("fetch", index))
+        self.stats.note("fetch", index)
         visit.arriving = self.worker.submit(self._bring, visit)
         return visit
 
@@ -238,7 +244,7 @@ class LayerMover:
         except torch.OutOfMemoryError:
             # No room for the next layer beside the last one: fetch it again, after the last one has left
             # (the worker sends it home first). Later layers are still fetched ahead.
-            self.stats.log.append(("refetch", visit.index))
+            self.stats.note("refetch", visit.index)
             visit.arriving = self.worker.submit(self._bring, visit)
             moved, ready = visit.arriving.result()
         visit.arriving = None  # from here on the layer holds the device tensors, nothing else
@@ -246,7 +252,7 @@ class LayerMover:
         for slot, tensor in zip(visit.slots, moved):
             self.streams.used_on(tensor, self.compute)
             slot.set(tensor)
-        self.stats.log.append(("arrive", visit.index))
+        self.stats.note("arrive", visit.index)
 
     def depart(self, visit: Visit) -> None:
         """Send the layer home as the caller left it: it points at its host tensors again at once, and
@@ -258,7 +264,7 @@ class LayerMover:
         done = self.streams.record(self.compute)
         for slot in visit.slots:
             slot.set(slot.home)
-        self.stats.log.append(("depart", visit.index))
+        self.stats.note("depart", visit.index)
         visit.leaving = self.worker.submit(self._send, visit, current, done)
 
     def abandon(self, visit: Visit) -> None:
@@ -281,13 +287,15 @@ class LayerMover:
         if self.inbound_read is not None:
             self.streams.synchronize(self.inbound_read)  # the previous layer's bytes have left the buffer
         staged = self.inbound.views(homes)
+        self.outbound.views(homes)  # sized now, on the first layer: pinning gigabytes stalls the GPU's work for seconds
         for view, home in zip(staged, homes):
             view.copy_(home)
+        self.stats.note("staged", visit.index)
         with self.streams.using(self.side):
             moved = [torch.empty_like(view, device=self.dev).copy_(view, non_blocking=True) for view in staged]
             self.inbound_read = ready = self.streams.record(self.side)
         self._count(+1)
-        self.stats.log.append(("brought", visit.index))
+        self.stats.note("brought", visit.index)
         return moved, ready
 
     @torch.no_grad()
@@ -299,13 +307,14 @@ class LayerMover:
                 view.copy_(tensor, non_blocking=True)
             landed = self.streams.record(self.side)
         self.streams.synchronize(landed)
+        self.stats.note("landed", visit.index)
         for slot, view in zip(visit.slots, staged):
             slot.home.copy_(view)
         current.clear()  # the device tensors are freed here, after their last reader
         self._count(-1)
         if self.home is not None:
             self.home.unload(visit.index, visit.layer, True)
-        self.stats.log.append(("sent", visit.index))
+        self.stats.note("sent", visit.index)
 
     def _drop(self, visit: Visit, arriving: Future) -> None:
         try:

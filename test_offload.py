@@ -115,7 +115,7 @@ def test_walk_fetches_ahead_sends_home_in_order_and_holds_two_layers():
     streams, stats = RecordingStreams(), offload.MoveStats()
     scaled = {}
     for i, layer in walk_layers(model, CPU, hidden, kwargs, batch_size=2, overlap=streams, moves=stats):
-        stats.log.append(("step", i))
+        stats.note("step", i)
         assert all(p.data_ptr() not in homes for p in layer.parameters())  # the caller works on copies
         if i + 1 < len(layers):
             assert all(p.data_ptr() in homes for p in layers[i + 1].parameters())  # the next one is not in use
