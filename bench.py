@@ -53,7 +53,7 @@ import opt_enhanced as oe
 import streaming
 import sparsegpt_enhanced
 from modelutils import (capture_layer_inputs, decoder_layers, decoder_of, find_linears, forward_layer, home_of,
-                        hook_inputs, submodule)
+                        feed_inputs, submodule)
 from quant import QuantGrid
 from runtime import Log, Stages, write_json
 from sparsegpt_enhanced import SparseGPT, solve_order
@@ -211,12 +211,13 @@ def _synthetic(name: str, layers: int | None, offload: bool, flags: list[str], s
             run.update(staged_compress(model, calibration, cfg, dev))
         else:
             stage = Stages(dev)
-            clock = LayerClock()
+            clock, moves = LayerClock(), offload_module.MoveStats()
             with stage("compress"):
-                done = oe.compress(model, calibration, cfg, dev, clock)
+                done = oe.compress(model, calibration, cfg, dev, clock, moves)
             run.update(compress_s=stage.seconds["compress"], solver_s=sum(s.seconds for s in done.stats),
                        peak_gpu_gib=stage.peak_gib.get("compress", 0.0), **clock.report(),
-                       overlap=cfg.overlap and offload_module.streams_for(home_of(decoder_layers(model)), dev) is not None)
+                       overlap=cfg.overlap and offload_module.streams_for(home_of(decoder_layers(model)), dev) is not None,
+                       moves=[(event, i, round(t - clock.starts[0], 3)) for (event, i), t in zip(moves.log, moves.times)])
         run["per_layer_s"] = run["compress_s"] / model.config.num_hidden_layers
         run["host_peak_gib"] = host_peak_gib()
         if distributed.size() > 1:
@@ -324,13 +325,8 @@ def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.R
             with accumulate.span():
                 solvers[key].add_batch(x)
 
-        handles = hook_inputs({k: linears[k] for k in keys}, add)
-        try:
-            with clock("hessian_forward", record):
-                forward_layer(layer, hidden, kwargs, cfg.batch_size)
-        finally:
-            for h in handles:
-                h.remove()
+        with clock("hessian_forward", record):
+            feed_inputs(layer, {k: linears[k] for k in keys}, add, hidden, kwargs, cfg.batch_size)
         record["hessian_accumulate"] = accumulate.seconds()
         record["linears"] = []
         for name, linear in linears.items():

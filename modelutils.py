@@ -393,9 +393,44 @@ def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def hook_inputs(modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> list:
-    """Forward hooks that pass each module's input activations to sink(name, x)."""
-    return [m.register_forward_hook(lambda _m, inp, _out, n=n: sink(n, inp[0].data)) for n, m in modules.items()]
+class _InputsSeen(Exception):
+    """Raised by `feed_inputs`' hook once a batch has reached every module it feeds."""
+
+
+def feed_inputs(layer: nn.Module, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None],
+                hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int) -> None:
+    """Run every window through `layer` in batches, passing each of `modules`' inputs to sink(name, x), and
+    stop each batch's forward once every module has had all the inputs it gets per batch.
+
+    Why stop: the layer's output is not wanted here (the Hessians are made from the uncompressed layer's
+    inputs, and the layer is run again once compressed), and the work after the last module's input is
+    not needed: in a decoder layer, the last Linear's own product (fc2: 2 of 12 GEMMs at OPT width) and
+    the residual. The first batch runs whole and counts each module's calls, so a module called twice
+    per forward is never cut short."""
+    calls: dict[str, int] = dict.fromkeys(modules, 0)
+    expected: dict[str, int] | None = None
+
+    def hook(name: str):
+        def pre(_module: nn.Module, inp: tuple) -> None:
+            sink(name, inp[0].data)
+            calls[name] += 1
+            if expected is not None and calls == expected:
+                raise _InputsSeen
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    try:
+        for start in range(0, hidden.shape[0], batch_size):
+            try:
+                layer(hidden[start:start + batch_size], **kwargs)
+            except _InputsSeen:
+                pass
+            if expected is None:
+                expected = dict(calls)
+            calls.update(dict.fromkeys(modules, 0))
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:

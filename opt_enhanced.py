@@ -30,11 +30,12 @@ from bitalloc import MixedPrecision
 from compression_stats import LinearStats, code_bits, format_summary, plot_bits, storage_bits, summarize
 import compressed_tensors_export
 import lm_eval_tasks
+import offload
 import streaming
 from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, decoder_layers, decoder_of,
-                        find_linears, forward_layer, head_modules, hook_inputs, layer_output, linear_name,
+                        feed_inputs, find_linears, head_modules, layer_output, linear_name,
                         layer_store, load_config, load_opt, logits_from_hidden, model_source, resident,
                         walk_layers)
 from quant import QuantGrid
@@ -221,12 +222,7 @@ def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, k
     linears = find_linears(layer)
     keys = sorted({shared.get(n, n) for n in names})
     solvers = {k: SparseGPT(linears[k].in_features, dev, name=prefix + k) for k in keys}
-    handles = hook_inputs({k: linears[k] for k in keys}, lambda k, x: solvers[k].add_batch(x))
-    try:
-        forward_layer(layer, hidden, kwargs, cfg.batch_size)
-    finally:
-        for h in handles:
-            h.remove()
+    feed_inputs(layer, {k: linears[k] for k in keys}, lambda k, x: solvers[k].add_batch(x), hidden, kwargs, cfg.batch_size)
     distributed.reduce_hessians(solvers)  # under torchrun `hidden` is this rank's shard of the windows
     return solvers
 
@@ -375,14 +371,15 @@ class Compressed:
 
 
 @torch.no_grad()
-def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: torch.device, log: Log) -> Compressed:
+def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: torch.device, log: Log,
+             moves: offload.MoveStats | None = None) -> Compressed:
     """The sequential loop: each layer is calibrated on the outputs of the already-compressed
     layers before it, compressed, and its compressed outputs feed the next layer.
 
     Under torchrun (distributed.py) each rank runs its shard of the calibration windows through the
     layers, the Hessians are summed across ranks, each rank solves the Linears `distributed.assign`
     gives it, and the compressed weights and their records are shared before the layer's outputs
-    are computed."""
+    are computed. `moves` collects what the layer mover did (bench.py's timeline)."""
     nlayers = len(decoder_layers(model))
     shared = decoder_of(model).shared_input
     out = Compressed([], {}, {})
@@ -398,7 +395,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     parallel, rank = distributed.size() > 1, distributed.rank()
     progress = lambda items: log.bar(items, nlayers, "compress layers")
     for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size, progress, check=True,
-                                overlap=None if cfg.overlap else False):
+                                overlap=None if cfg.overlap else False, moves=moves):
         tick = time.time()
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)

@@ -99,6 +99,35 @@ def test_each_layer_is_calibrated_on_the_compressed_model_hidden_states(kw):
 # ---------------------------------------------------------------- perplexity
 
 
+def test_calibration_forward_stops_after_the_last_input_and_sees_what_a_whole_forward_does():
+    """feed_inputs against plain forward hooks over whole forwards: the same inputs reach every Linear, and
+    after the first batch no forward goes past the last Linear (fc2 never computes its output again)."""
+    from modelutils import capture_layer_inputs, decoder_layers, feed_inputs
+
+    model = loud(tiny_model())
+    ids = torch.randint(0, 64, (5, 16), generator=torch.Generator().manual_seed(0))
+    hidden, kwargs = capture_layer_inputs(model, ids, CPU, 2)
+    layer = decoder_layers(model)[0]
+    linears = find_linears(layer)
+    whole: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    handles = [m.register_forward_hook(lambda _m, inp, _out, n=n: whole[n].append(inp[0].clone()))
+               for n, m in linears.items()]
+    with torch.no_grad():
+        for start in range(0, 5, 2):
+            layer(hidden[start:start + 2], **kwargs)
+    for h in handles:
+        h.remove()
+    outputs = []
+    counter = linears["fc2"].register_forward_hook(lambda *_: outputs.append(1))
+    fed: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    with torch.no_grad():
+        feed_inputs(layer, linears, lambda n, x: fed[n].append(x.clone()), hidden, kwargs, 2)
+    counter.remove()
+    for n in linears:
+        assert len(fed[n]) == 3 and all(torch.equal(a, b) for a, b in zip(fed[n], whole[n])), n
+    assert len(outputs) == 1  # the first batch runs whole (it counts each Linear's calls); the others stop
+
+
 def peaked_model() -> OPTForCausalLM:
     """Logits far from uniform: OPT ties the output embedding to the input one, so scaling it makes the
     model confident (its residual stream still carries the current token). Eager attention, so that a
