@@ -218,6 +218,19 @@ def test_hessian_is_two_over_n_xtx_over_unequal_batches():
     assert torch.allclose(solver.hessian.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("strip", [5, 8, 24])
+def test_wide_inputs_fill_xtx_in_strips_and_read_whole(strip):
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(300, 24, generator=g, dtype=torch.float64)
+    solver = SparseGPT(24, strip=strip)
+    solver.add_batch(X[:100].float())
+    assert torch.allclose(solver.xtx.double(), X[:100].t() @ X[:100], atol=1e-4)  # read between batches
+    for batch in (X[100:250], X[250:]):
+        solver.add_batch(batch.float())
+    assert torch.allclose(solver.xtx.double(), X.t() @ X, atol=1e-4)
+    assert torch.allclose(solver.hessian_diag.double(), 2 / 300 * (X ** 2).sum(0), rtol=1e-5)
+
+
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
 def test_inverse_factor_is_the_cholesky_factor_of_the_damped_inverse(scale):
     """U^T U = (H + lambda I)^-1 with lambda = percdamp * mean(diag H), at any input scale."""
