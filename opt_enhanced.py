@@ -232,7 +232,7 @@ def channel_costs(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig,
     """The mixed-precision costs of one Linear's channels, with the run's solve settings."""
     order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
     return bitalloc.channel_costs(weight, solver, cfg.prune, cfg.wbits, cfg.sym, cfg.groupsize, cfg.blocksize,
-                                  cfg.percdamp, order, cfg.mixed_precision, row_weight)
+                                  cfg.percdamp, order, cfg.mixed_precision, row_weight, not cfg.no_fused)
 
 
 def selected_names(layer: nn.Module, i: int, cfg: RunConfig) -> list[str]:
@@ -447,8 +447,13 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
         predicted = code_bits(costs.size.round().long(), bits)  # what the allocator expects to store
     elif cfg.quantize and cfg.clipped and solver is not None:
         order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
-        rounding = solver.rounding_model(W, cfg.prune, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp, order)
-        shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], bitalloc.clip_factors(cfg.clip_min), cfg.clip_objective)
+        factors = bitalloc.clip_factors(cfg.clip_min)
+        if cfg.clip_objective == "solve":
+            shrink = bitalloc.solved_shrink(W, solver, cfg.prune, [cfg.wbits], factors, cfg.sym, cfg.groupsize,
+                                            cfg.blocksize, cfg.percdamp, order, fused=not cfg.no_fused)
+        else:
+            rounding = solver.rounding_model(W, cfg.prune, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp, order)
+            shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], factors, cfg.clip_objective)
     error, damping = 0.0, cfg.percdamp
     grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink, cfg.scale_dtype) if cfg.quantize else None
     if solver is None:  # the baselines: magnitude pruning and/or round-to-nearest
@@ -801,9 +806,9 @@ def validate(cfg: RunConfig) -> None:
                              "drop --offload/--stream or use --bit_scope layer")
     if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
             cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width") or \
-            cfg.clip_objective not in ("solver", "uncompensated"):
+            cfg.clip_objective not in ("solver", "uncompensated", "solve"):
         raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
-                         "--clip auto|none|width, --clip_objective solver|uncompensated")
+                         "--clip auto|none|width, --clip_objective solver|uncompensated|solve")
     if not 0 < cfg.clip_min <= 1:
         raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
                          f"the clip search tries, e.g. 0.5")
@@ -949,11 +954,11 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--bit_method", choices=("quantile", "budget"), help="bit allocator")
     p.add_argument("--bit_scope", choices=("layer", "model"), help="one budget per layer or per model")
     p.add_argument("--bit_granularity", choices=("channel", "linear"), help="one width per input channel, or per Linear (q/k/v tied; needs --bit_scope model)")
-    p.add_argument("--clip", choices=("auto", "none", "width"), help="shrink each width's range by the factor (per Linear) that minimises the estimated "
-                        "error; auto = on for mixed precision, off (the reference grid) for uniform runs")
-    p.add_argument("--clip_objective", choices=("solver", "uncompensated"),
-                   help="the loss that picks each width's range factor: the solver's estimate, or each column's error "
-                        "at its full cost H_jj")
+    p.add_argument("--clip", choices=("auto", "none", "width"), help="shrink each width's range by the factor (per Linear) that minimises the error "
+                        "(--clip_objective); auto = on for mixed precision, off (the reference grid) for uniform runs")
+    p.add_argument("--clip_objective", choices=("solver", "uncompensated", "solve"),
+                   help="the loss that picks each width's range factor: the output error of actual solves on a sample "
+                        "of rows (solve), the solver's estimate, or each column's error at its full cost H_jj")
     p.add_argument("--clip_min", type=float, help="the smallest range factor the clip search tries (1 = min-max only)")
     p.add_argument("--error_shrinkage", type=float, help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
                         "text the calibration data does not excite)")

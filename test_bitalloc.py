@@ -41,18 +41,27 @@ def min_max_error(imp: torch.Tensor) -> torch.Tensor:
 
 
 class MaskRecorder:
-    """Records the mask and widths of every solve (the solver's own output, not the statistics')."""
+    """Records the mask and widths of the solve that gives each Linear its weights (the solver's output, not
+    the statistics'): the last solve inside each compress_linear, after the clip search's solves of sampled rows."""
 
     def __init__(self, monkeypatch) -> None:
         self.solves: list[tuple[torch.Tensor, torch.Tensor]] = []
-        original = SparseGPT.fasterprune
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        solve, compress_linear = SparseGPT.fasterprune, oe.compress_linear
 
         def recording(solver, weight, prune, grid=None, bits_per_column=None, *args, **kw):
-            result = original(solver, weight, prune, grid, bits_per_column, *args, **kw)
-            self.solves.append((result.mask.clone(), bits_per_column.clone()))
+            result = solve(solver, weight, prune, grid, bits_per_column, *args, **kw)
+            pending.append((result.mask.clone(), bits_per_column.clone()))
             return result
 
+        def linear(*args, **kw):
+            pending.clear()
+            out = compress_linear(*args, **kw)
+            self.solves.append(pending[-1])
+            return out
+
         monkeypatch.setattr(SparseGPT, "fasterprune", recording)
+        monkeypatch.setattr(oe, "compress_linear", linear)
 
     def stored_average(self) -> float:
         bits = sum(int(((~m).sum(0) * b).sum()) for m, b in self.solves)
@@ -315,9 +324,9 @@ def test_mask_drift_is_reported_and_zero_without_sparsity(monkeypatch):
     dense = summarize(compress_tiny(tiny_model(), wbits=3, target_avg_bits=3.0, bit_method="budget"))
     assert dense.mask_drift_bits == 0.0
     recorder = MaskRecorder(monkeypatch)
-    nm = summarize(compress_tiny(tiny_model(), prunen=2, prunem=4, wbits=3, target_avg_bits=3.0,
-                                 bit_method="budget"))
-    assert nm.mask_drift_bits != 0.0 and abs(recorder.stored_average() - 3.0) <= 0.02
+    nm = summarize(compress_tiny(tiny_model(), prunen=2, prunem=4, wbits=3, target_avg_bits=3.5,
+                                 bit_method="budget"))  # between two widths: many columns of each, so drift shows
+    assert nm.mask_drift_bits != 0.0 and abs(recorder.stored_average() - 3.5) <= 0.02
     assert summarize(compress_tiny(tiny_model(), prunen=2, prunem=4, wbits=3)).mask_drift_bits is None  # uniform
 
 
@@ -348,6 +357,44 @@ def test_act_order_default_is_on_only_for_mixed_runs_without_sparsity_or_groups(
     cfg = oe.parse_args(["model", "c4", *flags])
     oe.validate(cfg)
     assert cfg.solve_in_act_order is expected
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor) -> float:
+    """sum_i (w_i - q_i)^T X^T X (w_i - q_i), in float64."""
+    D = (W.double() - Q.double()) @ X.double().t()
+    return float((D ** 2).sum())
+
+
+@pytest.mark.parametrize("sample_rows", [256, 7])
+def test_solved_clip_takes_the_factor_whose_solve_leaves_the_least_output_error(sample_rows):
+    """Against the textbook column loop: each factor's own solve of the sampled rows, its output error."""
+    from test_solver import correlated_inputs, textbook_solve
+
+    X = correlated_inputs(400, 32, seed=3)
+    solver = solver_for(X)
+    W = torch.randn(12, 32, generator=torch.Generator().manual_seed(4))
+    W[:, 5] *= 3  # a channel whose weights set the rows' ranges
+    rows = torch.arange(12) if sample_rows >= 12 else torch.linspace(0, 11, sample_rows).round().long()
+    factors = bitalloc.clip_factors(0.5)
+    chosen = {}
+    for prune, kw in ((PruneSpec(sparsity=0.5), dict(sparsity=0.5)), (PruneSpec(), {})):
+        shrink = bitalloc.solved_shrink(W, solver, prune, [2, 3, 4], factors, False, -1, 16, 0.01, None,
+                                        fused=False, sample_rows=sample_rows)
+        for b in (2, 3, 4):
+            true = {f: output_error(W[rows], textbook_solve(W[rows], X, bits=[b] * 32, shrink=f, **kw)[0], X)
+                    for f in factors}
+            best = min(true, key=true.get)
+            assert true[shrink.get(b, 1.0)] <= true[best] * 1.001, (kw, b, shrink, true)
+            chosen[bool(kw), b] = shrink.get(b, 1.0)
+    assert len(set(chosen.values())) > 1  # the factors differ by width and sparsity: the test can tell them apart
+
+
+def test_solved_clip_objective_keeps_the_stored_target(monkeypatch):
+    recorder = MaskRecorder(monkeypatch)  # the search's solves of sampled rows are not the model's
+    stats = compress_tiny(tiny_model(), sparsity=0.5, wbits=3, target_avg_bits=3.0, bit_method="budget",
+                          clip_objective="solve")
+    assert abs(recorder.stored_average() - 3.0) <= 0.02
+    assert any(s.bits_per_column and len(set(s.bits_per_column)) > 1 for s in stats)
 
 
 def test_clip_search_stops_at_clip_min():
