@@ -149,8 +149,8 @@ def solved_shrink(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, wid
     Why solve rather than estimate: both estimates price rounding the weights as they are before the
     solve, but the solve rounds them after the error updates of earlier columns (and, with sparsity, of the
     pruned weights) have moved them, often past a shrunken range, where they are clamped. Measured on
-    opt-mini, a factor of 0.8 that both estimates favour can multiply a Linear's true output error by up to
-    13 (attention q/k, 3 bits). Rows are solved independently (apart from an unstructured mask's threshold,
+    opt-mini (experiments/clip_true_error.py), a factor of 0.8 that both estimates favour multiplied a
+    Linear's true output error by up to 6 (attention k/q, 3 bits, with or without sparsity). Rows are solved independently (apart from an unstructured mask's threshold,
     which a sample of rows estimates), so a sample prices a factor at a fraction of a full solve; the search
     still costs one such solve per width and factor."""
     rows = weight.shape[0]
