@@ -9,8 +9,8 @@ The pieces:
   `combine_metrics`);
 - an error model: the solver's own estimate of its loss when a channel is rounded at each width
   (`SparseGPT.rounding_model`), weighted by the importance, with each width's range shrunk by the
-  factor after which actual solves on a sample of rows leave the least output error (`solved_shrink`;
-  the estimate itself is blind to error updates pushing weights past a shrunken range);
+  factor that minimises an estimate (`clip_ranges`) or, with the "solve" objective, after which actual
+  solves of a sample of rows leave the least output error (`solved_shrink`);
 - the bit target counted on *stored* weights: with sparsity only the weights the mask keeps carry
   codes, so each channel is priced by its predicted count of kept weights;
 - two allocators under that target: `budget` (the unconstrained optimum of the error model, a greedy
@@ -150,9 +150,10 @@ def solved_shrink(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, wid
     solve, but the solve rounds them after the error updates of earlier columns (and, with sparsity, of the
     pruned weights) have moved them, often past a shrunken range, where they are clamped. Measured on
     opt-mini (experiments/clip_true_error.py), a factor of 0.8 that both estimates favour multiplied a
-    Linear's true output error by up to 6 (attention k/q, 3 bits, with or without sparsity). Rows are solved independently (apart from an unstructured mask's threshold,
-    which a sample of rows estimates), so a sample prices a factor at a fraction of a full solve; the search
-    still costs one such solve per width and factor."""
+    Linear's true output error by up to 6 (attention k/q, 3 bits, with or without sparsity). Rows are solved
+    independently (apart from an unstructured mask's threshold, which a sample of rows estimates), so a
+    sample prices a factor at a fraction of a full solve; the search still costs one such solve per width
+    and factor."""
     rows = weight.shape[0]
     pick = torch.arange(rows) if rows <= sample_rows else torch.linspace(0, rows - 1, sample_rows).round().long()
     pick = pick.to(weight.device)

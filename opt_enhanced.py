@@ -222,7 +222,8 @@ def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, k
     linears = find_linears(layer)
     keys = sorted({shared.get(n, n) for n in names})
     solvers = {k: SparseGPT(linears[k].in_features, dev, name=prefix + k) for k in keys}
-    feed_inputs(layer, {k: linears[k] for k in keys}, lambda k, x: solvers[k].add_batch(x), hidden, kwargs, cfg.batch_size)
+    feed_inputs(layer, {k: linears[k] for k in keys}, lambda k, x: solvers[k].add_batch(x), hidden, kwargs,
+                cfg.batch_size)
     distributed.reduce_hessians(solvers)  # under torchrun `hidden` is this rank's shard of the windows
     return solvers
 
