@@ -197,12 +197,10 @@ def share_linears(names: list[str], linears: dict[str, nn.Linear], owners: dict[
     """After each rank solved its own Linears (`solved`: name -> its record, tensors anywhere): every
     rank gets every compressed weight, in place, and every record, with its tensors on the CPU."""
     mine = {n: tuple(_to_cpu(v) for v in record) for n, record in solved.items()}
-    gathered: list[dict[str, tuple] | None] = [None] * size()
     with collective("sharing the compressed weights"):
         for n in names:
             dist.broadcast(linears[n].weight.data, src=owners[n])
-        dist.all_gather_object(gathered, mine)
-    records = {n: r for part in gathered for n, r in part.items()}
+    records = {n: r for part in gather(mine) for n, r in part.items()}
     return {n: records[n] for n in names}
 
 
