@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from modelutils import model_source
 from runtime import atomic_file
 
 DATASETS = ("wikitext2", "ptb", "c4")
@@ -65,8 +66,9 @@ class DataError(ValueError):
 
 def get_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The model's fast (Rust) tokenizer: the same ids as the slow one the reference used, many times faster.
-    DataError if it cannot be loaded or encodes text to nothing (its files missing)."""
-    source = os.path.expanduser(model) if os.path.isdir(os.path.expanduser(model)) else model
+    FileNotFoundError for a local path that is not a model directory (modelutils.model_source); DataError if
+    it cannot be loaded or encodes text to nothing (its files missing)."""
+    source = model_source(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
     except Exception as e:  # OSError (offline, unknown id), or a damaged tokenizer file (ValueError, JSON errors)
