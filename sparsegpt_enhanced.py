@@ -105,8 +105,8 @@ class SparseGPT:
             x = x.float()
         # X^T X is symmetric: wide inputs fill only the strips of `strip` rows from the diagonal rightwards
         # (about half the products at OPT-175B's fc2), and the first read mirrors the rest.
-        b = self.strip if self.columns > self.strip else self.columns
-        self._lower_missing = self._lower_missing or b < self.columns
+        b = min(self.strip, self.columns)
+        self._lower_missing |= b < self.columns
         for i in range(0, self.columns, b):
             rows = self._xtx[i:i + b, i:]
             if mixed:
