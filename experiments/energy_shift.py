@@ -13,7 +13,7 @@ uniform hedge (ERROR_SHRINKAGE) is.
 import torch
 
 import datautils
-from modelutils import find_linears, hook_inputs, load_opt
+from modelutils import find_linears, load_opt
 from sweeplib import C, D, M, TEXTS, dev, tok
 
 SEQLEN = 2048
@@ -28,7 +28,8 @@ def windows(ids: torch.Tensor, n: int) -> torch.Tensor:
 def energies(model, linears: dict, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """(windows, columns) mean x_j^2 per window, for each Linear input."""
     out = {k: [] for k in linears}
-    handles = hook_inputs(linears, lambda k, x: out[k].append((x.double() ** 2).reshape(-1, x.shape[-1]).mean(0)))
+    sink = lambda k, x: out[k].append((x.double() ** 2).reshape(-1, x.shape[-1]).mean(0))
+    handles = [m.register_forward_pre_hook(lambda _m, inp, k=k: sink(k, inp[0])) for k, m in linears.items()]
     for w in ids:
         model(w[None].to(dev))
     for h in handles:
