@@ -58,9 +58,6 @@ class MixedPrecision:
     # columns), "uncompensated" (each column's error at its full cost H_jj), or "solve": the output error
     # an actual solve at that width leaves on a sample of rows (`solved_shrink`).
     clip_objective: str = "uncompensated"
-    # Which weights the error model rounds: the dense ones, with the mask rule's prediction of which are kept,
-    # or ("pruned") those a prune-only solve leaves, nearer to what the joint solve rounds, with its mask.
-    error_model: str = "dense"
     drift_correction: bool = True  # carry each Linear's stored-bit surplus or deficit to the next
 
 
@@ -184,19 +181,15 @@ def choose_shrink(model, widths: list[int], factors: tuple[float, ...], objectiv
 
 def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, base_bits: int, sym: bool,
                   groupsize: int, blocksize: int, percdamp: float, order: torch.Tensor | None, mp: MixedPrecision,
-                  row_weight: torch.Tensor | None = None, fused: bool = True,
-                  pruned: torch.Tensor | None = None) -> ChannelCosts:
+                  row_weight: torch.Tensor | None = None, fused: bool = True) -> ChannelCosts:
     """Each channel's importance, its estimated error at each width and its stored-weight count.
 
     The cost the allocators minimise is importance_j * error_j(b): the five metrics weigh an error
     whose size and shape across widths come from the Hessian and the grid. With `row_weight` (each
     output's cost to the model's loss) errors are in units of loss and comparable across Linears;
-    quantile's ranking is then scaled by the Linear's mean error at the base width. `pruned`: the weights a
-    prune-only solve leaves, which the error model rounds instead of the dense ones (their zeros are its mask)
-    with `mp.error_model` "pruned"."""
+    quantile's ranking is then scaled by the Linear's mean error at the base width."""
     _, imp = importance(weight, solver, base_bits, sym, groupsize, percdamp, mp.importance_weights)
-    rounded = pruned if mp.error_model == "pruned" and pruned is not None else weight
-    model = solver.rounding_model(rounded, prune, sym, groupsize, blocksize, percdamp, order, row_weight)
+    model = solver.rounding_model(weight, prune, sym, groupsize, blocksize, percdamp, order, row_weight)
     options = sorted(mp.options)
     if mp.clip and mp.clip_objective == "solve":
         shrink = solved_shrink(weight, solver, prune, options, mp.clip_factors, sym, groupsize, blocksize, percdamp,

@@ -88,7 +88,6 @@ class RunConfig:
     clip_objective: str = MixedPrecision.clip_objective
     clip_min: float = bitalloc.CLIP_MIN
     row_ranges: str = "dense"
-    error_model: str = MixedPrecision.error_model
     error_shrinkage: float = MixedPrecision.error_shrinkage
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
@@ -133,18 +132,11 @@ class RunConfig:
         return self.clip == "width" or (self.clip == "auto" and self.mixed)
 
     @property
-    def searches_row_ranges(self) -> bool:
-        """Whether each row's range is chosen by trial solves (row_ranges.py): asked for, or by default in mixed
-        runs; per-row grids only (grouped ranges follow the solve already)."""
-        asked = self.row_ranges == "search" or (self.row_ranges == "auto" and self.mixed)
-        return asked and self.quantize and self.groupsize <= 0 and not (self.gmp or self.nearest)
-
-    @property
     def mixed_precision(self) -> MixedPrecision:
         return MixedPrecision(self.target_avg_bits, tuple(self.bit_options), self.bit_method, self.bit_scope,
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
                               clip=self.clipped, clip_factors=bitalloc.clip_factors(self.clip_min),
-                              clip_objective=self.clip_objective, error_model=self.error_model)
+                              clip_objective=self.clip_objective)
 
     def selected(self, layer: int, name: str) -> bool:
         """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""
@@ -238,15 +230,12 @@ def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, k
     return solvers
 
 
-def channel_costs(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig, row_weight: torch.Tensor | None = None,
-                  pruned: torch.Tensor | None = None) -> bitalloc.ChannelCosts:
-    """The mixed-precision costs of one Linear's channels, with the run's solve settings. `pruned`: the weights
-    a prune-only solve leaves (solved here if the error model needs them and they are not given)."""
+def channel_costs(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig,
+                  row_weight: torch.Tensor | None = None) -> bitalloc.ChannelCosts:
+    """The mixed-precision costs of one Linear's channels, with the run's solve settings."""
     order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
-    if pruned is None and cfg.error_model == "pruned":
-        pruned = row_ranges.prune_only(weight, solver, cfg.prune, cfg.blocksize, cfg.percdamp, order, not cfg.no_fused)
     return bitalloc.channel_costs(weight, solver, cfg.prune, cfg.wbits, cfg.sym, cfg.groupsize, cfg.blocksize,
-                                  cfg.percdamp, order, cfg.mixed_precision, row_weight, not cfg.no_fused, pruned)
+                                  cfg.percdamp, order, cfg.mixed_precision, row_weight, not cfg.no_fused)
 
 
 def selected_names(layer: nn.Module, i: int, cfg: RunConfig) -> list[str]:
@@ -448,12 +437,8 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
     shrink: dict[int, float] = {}
     if cfg.quantize:
         bits = torch.full((columns,), cfg.wbits, dtype=torch.int64)
-    pruned = None  # the weights a prune-only solve leaves, for the error model and the row-range search
-    if solver is not None and (cfg.searches_row_ranges or (cfg.mixed and cfg.error_model == "pruned")):
-        pruned = row_ranges.prune_only(W, solver, cfg.prune, cfg.blocksize, cfg.percdamp,
-                                       solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order), not cfg.no_fused)
     if cfg.mixed:
-        costs = channel_costs(W, solver, cfg, plan.sensitivity.get(name), pruned)
+        costs = channel_costs(W, solver, cfg, plan.sensitivity.get(name))
         imp_range = (costs.importance.min().item(), costs.importance.max().item())
         shrink = costs.shrink
         if name in plan.widths:
@@ -482,9 +467,9 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
             Q = grid.round(Q, bits)
     else:
         order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order, bits)
-        if cfg.searches_row_ranges:
-            grid = row_ranges.search_row_ranges(W, pruned, solver, cfg.prune, bits, cfg.sym, cfg.blocksize,
-                                                cfg.percdamp, order, shrink, cfg.scale_dtype, not cfg.no_fused)
+        if cfg.row_ranges == "search":
+            grid = row_ranges.search_row_ranges(W, solver, cfg.prune, bits, cfg.sym, cfg.blocksize, cfg.percdamp,
+                                                order, shrink, cfg.scale_dtype, not cfg.no_fused)
         result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order, not cfg.no_fused)
         Q, mask, error, damping = result.weight, result.mask, result.error, solver.inverse_factor(cfg.percdamp, order).percdamp
     linear.weight.data = Q.to(W.dtype)
@@ -828,10 +813,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
             cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width") or \
             cfg.clip_objective not in ("solver", "uncompensated", "solve") or \
-            cfg.row_ranges not in ("auto", "dense", "search") or cfg.error_model not in ("dense", "pruned"):
+            cfg.row_ranges not in ("dense", "search"):
         raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
                          "--clip auto|none|width, --clip_objective solver|uncompensated|solve, --row_ranges "
-                         "auto|dense|search, --error_model dense|pruned")
+                         "dense|search")
     if not 0 < cfg.clip_min <= 1:
         raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
                          f"the clip search tries, e.g. 0.5")
@@ -986,13 +971,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="the loss that picks each width's range factor: the output error of actual solves on a sample "
                         "of rows (solve), the solver's estimate, or each column's error at its full cost H_jj")
     p.add_argument("--clip_min", type=float, help="the smallest range factor the clip search tries (1 = min-max only)")
-    p.add_argument("--row_ranges", choices=("auto", "dense", "search"),
+    p.add_argument("--row_ranges", choices=("dense", "search"),
                    help="each row's quantization range: from the dense weights (the reference), or chosen by trial "
-                        "solves among that range and the pruned weights' range, each scaled by 1/0.9/0.8 (search; no "
-                        "extra bits, a few solves more); auto = search for mixed precision, dense for uniform runs")
-    p.add_argument("--error_model", choices=("dense", "pruned"),
-                   help="the weights mixed precision's error model rounds: the dense ones (the kept ones predicted by "
-                        "the mask rule) or those a prune-only solve leaves, with its mask")
+                        "solves among that range and (with pruning) the pruned weights' range, each scaled by 1/0.9/0.8 "
+                        "(search: no extra bits, six or seven solves per Linear)")
     p.add_argument("--error_shrinkage", type=float, help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
                         "text the calibration data does not excite)")
     p.add_argument("--bit_options", type=_list(int), help="allowed widths, e.g. 2,3,4,6,8")

@@ -1,12 +1,16 @@
-"""Each row's quantization range chosen by actual solves (`--row_ranges search`).
+"""Each row's quantization range chosen by actual solves (`--row_ranges search`; off by default).
 
 The reference grid takes each row's range from the dense weights before solving. With sparsity the
-solve then moves the kept weights a long way (each pruned weight's error is pushed onto them), past that
-range, where they are clamped: on opt-mini's first layers this alone made some Linears' 4-bit rounding
-error larger than their pruning error. A row's range is stored whatever its value, so choosing it better
-costs no bits. Candidates: the range of the dense weights and (with pruning) of the weights as a
-prune-only solve leaves them, each scaled by a few factors; each row keeps the candidate after which an
-actual solve left it the least output error (w_i - q_i)^T X^T X (w_i - q_i).
+solve then moves the kept weights (each pruned weight's error is pushed onto them) past that range, where
+they are clamped: on opt-mini's first layers this alone made some Linears' 4-bit rounding error larger than
+their pruning error. A row's range is stored whatever its value, so choosing it better costs no bits.
+Candidates: the range of the dense weights and (with pruning) of the weights as a prune-only solve leaves
+them, each scaled by a few factors; each row keeps the candidate after which an actual solve left it the
+least output error (w_i - q_i)^T X^T X (w_i - q_i) on the calibration inputs.
+
+It fits the calibration text closer, which is not always better elsewhere: measured on opt-mini it wins
+3-bit GPTQ by 2 perplexity on WikiText-2 and C4 and loses PTB at 50% sparsity (BENCHMARKS.md), so it is
+not a default.
 
 Model-agnostic like the solver: a weight matrix, its solver and the solve settings.
 """
@@ -19,7 +23,7 @@ import torch
 from quant import QuantGrid
 from sparsegpt_enhanced import PruneSpec, SparseGPT
 
-RANGE_FACTORS = (1.0, 0.9, 0.8)  # each candidate range scaled by these (chosen on validation text: BENCHMARKS.md)
+RANGE_FACTORS = (1.0, 0.9, 0.8)  # each candidate range is also tried scaled by these
 
 
 def candidate_grids(weight: torch.Tensor, sources: list[torch.Tensor], sym: bool, shrink: dict[int, float],
@@ -32,26 +36,19 @@ def candidate_grids(weight: torch.Tensor, sources: list[torch.Tensor], sym: bool
     return grids
 
 
-def prune_only(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, blocksize: int, percdamp: float,
-               order: torch.Tensor | None, fused: bool = True) -> torch.Tensor | None:
-    """The weights as a solve without quantization leaves them (pruned ones zero); None without pruning."""
-    if not prune.active:
-        return None
-    return solver.fasterprune(weight, prune, None, None, blocksize, percdamp, order, fused).weight
-
-
-def search_row_ranges(weight: torch.Tensor, pruned: torch.Tensor | None, solver: SparseGPT, prune: PruneSpec,
-                      bits: torch.Tensor, sym: bool, blocksize: int, percdamp: float, order: torch.Tensor | None,
-                      shrink: dict[int, float], scale_dtype: torch.dtype | None = None, fused: bool = True,
+def search_row_ranges(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, bits: torch.Tensor, sym: bool,
+                      blocksize: int, percdamp: float, order: torch.Tensor | None, shrink: dict[int, float],
+                      scale_dtype: torch.dtype | None = None, fused: bool = True,
                       factors: tuple[float, ...] = RANGE_FACTORS) -> QuantGrid:
     """The per-row grid (no groups) whose row i has the candidate range after which a solve at `bits` left
-    row i the least output error. `pruned`: `prune_only`'s weights (None without pruning). Costs one solve
-    per candidate.
+    row i the least output error. Costs one solve per candidate, and a prune-only solve with pruning.
 
     Rows are solved independently, except that an unstructured mask is chosen per block over all rows, so
     the combined grid's solve differs slightly from each candidate's in the rows' masks."""
     W = weight.float()
-    sources = [W] if pruned is None else [W, pruned.float()]
+    sources = [W]
+    if prune.active:
+        sources.append(solver.fasterprune(W, prune, None, None, blocksize, percdamp, order, fused).weight)
     grids = candidate_grids(W, sources, sym, shrink, scale_dtype, factors)
     errors = []
     for grid in grids:

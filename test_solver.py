@@ -57,7 +57,8 @@ def textbook_quantize(x: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, b
 
 def textbook_solve(W: torch.Tensor, X: torch.Tensor, *, sparsity: float = 0.0, prunen: int = 0, prunem: int = 0,
                    bits: list[int] | None = None, sym: bool = False, groupsize: int = -1, blocksize: int = 16,
-                   percdamp: float = 0.01, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   percdamp: float = 0.01, shrink: float = 1.0, ranges: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(weights, pruned mask, rows that met a rounding tie) by the published column loop, in float64, with no lazy batching:
 
     H = 2/n X^T X; dead channels (H_jj = 0) get H_jj = 1 and zero weights; H += percdamp * mean(diag H) * I;
@@ -65,15 +66,17 @@ def textbook_solve(W: torch.Tensor, X: torch.Tensor, *, sparsity: float = 0.0, p
     unstructured mask prunes exactly floor(sparsity * numel) of the block's weights with the smallest
     w^2 / U_jj^2 (weights as they are then); N:M prunes the prunen smallest scores of every prunem columns
     when the group is reached; groups take their range from the current (error-updated) weights when
-    their first column is reached; each range is scaled by `shrink`; then q = Q(w or 0), err = (w - q) / U_jj,
-    W[:, j:] -= err U[j, j:]."""
+    their first column is reached; `ranges` (xmin, xmax per row), if given, replace the dense weights' ones;
+    each range is scaled by `shrink`; then q = Q(w or 0), err = (w - q) / U_jj, W[:, j:] -= err U[j, j:]."""
     W = W.double().clone()
     X = X.double().reshape(-1, X.shape[-1])
     rows, columns = W.shape
     H = 2 / X.shape[0] * X.t() @ X
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    ranges = textbook_range(W, sym) if bits is not None and groupsize <= 0 else None  # dense W, before dead zeroing
+    if ranges is None and bits is not None and groupsize <= 0:
+        ranges = textbook_range(W, sym)  # dense W, before dead zeroing
+    ranges = None if ranges is None else (ranges[0].double(), ranges[1].double())
     W[:, dead] = 0
     H += percdamp * torch.diag(H).mean() * torch.eye(columns, dtype=torch.float64)
     U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
