@@ -20,7 +20,7 @@ The pieces:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -152,23 +152,25 @@ def solved_shrink(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, wid
     opt-mini (experiments/clip_true_error.py), a factor of 0.8 that both estimates favour multiplied a
     Linear's true output error by up to 6 (attention k/q, 3 bits, with or without sparsity). Rows are solved
     independently (apart from an unstructured mask's threshold, which a sample of rows estimates), so a
-    sample prices a factor at a fraction of a full solve; the search still costs one such solve per width
-    and factor."""
+    sample prices a factor at a fraction of a full solve. Each width is one solve: the sample stacked once
+    per factor, each copy on its own scaled ranges and with its own mask (`row_groups`)."""
     rows = weight.shape[0]
     pick = torch.arange(rows) if rows <= sample_rows else torch.linspace(0, rows - 1, sample_rows).round().long()
     pick = pick.to(weight.device)
     W = weight[pick].float()
     r = None if row_weight is None else row_weight.to(W.device)[pick].float()
+    copies = len(factors)
+    stacked = W.repeat(copies, 1)
+    scale = torch.tensor(factors, device=W.device).repeat_interleave(W.shape[0])[:, None]
     shrink: dict[int, float] = {}
     for b in widths:
+        grid = replace(QuantGrid.for_weight(stacked, sym, groupsize), row_scale=scale)
         bits = torch.full((W.shape[1],), b, dtype=torch.int64)
-        losses = []
-        for f in factors:
-            grid = QuantGrid.for_weight(W, sym, groupsize, {b: f} if f != 1.0 else {})
-            D = W - solver.fasterprune(W, prune, grid, bits, blocksize, percdamp, order, fused).weight
-            per_row = ((D @ solver.xtx) * D).sum(1)  # X^T X, not H: one factor for every f, no n x n copy
-            losses.append(float(per_row.sum() if r is None else (per_row * r).sum()))
-        best = factors[min(range(len(factors)), key=losses.__getitem__)]
+        D = stacked - solver.fasterprune(stacked, prune, grid, bits, blocksize, percdamp, order, fused,
+                                         row_groups=copies).weight
+        per_row = ((D @ solver.xtx) * D).sum(1).view(copies, -1)  # X^T X, not H: one factor for every f
+        losses = per_row.sum(1) if r is None else (per_row * r).sum(1)
+        best = factors[int(torch.argmin(losses))]
         if best != 1.0:
             shrink[b] = best
     return shrink

@@ -82,6 +82,7 @@ class QuantGrid:
     xmax: torch.Tensor
     shrink: dict[int, float] = field(default_factory=dict)  # width -> factor on the range; absent = 1
     scale_dtype: torch.dtype | None = None  # precision the scales are stored in; None = fp32
+    row_scale: torch.Tensor | None = None  # (rows, 1) factor on each row's ranges: copies of rows on scaled grids
 
     @classmethod
     def for_weight(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None,
@@ -117,6 +118,8 @@ class QuantGrid:
         if self.shrink:
             factor = torch.tensor([self.shrink.get(b, 1.0) for b in range(MAX_WIDTH + 1)], device=bits.device)
             xmin, xmax = xmin * factor[bits], xmax * factor[bits]
+        if self.row_scale is not None:
+            xmin, xmax = xmin * self.row_scale, xmax * self.row_scale
         scale, zero = grid_params(xmin, xmax, maxq, self.sym, self.scale_dtype)
         return scale, zero, maxq
 

@@ -182,10 +182,15 @@ class SparseGPT:
         percdamp: float = 0.01,
         order: torch.Tensor | None = None,
         fused: bool = True,
+        row_groups: int = 1,
     ) -> SolveResult:
         """Prune and/or quantize `weight` column by column (in `order`, default as stored), pushing
         each column's error onto the columns not yet processed through H^-1 (OBS update), in lazy
-        blocks of `blocksize`."""
+        blocks of `blocksize`.
+
+        `row_groups` > 1 solves that many equal slices of the rows as separate matrices in one pass (the
+        unstructured mask is chosen within each slice; everything else is per row already): stacked copies
+        of one matrix, e.g. on different grids, cost one solve instead of one each."""
         factor = self.inverse_factor(percdamp, order)
         W = weight.float().clone()
         if order is not None:
@@ -205,7 +210,7 @@ class SparseGPT:
                 grid.fill_groups(W, i1, i2)
                 params = grid.column_params(i1, i2, bits_per_column[i1:i2])
             Q1, Err1, mask[:, i1:i2], block_error = solve_block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], prune, params,
-                                                                fused)
+                                                                fused, row_groups)
             W[:, i1:i2] = Q1
             W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
             error += block_error
@@ -370,13 +375,15 @@ def solve_order(hessian_diag: torch.Tensor, act_order: bool, bits: torch.Tensor 
     return torch.argsort(key, descending=True, stable=True)
 
 
-def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Exactly floor(numel * sparsity) weights of the block with the smallest OBS score w^2 / d^2."""
-    score = (W1 ** 2 / d[None, :] ** 2).flatten()
+def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, row_groups: int = 1) -> torch.Tensor:
+    """Exactly floor(numel * sparsity) weights of the block with the smallest OBS score w^2 / d^2 (of each of
+    `row_groups` equal slices of its rows, with more than one)."""
+    score = (W1 ** 2 / d[None, :] ** 2).reshape(row_groups, -1)
     mask = torch.zeros_like(score, dtype=torch.bool)
-    k = int(score.numel() * sparsity)
-    if k > 0:
-        mask[torch.sort(score).indices[:k]] = True  # a radix sort: far faster than topk for k ~ numel/2
+    k = int(score.shape[1] * sparsity)
+    if k > 0:  # a radix sort: far faster than topk for k ~ numel/2
+        order = torch.sort(score[0]).indices[None] if row_groups == 1 else torch.sort(score, dim=1).indices
+        mask.scatter_(1, order[:, :k], True)
     return mask.view(W1.shape)
 
 
@@ -386,13 +393,14 @@ def solve_block(
     prune: PruneSpec,
     params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     fused: bool = True,
+    row_groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One block: its unstructured mask, then the sequential column loop, as one Triton kernel
     launch on CUDA (`kernels.py`) or in plain PyTorch. Returns (Q1, Err1, mask1, error) with the
     error as a 0-d tensor, so that the caller syncs once, not once per block."""
     d = torch.diag(U1)
     if prune.prunen == 0 and prune.sparsity > 0:
-        mask1 = unstructured_mask(W1, d, prune.sparsity)
+        mask1 = unstructured_mask(W1, d, prune.sparsity, row_groups)
     else:
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
     if fused and W1.is_cuda and kernels.is_available() and kernels.supports(W1.shape[1], prune.prunen, prune.prunem):

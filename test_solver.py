@@ -7,6 +7,7 @@ from the code under test. CPU, well under a second each. Run: python -m pytest -
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,6 +170,28 @@ def test_solver_matches_the_textbook_column_loop(name, scale):
     sparsity = settings.get("sparsity", 0.0)
     if sparsity:
         assert int(result.mask.sum()) == 3 * int(24 * 16 * sparsity)  # exactly floor(sparsity * numel) per block
+
+
+@pytest.mark.parametrize("name", ["50% + 4-bit", "2:4 + 3-bit", "50% + 3-bit, groups of 32 (two blocks each)"])
+def test_stacked_copies_on_scaled_ranges_solve_as_separate_matrices(name):
+    """`row_groups`: copies of W stacked as rows, each on its ranges times its own factor (`row_scale`), come
+    out as the textbook's separate solves, each copy with its own unstructured mask."""
+    settings = CASES[name]
+    W = torch.randn(24, 48, generator=torch.Generator().manual_seed(1))
+    X = correlated_inputs(400, 48, seed=2)
+    factors = (1.0, 0.8, 0.6)
+    stacked = W.repeat(len(factors), 1)
+    solver = SparseGPT(48)
+    solver.add_batch(X)
+    grid = QuantGrid.for_weight(stacked, False, settings.get("groupsize", -1))
+    grid.row_scale = torch.tensor(factors).repeat_interleave(24)[:, None]
+    prune = PruneSpec(settings.get("sparsity", 0.0), settings.get("prunen", 0), settings.get("prunem", 0))
+    result = solver.fasterprune(stacked, prune, grid, torch.tensor(settings["bits"]), 16, 0.01, fused=False,
+                                row_groups=len(factors))
+    for c, f in enumerate(factors):
+        copy = SimpleNamespace(weight=result.weight[24 * c:24 * (c + 1)], mask=result.mask[24 * c:24 * (c + 1)])
+        assert_matches_textbook(copy, textbook_solve(W, X, blocksize=16, shrink=f, **settings),
+                                grid_step(W, settings["bits"]))
 
 
 @pytest.mark.xfail(strict=True, reason="a group that starts inside a lazy block takes its range from the weights "
