@@ -57,7 +57,7 @@ class MixedPrecision:
     # Which loss picks each width's range factor: the solver's estimate (errors partly absorbed by later
     # columns), "uncompensated" (each column's error at its full cost H_jj), or "solve": the output error
     # an actual solve at that width leaves on a sample of rows (`solved_shrink`).
-    clip_objective: str = "uncompensated"
+    clip_objective: str = "solve"
     drift_correction: bool = True  # carry each Linear's stored-bit surplus or deficit to the next
 
 
