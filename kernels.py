@@ -31,10 +31,9 @@ all-zero (dead) columns.
 
 Compilations: Triton compiles the kernel once per distinct set of constexprs (column chunking,
 steps, N:M or not, mask, quantization, the row tile) and specialisation of `count` and U's strides,
-and keeps each on disk. A run compiles one variant, two where its Linears' row counts straddle the
-row tile's switch at 4096 rows (OPT-1.3B to 6.7B: fc1), and one more for a ragged last block
-(columns not a multiple of the blocksize); `variant` spells the key out and test_kernels counts it
-for the OPT shapes. The row count and N (of N:M) are runtime arguments, not specialised. One
+and keeps each on disk. A run compiles one variant, and one more for a ragged last block (columns not
+a multiple of the blocksize); `variant` spells the key out and test_kernels counts it for the OPT
+shapes. The row count and N (of N:M) are runtime arguments, not specialised. One
 compilation for sm_90 took 9-13 s of CPU on the 2-core development machine (Triton's compiler runs
 without a GPU); over 90% of its TTGIR stage is Triton's coalescing pass, which walks the whole
 unrolled kernel (~2300 TTIR ops) once for each of its ~170 loads and stores.
@@ -111,11 +110,12 @@ def _default_config(rows: int, cw: int, nch: int) -> tuple[int, int]:
     Triton lays a (BLOCK_R, CW) fp32 tile out as 4 columns per thread and CW / 4 threads per row,
     so a warp covers 128 / CW rows. The column loop is latency-bound, so one-warp programs with
     one row per thread (the most programs, the shortest chain per column) are fastest for the
-    widths of small models; from a few thousand rows on, two rows per thread amortise the per-
-    column latency better (0.22 vs 0.26 ms per block at 12288 rows).
+    widths of small models. From a few thousand rows on two rows per thread were a little faster
+    (0.22 against 0.26 ms per block at 12288 rows), but switching by row count made every model
+    whose Linears straddle the switch (OPT-1.3B to 6.7B) compile a second variant on its first run,
+    seconds against milliseconds per layer (`python test_kernels.py --row-tiles`): one tile for all.
     """
-    rows_per_warp = max(1, 128 // cw)
-    return rows_per_warp * (2 if rows > 4096 else 1), 1
+    return max(1, 128 // cw), 1
 
 
 # The kernel's integer arguments, in order. Triton specialises on each (one compilation for the value 1, one

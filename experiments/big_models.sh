@@ -10,6 +10,8 @@ for run in first warm; do
   CUDA_VISIBLE_DEVICES=0 /usr/bin/time -f "wall %e s" python3 opt_enhanced.py /tmp/opt-1.3b-random c4 --data_dir $D \
     --cache_dir /tmp/c13 --sparsity 0.5 --wbits 4 --results_json $OUT/opt13_$run.json
 done
+/usr/bin/time -f "import opt_enhanced: wall %e s" python3 -c "import opt_enhanced"
+CUDA_VISIBLE_DEVICES=0 python3 test_kernels.py --row-tiles
 CUDA_VISIBLE_DEVICES=0 python3 bench.py --synthetic opt-175b --layers 4 --offload --json $OUT/o175_1gpu.json
 CUDA_VISIBLE_DEVICES=0 python3 bench.py --synthetic opt-175b --layers 4 --offload --no-overlap --json $OUT/o175_inline.json
 CUDA_VISIBLE_DEVICES=0 python3 bench.py --synthetic opt-175b --layers 4 --stream --json $OUT/s175_1gpu.json
