@@ -17,12 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import opt_enhanced as oe  # noqa: E402
 import row_ranges  # noqa: E402
-from modelutils import capture_layer_inputs, decoder_layers, find_linears, forward_layer  # noqa: E402
+from layer_probe import first_linears  # noqa: E402
 from quant import QuantGrid  # noqa: E402
-from runtime import Stages  # noqa: E402
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,37 +29,24 @@ def main() -> None:
     p.add_argument("--model", default=".local/opt-mini")
     p.add_argument("--data_dir", default=".local/data")
     args = p.parse_args()
-    cfg = oe.parse_args([args.model, "c4", "--data_dir", args.data_dir, "--sparsity", args.sparsity, "--wbits", "4",
-                         "--nsamples", args.nsamples])
-    dev = torch.device("cpu")
-    model = oe.load_opt(cfg.model, True)
-    _, _, calibration, _ = oe.tokenize(cfg, Stages(dev))
-    hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
-    shared = oe.decoder_of(model).shared_input
     remains: dict[int, list[float]] = {3: [], 4: []}
-    for i, layer in enumerate(decoder_layers(model)[:args.layers]):
-        linears = find_linears(layer)
-        solvers = oe.collect_hessians(layer, list(linears), hidden, kwargs, cfg, dev, shared)
-        for name, linear in linears.items():
-            solver = solvers[shared.get(name, name)]
-            W = linear.weight.data.float()
+    for i, name, W, solver, cfg in first_linears(args.model, args.data_dir, args.sparsity, 4, args.nsamples,
+                                                 args.layers):
+        def error(grid, bits) -> float:
+            D = W - solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, None, False).weight
+            return float(((D @ solver.xtx) * D).sum())
 
-            def error(grid, bits) -> float:
-                D = W - solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, None, False).weight
-                return float(((D @ solver.xtx) * D).sum())
-
-            pruning = error(None, None)
-            cells = []
-            for b in (3, 4):
-                bits = torch.full((W.shape[1],), b)
-                reference = error(QuantGrid.for_weight(W, cfg.sym, 0), bits)
-                searched = error(row_ranges.search_row_ranges(W, solver, cfg.prune, bits, cfg.sym, cfg.blocksize,
-                                                              cfg.percdamp, None, {}, fused=False), bits)
-                share = (searched - pruning) / (reference - pruning)
-                remains[b].append(share)
-                cells.append(f"{b} bits: {share:.3f}")
-            print(f"layer {i} {name:18s} " + "  ".join(cells), flush=True)
-        forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
+        pruning = error(None, None)
+        cells = []
+        for b in (3, 4):
+            bits = torch.full((W.shape[1],), b)
+            reference = error(QuantGrid.for_weight(W, cfg.sym, 0), bits)
+            searched = error(row_ranges.search_row_ranges(W, solver, cfg.prune, bits, cfg.sym, cfg.blocksize,
+                                                          cfg.percdamp, None, {}, fused=False), bits)
+            share = (searched - pruning) / (reference - pruning)
+            remains[b].append(share)
+            cells.append(f"{b} bits: {share:.3f}")
+        print(f"layer {i} {name:18s} " + "  ".join(cells), flush=True)
     for b, shares in remains.items():
         print(f"{b} bits: mean share remaining {sum(shares) / len(shares):.3f} over {len(shares)} Linears")
 

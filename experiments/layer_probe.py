@@ -1,0 +1,36 @@
+"""The Linears of opt-mini's first layers with their solvers, for the CPU probes here (clip_true_error.py,
+row_range_error.py): each layer is fed the uncompressed model's activations, its Hessians collected as a
+run collects them."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import opt_enhanced as oe  # noqa: E402
+from modelutils import capture_layer_inputs, decoder_layers, find_linears, forward_layer  # noqa: E402
+from runtime import Stages  # noqa: E402
+from sparsegpt_enhanced import SparseGPT  # noqa: E402
+
+
+def first_linears(model_dir: str, data_dir: str, sparsity: str, wbits: int, nsamples: str, layers: int
+                  ) -> Iterator[tuple[int, str, torch.Tensor, SparseGPT, oe.RunConfig]]:
+    """(layer index, Linear name, its weight in fp32, its solver, the run's settings) for every Linear of the
+    first `layers` decoder layers, on the CPU."""
+    cfg = oe.parse_args([model_dir, "c4", "--data_dir", data_dir, "--sparsity", sparsity, "--wbits", str(wbits),
+                         "--nsamples", nsamples])
+    dev = torch.device("cpu")
+    model = oe.load_opt(cfg.model, True)
+    _, _, calibration, _ = oe.tokenize(cfg, Stages(dev))
+    hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
+    shared = oe.decoder_of(model).shared_input
+    for i, layer in enumerate(decoder_layers(model)[:layers]):
+        linears = find_linears(layer)
+        solvers = oe.collect_hessians(layer, list(linears), hidden, kwargs, cfg, dev, shared)
+        for name, linear in linears.items():
+            yield i, name, linear.weight.data.float(), solvers[shared.get(name, name)], cfg
+        forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
