@@ -1,0 +1,50 @@
+"""Which channels a mixed run puts at each width, by how many of their weights the mask kept (BENCHMARKS.md §3).
+
+For every Linear: the share of its input channels at each width and their mean kept-weight count relative to
+the Linear's mean. CPU, a few minutes with a small calibration:
+
+    python experiments/kept_by_width.py --model .local/opt-mini --data_dir .local/data -- \\
+        --sparsity 0.5 --wbits 3 --target_avg_bits 3.0 --bit_method budget --nsamples 16 --seqlen 256
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import datautils  # noqa: E402
+import opt_enhanced as oe  # noqa: E402
+from modelutils import load_opt  # noqa: E402
+from runtime import Log  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=".local/opt-mini")
+    p.add_argument("--data_dir", default=".local/data")
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="opt_enhanced.py flags, after --")
+    args = p.parse_args()
+    flags = [f for f in args.flags if f != "--"]
+    cfg = oe.parse_args([args.model, "c4", "--data_dir", args.data_dir, "--device", "cpu", *flags])
+    oe.validate(cfg)
+    tokenizer = datautils.get_tokenizer(cfg.model)
+    seqlen = cfg.seqlen or 2048
+    calibration = datautils.get_calibration("c4", tokenizer, cfg.nsamples, cfg.seed, seqlen, cfg.data_dir, None)
+    model = load_opt(cfg.model, True)
+    compressed = oe.compress(model, calibration, cfg, torch.device("cpu"), Log(True))
+    modules = dict(model.named_modules())
+    print("width: share of the Linear's channels / their mean kept count relative to the Linear's mean")
+    for stats in compressed.stats:
+        kept = (modules[stats.name].weight.data != 0).sum(0).float()
+        bits = torch.tensor(stats.bits_per_column)
+        cells = [f"{b}: {100 * (bits == b).float().mean():4.1f}% / {kept[bits == b].mean() / kept.mean():.2f}"
+                 for b in sorted(set(bits.tolist()))]
+        print(f"{stats.name:42s} " + "   ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
