@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from quant import QuantGrid, round_to_nearest
-from sparsegpt_enhanced import PruneSpec, SparseGPT
+from sparsegpt_enhanced import PruneSpec, RoundingModel, SparseGPT
 
 # Range factors tried for each width (1 = the min-max range).
 CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
@@ -121,7 +121,7 @@ def importance(weight: torch.Tensor, solver: SparseGPT, base_bits: int, sym: boo
     return metrics, combine_metrics(metrics, weights)
 
 
-def clip_ranges(model, widths: list[int], factors: tuple[float, ...], objective: str = "solver"
+def clip_ranges(model: RoundingModel, widths: list[int], factors: tuple[float, ...], objective: str = "solver"
                 ) -> tuple[dict[int, float], dict[int, torch.Tensor]]:
     """For each width, the range factor with the least estimated loss over the whole matrix (only factors
     below 1 are returned: one number per width and Linear, nothing per row to store), and the per-column
@@ -176,8 +176,18 @@ def solved_shrink(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, wid
     return shrink
 
 
-def choose_shrink(model, widths: list[int], factors: tuple[float, ...], objective: str = "solver") -> dict[int, float]:
-    """The range factor of each width (`clip_ranges` without the losses)."""
+def range_factors(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, widths: list[int],
+                  factors: tuple[float, ...], objective: str, sym: bool, groupsize: int, blocksize: int,
+                  percdamp: float, order: torch.Tensor | None, row_weight: torch.Tensor | None = None,
+                  fused: bool = True, model: RoundingModel | None = None) -> dict[int, float]:
+    """Each width's range factor (only those below 1), by `objective`: actual solves of a row sample ("solve",
+    `solved_shrink`) or an estimate on the rounding model ("uncompensated", "solver": `clip_ranges`; `model`
+    is made here unless given). The one place mixed and uniform runs choose their factors."""
+    if objective == "solve":
+        return solved_shrink(weight, solver, prune, widths, factors, sym, groupsize, blocksize, percdamp, order,
+                             row_weight, fused)
+    if model is None:
+        model = solver.rounding_model(weight, prune, sym, groupsize, blocksize, percdamp, order, row_weight)
     return clip_ranges(model, widths, factors, objective)[0]
 
 
@@ -193,14 +203,9 @@ def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, bas
     _, imp = importance(weight, solver, base_bits, sym, groupsize, percdamp, mp.importance_weights)
     model = solver.rounding_model(weight, prune, sym, groupsize, blocksize, percdamp, order, row_weight)
     options = sorted(mp.options)
-    if mp.clip and mp.clip_objective == "solve":
-        shrink = solved_shrink(weight, solver, prune, options, mp.clip_factors, sym, groupsize, blocksize, percdamp,
-                               order, row_weight, fused)
-        losses = {b: model.loss(b, shrink.get(b, 1.0)) for b in options}
-    elif mp.clip:
-        shrink, losses = clip_ranges(model, options, mp.clip_factors, mp.clip_objective)
-    else:
-        shrink, losses = {}, {b: model.loss(b) for b in options}
+    shrink = range_factors(weight, solver, prune, options, mp.clip_factors, mp.clip_objective, sym, groupsize,
+                           blocksize, percdamp, order, row_weight, fused, model) if mp.clip else {}
+    losses = {b: model.loss(b, shrink.get(b, 1.0)) for b in options}
     error = torch.stack([losses[b] for b in options], 1)
     error = (1 - mp.error_shrinkage) * error + mp.error_shrinkage * error.mean(0, keepdim=True)
     rank = imp if row_weight is None else imp * error[:, options.index(base_bits)].mean()

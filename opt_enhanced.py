@@ -449,14 +449,10 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
             bits = bitalloc.allocate(costs, cfg.mixed_precision, budget.linear_target(planned, kept))
         predicted = code_bits(costs.size.round().long(), bits)  # what the allocator expects to store
     elif cfg.quantize and cfg.clipped and solver is not None:
-        order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
-        factors = bitalloc.clip_factors(cfg.clip_min)
-        if cfg.clip_objective == "solve":
-            shrink = bitalloc.solved_shrink(W, solver, cfg.prune, [cfg.wbits], factors, cfg.sym, cfg.groupsize,
-                                            cfg.blocksize, cfg.percdamp, order, fused=not cfg.no_fused)
-        else:
-            rounding = solver.rounding_model(W, cfg.prune, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp, order)
-            shrink = bitalloc.choose_shrink(rounding, [cfg.wbits], factors, cfg.clip_objective)
+        shrink = bitalloc.range_factors(W, solver, cfg.prune, [cfg.wbits], bitalloc.clip_factors(cfg.clip_min),
+                                        cfg.clip_objective, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp,
+                                        solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order),
+                                        fused=not cfg.no_fused)
     error, damping = 0.0, cfg.percdamp
     grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink, cfg.scale_dtype) if cfg.quantize else None
     if solver is None:  # the baselines: magnitude pruning and/or round-to-nearest

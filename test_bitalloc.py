@@ -143,13 +143,13 @@ def test_predicted_kept_counts_match_the_solvers_mask_where_it_is_chosen_first()
             assert predicted[i:i + first].sum() == (~mask[:, i:i + first]).sum()
 
 
-def test_choose_shrink_takes_the_factor_with_the_least_estimated_loss():
+def test_clip_ranges_take_the_factor_with_the_least_estimated_loss():
     torch.manual_seed(0)
     solver = solver_for(torch.randn(256, 32))
     W = torch.randn(16, 32)
     W[0, 0] = 12.0  # one extreme weight stretches row 0's range
     model = solver.rounding_model(W, PruneSpec(), False, -1)
-    shrink = bitalloc.choose_shrink(model, [2, 8], bitalloc.CLIP_FACTORS)
+    shrink = bitalloc.clip_ranges(model, [2, 8], bitalloc.CLIP_FACTORS)[0]
     for b in (2, 8):
         losses = {f: model.loss(b, f).sum().item() for f in bitalloc.CLIP_FACTORS}
         assert losses[shrink.get(b, 1.0)] == min(losses.values())
@@ -424,5 +424,5 @@ def test_uncompensated_clip_objective_weighs_each_columns_error_by_its_full_cost
         shrink, losses = bitalloc.clip_ranges(model, [b], factors, "uncompensated")
         assert shrink.get(b, 1.0) == best
         assert torch.equal(losses[b], model.loss(b, best))  # the allocators still get the solver's loss
-    assert bitalloc.choose_shrink(model, [2, 3, 4], factors, "uncompensated") != \
-        bitalloc.choose_shrink(model, [2, 3, 4], factors, "solver")
+    assert bitalloc.clip_ranges(model, [2, 3, 4], factors, "uncompensated")[0] != \
+        bitalloc.clip_ranges(model, [2, 3, 4], factors, "solver")[0]
