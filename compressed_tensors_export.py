@@ -26,7 +26,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from export import dense_tensors
+from export import dense_tensors, write_run_record
 from quant import QuantGrid, dequantize
 from runtime import atomic_directory
 
@@ -154,9 +154,7 @@ def export_compressed_tensors(model: nn.Module, grids: dict[str, QuantGrid], bit
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            with open(os.path.join(tmp, "compression.json"), "w") as f:
-                json.dump(extra, f, indent=1, default=str)
+        write_run_record(tmp, extra)
         size = lambda f: os.path.getsize(os.path.join(tmp, f))
         counts: dict[int, int] = {}
         for w in widths.values():

@@ -171,6 +171,14 @@ class ExportReport:
                 f"vs fp16 {self.fp16_bytes / mib:.3f} MiB ({self.fp16_bytes / self.total_bytes:.2f}x smaller)")
 
 
+def write_run_record(directory: str, extra: dict[str, Any] | None) -> None:
+    """The run's config and results (`extra`) as compression.json in an export directory being written, if given.
+    default=str: a stray tuple or Path in them must not lose the export."""
+    if extra is not None:
+        with open(os.path.join(directory, EXTRA), "w") as f:
+            json.dump(extra, f, indent=1, default=str)
+
+
 def dense_tensors(model: nn.Module, packed: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every state_dict tensor but the packed weights. A tensor tied to another (OPT's lm_head and token
     embedding) is stored once and its other name kept as an alias: safetensors refuses shared storage."""
@@ -219,9 +227,7 @@ def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[
         model.config.save_pretrained(tmp)  # config.json
         if tokenizer is not None:  # inside the temporary directory, so the rename publishes it with the rest
             tokenizer.save_pretrained(tmp)
-        if extra is not None:
-            with open(os.path.join(tmp, EXTRA), "w") as f:
-                json.dump(extra, f, indent=1, default=str)  # default=str: a stray tuple/Path must not lose the export
+        write_run_record(tmp, extra)
         size = lambda f: os.path.getsize(os.path.join(tmp, f))
         report = ExportReport(
             packed_bytes=size(PACKED),
