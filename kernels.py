@@ -104,7 +104,7 @@ def supports(count: int, prunen: int = 0, prunem: int = 0) -> bool:
     return count >= 1 and _chunking(count, prunem if prunen > 0 else 0) is not None
 
 
-def _default_config(rows: int, cw: int, nch: int) -> tuple[int, int]:
+def _default_config(cw: int) -> tuple[int, int]:
     """(BLOCK_R, num_warps), from a sweep on an H200 with 128-column blocks (rows 384/1536/12288).
 
     Triton lays a (BLOCK_R, CW) fp32 tile out as 4 columns per thread and CW / 4 threads per row,
@@ -134,7 +134,7 @@ def launch_config(rows: int, count: int, prunen: int, prunem: int, has_mask: boo
     compiles one kernel per distinct set (see `variant`). Assumes `supports(count, prunen, prunem)`."""
     nm = prunen > 0
     cw, nch = _chunking(count, prunem if nm else 0)
-    br, nw = _default_config(rows, cw, nch)
+    br, nw = _default_config(cw)
     return {"BLOCK_R": block_rows or br, "CW": cw, "NCH": nch, "UN": prunem if nm else unroll, "NM": nm,
             "HAS_MASK": not nm and has_mask, "QUANT": quant, "num_warps": num_warps or nw}
 
