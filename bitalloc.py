@@ -46,8 +46,7 @@ class MixedPrecision:
     target: float  # average code bits per stored weight
     options: tuple[int, ...] = (2, 3, 4, 6, 8)
     method: str = "quantile"  # quantile | budget
-    scope: str = "layer"  # layer: each Linear meets the target; model: one allocation over the whole model
-    granularity: str = "channel"  # channel | linear (one width per Linear, q/k/v tied; needs scope model)
+    granularity: str = "channel"  # channel | linear (one width per Linear, q/k/v tied; allocated across the model)
     importance_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
     # Share of each channel's estimated error replaced by its layer's mean. The estimate sees only the
     # calibration text: channels it rarely excites look free and get 2 bits, and other text pays for that.

@@ -82,7 +82,7 @@ class RunConfig:
     plot: str = ""
     target_avg_bits: float | None = None
     bit_method: str = "quantile"
-    bit_scope: str = "layer"
+    bit_scope: str = "auto"  # auto: model when the whole model is on the device, else layer (allocation_scope)
     bit_granularity: str = "channel"
     clip: str = "auto"
     clip_objective: str = MixedPrecision.clip_objective
@@ -133,7 +133,7 @@ class RunConfig:
 
     @property
     def mixed_precision(self) -> MixedPrecision:
-        return MixedPrecision(self.target_avg_bits, tuple(self.bit_options), self.bit_method, self.bit_scope,
+        return MixedPrecision(self.target_avg_bits, tuple(self.bit_options), self.bit_method,
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
                               clip=self.clipped, clip_factors=bitalloc.clip_factors(self.clip_min),
                               clip_objective=self.clip_objective)
@@ -363,6 +363,18 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
     return BitPlan(budgets=bitalloc.plan_budgets(costs, mp), sensitivity=sensitivity)
 
 
+def allocation_scope(cfg: RunConfig, model: nn.Module, dev: torch.device) -> str:
+    """--bit_scope as run. auto is model, one allocation over every channel with errors in units of the loss,
+    which won on validation text (BENCHMARKS.md §3), when every decoder layer is on the device: the loss
+    gradients it needs visit each layer twice per batch. An offloaded or streamed model gets layer scope
+    (each Linear meets the target); one width per Linear always needs model scope."""
+    if cfg.bit_scope != "auto":
+        return cfg.bit_scope
+    if cfg.bit_granularity == "linear" or resident(decoder_layers(model), dev):
+        return "model"
+    return "layer"
+
+
 @dataclass
 class Compressed:
     """What compression produced besides the new weights: statistics and, per quantized Linear
@@ -371,6 +383,7 @@ class Compressed:
     stats: list[LinearStats]
     grids: dict[str, QuantGrid]
     bits: dict[str, torch.Tensor]
+    bit_scope: str | None = None  # the allocation scope a mixed run used (allocation_scope)
 
 
 @torch.no_grad()
@@ -392,8 +405,12 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     if calibrated:
         hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
     plan = BitPlan()
-    if cfg.mixed and cfg.bit_scope == "model":
-        plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
+    if cfg.mixed:
+        out.bit_scope = allocation_scope(cfg, model, dev)
+        log(f"bit allocation: {'one over the whole model' if out.bit_scope == 'model' else 'each Linear on target'}"
+            f" (--bit_scope {cfg.bit_scope})")
+        if out.bit_scope == "model":
+            plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
     budget = bitalloc.StoredBits(cfg.mixed_precision.drift_correction if cfg.mixed else False)
     parallel, rank = distributed.size() > 1, distributed.rank()
     progress = lambda items: log.bar(items, nlayers, "compress layers")
@@ -605,6 +622,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "timings": timings,
         "peak_gpu_gib": stage.peak_gib,
         "summary": None if summary is None else asdict(summary),
+        "bit_scope": done.bit_scope,
         "layers": [asdict(s) for s in stats],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "processes": distributed.size(),
@@ -803,14 +821,14 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} is outside [{lo}, {hi}] of --bit_options")
         if cfg.nearest:
             raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
-        if (cfg.offload or cfg.stream) and cfg.bit_scope == "model":
-            raise UsageError("--bit_scope model needs the whole model on the GPU; "
+        if (cfg.offload or cfg.stream) and (cfg.bit_scope == "model" or cfg.bit_granularity == "linear"):
+            raise UsageError("--bit_scope model (and --bit_granularity linear) needs the whole model on the GPU; "
                              "drop --offload/--stream or use --bit_scope layer")
-    if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("layer", "model") or \
+    if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("auto", "layer", "model") or \
             cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width") or \
             cfg.clip_objective not in ("solver", "uncompensated", "solve") or \
             cfg.row_ranges not in ("dense", "search"):
-        raise UsageError("--bit_method is quantile|budget, --bit_scope layer|model, --bit_granularity channel|linear, "
+        raise UsageError("--bit_method is quantile|budget, --bit_scope auto|layer|model, --bit_granularity channel|linear, "
                          "--clip auto|none|width, --clip_objective solver|uncompensated|solve, --row_ranges "
                          "dense|search")
     if not 0 < cfg.clip_min <= 1:
@@ -818,9 +836,9 @@ def validate(cfg: RunConfig) -> None:
                          f"the clip search tries, e.g. 0.5")
     if not 0 <= cfg.error_shrinkage <= 1:
         raise UsageError(f"--error_shrinkage {cfg.error_shrinkage} is outside [0, 1]")
-    if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope == "model"):
+    if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope != "layer"):
         raise UsageError("--bit_granularity linear allocates one width per Linear across the whole model: "
-                         "add --target_avg_bits and --bit_scope model")
+                         "add --target_avg_bits, and drop --bit_scope layer")
     if cfg.clip == "width" and (not cfg.quantize or cfg.nearest or cfg.gmp):
         raise UsageError("--clip width chooses ranges from calibration statistics: it needs --wbits and "
                          "no --nearest/--gmp")
@@ -959,8 +977,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--plot", type=str, help="PNG heatmap of average bits per module and layer")
     p.add_argument("--target_avg_bits", type=float, help="mixed precision: average code bits per stored weight (with sparsity: per kept weight)")
     p.add_argument("--bit_method", choices=("quantile", "budget"), help="bit allocator")
-    p.add_argument("--bit_scope", choices=("layer", "model"), help="one budget per layer or per model")
-    p.add_argument("--bit_granularity", choices=("channel", "linear"), help="one width per input channel, or per Linear (q/k/v tied; needs --bit_scope model)")
+    p.add_argument("--bit_scope", choices=("auto", "layer", "model"),
+                   help="one allocation over the whole model (errors in units of the loss; needs it on the GPU), or each "
+                        "Linear meeting the target; auto = model unless offloaded or streamed")
+    p.add_argument("--bit_granularity", choices=("channel", "linear"), help="one width per input channel, or per Linear (q/k/v tied; needs model scope)")
     p.add_argument("--clip", choices=("auto", "none", "width"), help="shrink each width's range by the factor (per Linear) that minimises the error "
                         "(--clip_objective); auto = on for mixed precision, off (the reference grid) for uniform runs")
     p.add_argument("--clip_objective", choices=("solver", "uncompensated", "solve"),

@@ -21,8 +21,8 @@ cat > "$OUT/configs.txt" <<CONFIGS
 uniform-4bit|$common --wbits 4
 quantile-4.0|$common --wbits 4 --target_avg_bits 4.0 --bit_method quantile
 budget-4.0|$common --wbits 4 --target_avg_bits 4.0 --bit_method budget
-budget-4.0-model|$common --wbits 4 --target_avg_bits 4.0 --bit_method budget --bit_scope model
-budget-4.0-linear|$common --wbits 4 --target_avg_bits 4.0 --bit_method budget --bit_scope model --bit_granularity linear
+budget-4.0-layer|$common --wbits 4 --target_avg_bits 4.0 --bit_method budget --bit_scope layer
+budget-4.0-linear|$common --wbits 4 --target_avg_bits 4.0 --bit_method budget --bit_granularity linear
 quantile-3.5|$common --wbits 4 --target_avg_bits 3.5 --bit_method quantile
 budget-3.5|$common --wbits 4 --target_avg_bits 3.5 --bit_method budget
 uniform-3bit|$common --wbits 3

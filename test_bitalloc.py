@@ -262,12 +262,13 @@ def test_budget_skips_widths_off_the_convex_hull():
 # ---------------------------------------------------------------- the stored-bit target in a run
 
 
+@pytest.mark.parametrize("scope", ["model", "layer"])
 @pytest.mark.parametrize("method", ["quantile", "budget"])
 @pytest.mark.parametrize("flags", [dict(sparsity=0.5), dict(prunen=2, prunem=4), dict(sparsity=0.5, groupsize=16),
                                    dict()], ids=["unstructured", "2:4", "groups", "dense"])
-def test_stored_average_is_on_target(monkeypatch, method, flags):
+def test_stored_average_is_on_target(monkeypatch, method, flags, scope):
     recorder = MaskRecorder(monkeypatch)
-    stats = compress_tiny(tiny_model(), wbits=3, target_avg_bits=3.0, bit_method=method, **flags)
+    stats = compress_tiny(tiny_model(), wbits=3, target_avg_bits=3.0, bit_method=method, bit_scope=scope, **flags)
     assert abs(recorder.stored_average() - 3.0) <= 0.02
     assert abs(summarize(stats).stored_bits - recorder.stored_average()) < 1e-12
     assert any(len(set(s.bits_per_column)) > 1 for s in stats)  # really mixed
@@ -275,10 +276,22 @@ def test_stored_average_is_on_target(monkeypatch, method, flags):
 
 def test_model_scope_meets_the_stored_target_across_linears(monkeypatch):
     recorder = MaskRecorder(monkeypatch)
-    stats = compress_tiny(tiny_model(), sparsity=0.5, wbits=4, target_avg_bits=3.0, bit_method="budget",
-                          bit_scope="model")
+    stats = compress_tiny(tiny_model(), sparsity=0.5, wbits=4, target_avg_bits=3.0, bit_method="budget")
     assert abs(recorder.stored_average() - 3.0) <= 0.02
     assert len({round(s.code_bits / s.kept, 2) for s in stats}) > 3  # Linears get different shares of one budget
+    layer = compress_tiny(tiny_model(), sparsity=0.5, wbits=4, target_avg_bits=3.0, bit_method="budget",
+                          bit_scope="layer")
+    assert all(abs(s.code_bits / s.kept - 3.0) < 0.05 for s in layer[1:])  # each Linear on target (drift aside)
+
+
+@pytest.mark.parametrize("scope, granularity, run_device, expected", [
+    ("auto", "channel", "cpu", "model"), ("auto", "channel", "cuda", "layer"), ("auto", "linear", "cuda", "model"),
+    ("layer", "channel", "cpu", "layer"), ("model", "channel", "cuda", "model")])
+def test_auto_scope_is_model_unless_the_layers_are_offloaded(scope, granularity, run_device, expected):
+    """The layers stay on the CPU: with the run device "cuda" that is an offloaded model (no GPU needed to ask)."""
+    cfg = oe.RunConfig(model="tiny", dataset="c4", wbits=4, target_avg_bits=3.5, bit_scope=scope,
+                       bit_granularity=granularity)
+    assert oe.allocation_scope(cfg, tiny_model(), torch.device(run_device)) == expected
 
 
 def test_linear_granularity_gives_one_width_per_linear_with_qkv_tied(monkeypatch):

@@ -521,7 +521,7 @@ def test_nan_perplexity_fails_and_writes_nothing(tiny_dir, tmp_path, capsys, mon
 def test_allocation_off_target_fails(tiny_dir, tmp_path, capsys, monkeypatch):
     import bitalloc
 
-    monkeypatch.setattr(bitalloc, "allocate", lambda costs, mp, target: torch.full((costs.size.numel(),), 2))
+    monkeypatch.setattr(bitalloc, "allocate", lambda costs, mp, target=None: torch.full((costs.size.numel(),), 2))
     code, out = run_cli(*tiny_dir, tmp_path, "--wbits", "4", "--target_avg_bits", "4", "--bit_method", "budget")
     assert code == 1
     assert_one_line_error(capsys, "stores 2.000 bits", "--target_avg_bits 4.0")
