@@ -370,6 +370,9 @@ BAD_INPUTS = [
     (["--seqlen", "4096"], "exceeds the model's 128 positions"),
     (["--wbits", "4", "--act-order", "--groupsize", "16"], "--act-order works with"),
     (["--wbits", "4", "--target_avg_bits", "4", "--bit_scope", "model", "--offload"], "drop --offload"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--bit_granularity", "linear", "--offload"], "drop --offload"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--bit_granularity", "linear", "--bit_scope", "layer"],
+     "drop --bit_scope layer"),
 ]
 
 
