@@ -22,23 +22,10 @@ import torch  # noqa: E402
 
 import datautils  # noqa: E402
 import opt_enhanced as oe  # noqa: E402
-from mixed_precision_sweep import VALIDATION, texts  # noqa: E402
-from modelutils import load_opt  # noqa: E402
-from runtime import Log, write_json  # noqa: E402
+from mixed_precision_sweep import VALIDATION, compressed_model, texts  # noqa: E402
+from runtime import write_json  # noqa: E402
 
 KINDS = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "out_proj": ("out_proj",), "fc1": ("fc1",), "fc2": ("fc2",)}
-
-
-def compressed_model(args: argparse.Namespace, flags: list[str], seed: int, dev: torch.device, tokenizer):
-    cfg = oe.parse_args([args.model, "c4", "--data_dir", args.data_dir, "--cache_dir", args.cache_dir, "--seed",
-                         str(seed), "--quiet", *flags])
-    oe.validate(cfg)
-    torch.manual_seed(seed)
-    model = load_opt(args.model, True)
-    oe.place(model, dev)
-    calibration = datautils.get_calibration("c4", tokenizer, cfg.nsamples, seed, 2048, args.data_dir, args.cache_dir)
-    oe.compress(model, calibration, cfg, dev, Log(True))
-    return model
 
 
 def groups(names: list[str], layers: int) -> dict[str, list[str]]:
@@ -64,8 +51,8 @@ def main() -> None:
     scored = {k: v for k, v in texts(tokenizer, args.data_dir, args.cache_dir, 2048).items() if k in VALIDATION}
     rows = []
     for seed in [int(s) for s in args.seeds.split(",")]:
-        uniform = compressed_model(args, shlex.split(args.uniform), seed, dev, tokenizer)
-        mixed = compressed_model(args, shlex.split(args.mixed), seed, dev, tokenizer)
+        uniform, mixed = (compressed_model(args.model, "c4", shlex.split(flags), seed, 2048, args.data_dir,
+                                           args.cache_dir, dev, tokenizer)[1] for flags in (args.uniform, args.mixed))
         linears = {n: m for n, m in uniform.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
         mixed_linears = dict(mixed.named_modules())
         kept = {n: m.weight.data.clone() for n, m in linears.items()}

@@ -58,6 +58,22 @@ def texts(tokenizer, data_dir: str, cache_dir: str, seqlen: int) -> dict[str, to
     return out
 
 
+def compressed_model(model_dir: str, dataset: str, flags: list[str], seed: int, seqlen: int, data_dir: str,
+                     cache_dir: str | None, dev: torch.device, tokenizer):
+    """One run's compression as the CLI does it: (its settings, the compressed model on `dev`, what compress
+    returned, the seconds compress took)."""
+    cfg = oe.parse_args([model_dir, dataset, "--data_dir", data_dir, "--cache_dir", cache_dir, "--seed", str(seed),
+                         "--seqlen", str(seqlen), "--quiet", *flags])
+    oe.validate(cfg)
+    torch.manual_seed(seed)
+    model = load_opt(model_dir, True)
+    oe.place(model, dev)
+    calibration = datautils.get_calibration(dataset, tokenizer, cfg.nsamples, seed, seqlen, data_dir, cache_dir)
+    tick = time.time()
+    compressed = oe.compress(model, calibration, cfg, dev, Log(True))
+    return cfg, model, compressed, time.time() - tick
+
+
 def run(args: argparse.Namespace) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = args.cache_dir
@@ -71,16 +87,8 @@ def run(args: argparse.Namespace) -> None:
         for name, dataset, flags in read_runs(args.runs):
             if (only and name not in only) or (name, seed) in done:
                 continue
-            cfg = oe.parse_args([args.model, dataset, "--data_dir", args.data_dir, "--cache_dir", cache, "--seed",
-                                 str(seed), "--seqlen", str(seqlen), "--quiet", *flags])
-            oe.validate(cfg)
-            torch.manual_seed(seed)
-            model = load_opt(args.model, True)
-            oe.place(model, dev)
-            calibration = datautils.get_calibration(dataset, tokenizer, cfg.nsamples, seed, seqlen, args.data_dir, cache)
-            tick = time.time()
-            compressed = oe.compress(model, calibration, cfg, dev, Log(True))
-            seconds = time.time() - tick
+            cfg, model, compressed, seconds = compressed_model(args.model, dataset, flags, seed, seqlen, args.data_dir,
+                                                               cache, dev, tokenizer)
             summary = summarize(compressed.stats) if cfg.quantize else None
             row = {"name": name, "seed": seed, "dataset": dataset, "flags": flags, "compress_s": seconds,
                    "summary": None if summary is None else summary.__dict__,
