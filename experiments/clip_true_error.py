@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from layer_probe import first_linears  # noqa: E402
+from layer_probe import first_linears, probe_arguments  # noqa: E402
 from quant import QuantGrid  # noqa: E402
 
 FACTORS = (1.0, 0.9, 0.8, 1.1, 1.2, 1.4)
@@ -26,11 +26,7 @@ FACTORS = (1.0, 0.9, 0.8, 1.1, 1.2, 1.4)
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--width", type=int, default=3)
-    p.add_argument("--sparsity", default="0.5")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--nsamples", default="32")
-    p.add_argument("--model", default=".local/opt-mini")
-    p.add_argument("--data_dir", default=".local/data")
+    probe_arguments(p, layers=4)
     args = p.parse_args()
     print(f"width {args.width}, sparsity {args.sparsity}; factors {FACTORS}; each column: value / value at 1.0")
     for i, name, W, solver, cfg in first_linears(args.model, args.data_dir, args.sparsity, args.width, args.nsamples,

@@ -3,6 +3,7 @@ row_range_error.py): each layer is fed the uncompressed model's activations, its
 run collects them."""
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -34,3 +35,12 @@ def first_linears(model_dir: str, data_dir: str, sparsity: str, wbits: int, nsam
         for name, linear in linears.items():
             yield i, name, linear.weight.data.float(), solvers[shared.get(name, name)], cfg
         forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
+
+
+def probe_arguments(parser: argparse.ArgumentParser, layers: int) -> None:
+    """The flags every probe here passes to `first_linears`: sparsity, layers, calibration windows, model, data."""
+    parser.add_argument("--sparsity", default="0.5")
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--nsamples", default="32")
+    parser.add_argument("--model", default=".local/opt-mini")
+    parser.add_argument("--data_dir", default=".local/data")

@@ -18,16 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import row_ranges  # noqa: E402
-from layer_probe import first_linears  # noqa: E402
+from layer_probe import first_linears, probe_arguments  # noqa: E402
 from quant import QuantGrid  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sparsity", default="0.5")
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--nsamples", default="32")
-    p.add_argument("--model", default=".local/opt-mini")
-    p.add_argument("--data_dir", default=".local/data")
+    probe_arguments(p, layers=3)
     args = p.parse_args()
     remains: dict[int, list[float]] = {3: [], 4: []}
     for i, name, W, solver, cfg in first_linears(args.model, args.data_dir, args.sparsity, 4, args.nsamples,
