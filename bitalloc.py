@@ -33,6 +33,10 @@ CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 CLIP_MIN = 0.8  # the clip search's floor: chosen on validation text (BENCHMARKS.md)
 
+# Each allocator's error shrinkage (MixedPrecision.error_shrinkage), chosen on validation text (BENCHMARKS.md §3):
+# budget, which prices every channel by its own error curve, did best trusting the curves more (0.25 and 0.5 tied).
+ERROR_SHRINKAGE = {"quantile": 0.75, "budget": 0.5}
+
 
 def clip_factors(smallest: float) -> tuple[float, ...]:
     """The range factors the clip search tries, down to `smallest` (1.0 always)."""
@@ -50,7 +54,10 @@ class MixedPrecision:
     importance_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)
     # Share of each channel's estimated error replaced by its layer's mean. The estimate sees only the
     # calibration text: channels it rarely excites look free and get 2 bits, and other text pays for that.
-    error_shrinkage: float = 0.75  # chosen on validation text (BENCHMARKS.md)
+    error_shrinkage: float | None = None  # None: the method's (ERROR_SHRINKAGE)
+    # Model scope: share of each output's loss sensitivity (row weight) replaced by its Linear's mean. The
+    # sensitivities too come from the calibration text alone.
+    sensitivity_shrinkage: float = 0.0
     clip: bool = True  # shrink each width's range by the factor that minimises the estimated error
     clip_factors: tuple[float, ...] = clip_factors(CLIP_MIN)
     # Which loss picks each width's range factor: the solver's estimate (errors partly absorbed by later
@@ -58,6 +65,10 @@ class MixedPrecision:
     # an actual solve at that width leaves on a sample of rows (`solved_shrink`).
     clip_objective: str = "solve"
     drift_correction: bool = True  # carry each Linear's stored-bit surplus or deficit to the next
+
+    def __post_init__(self) -> None:
+        if self.error_shrinkage is None:
+            object.__setattr__(self, "error_shrinkage", ERROR_SHRINKAGE[self.method])
 
 
 # ---------------------------------------------------------------- channel importance
@@ -200,6 +211,9 @@ def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, bas
     output's cost to the model's loss) errors are in units of loss and comparable across Linears;
     quantile's ranking is then scaled by the Linear's mean error at the base width."""
     _, imp = importance(weight, solver, base_bits, sym, groupsize, percdamp, mp.importance_weights)
+    if row_weight is not None and mp.sensitivity_shrinkage:
+        h = mp.sensitivity_shrinkage
+        row_weight = (1 - h) * row_weight + h * row_weight.mean()
     model = solver.rounding_model(weight, prune, sym, groupsize, blocksize, percdamp, order, row_weight)
     options = sorted(mp.options)
     shrink = range_factors(weight, solver, prune, options, mp.clip_factors, mp.clip_objective, sym, groupsize,

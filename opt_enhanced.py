@@ -88,7 +88,8 @@ class RunConfig:
     clip_objective: str = MixedPrecision.clip_objective
     clip_min: float = bitalloc.CLIP_MIN
     row_ranges: str = "dense"
-    error_shrinkage: float = MixedPrecision.error_shrinkage
+    error_shrinkage: float | None = None  # None: the method's (bitalloc.ERROR_SHRINKAGE)
+    sensitivity_shrinkage: float = MixedPrecision.sensitivity_shrinkage
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
@@ -136,7 +137,8 @@ class RunConfig:
         return MixedPrecision(self.target_avg_bits, tuple(self.bit_options), self.bit_method,
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
                               clip=self.clipped, clip_factors=bitalloc.clip_factors(self.clip_min),
-                              clip_objective=self.clip_objective)
+                              clip_objective=self.clip_objective,
+                              sensitivity_shrinkage=self.sensitivity_shrinkage)
 
     def selected(self, layer: int, name: str) -> bool:
         """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""
@@ -756,6 +758,7 @@ def validate(cfg: RunConfig) -> None:
                          "or a hub id (facebook/opt-125m)")
     for flag, value in (("--sparsity", cfg.sparsity), ("--percdamp", cfg.percdamp),
                         ("--target_avg_bits", cfg.target_avg_bits), ("--error_shrinkage", cfg.error_shrinkage),
+                        ("--sensitivity_shrinkage", cfg.sensitivity_shrinkage),
                         ("--clip_min", cfg.clip_min)):
         if value is not None and not math.isfinite(value):
             raise UsageError(f"{flag} {value} is not a finite number; see --help for its range and default")
@@ -834,8 +837,10 @@ def validate(cfg: RunConfig) -> None:
     if not 0 < cfg.clip_min <= 1:
         raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
                          f"the clip search tries, e.g. 0.5")
-    if not 0 <= cfg.error_shrinkage <= 1:
-        raise UsageError(f"--error_shrinkage {cfg.error_shrinkage} is outside [0, 1]")
+    for flag, value in (("--error_shrinkage", cfg.error_shrinkage),
+                        ("--sensitivity_shrinkage", cfg.sensitivity_shrinkage)):
+        if value is not None and not 0 <= value <= 1:
+            raise UsageError(f"{flag} {value} is outside [0, 1]")
     if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope != "layer"):
         raise UsageError("--bit_granularity linear allocates one width per Linear across the whole model: "
                          "add --target_avg_bits, and drop --bit_scope layer")
@@ -992,7 +997,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                         "solves among that range and (with pruning) the pruned weights' range, each scaled by 1/0.9/0.8 "
                         "(search: no extra bits, six or seven solves per Linear)")
     p.add_argument("--error_shrinkage", type=float, help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
-                        "text the calibration data does not excite)")
+                        "text the calibration data does not excite; default: " +
+                        ", ".join(f"{v} for {k}" for k, v in bitalloc.ERROR_SHRINKAGE.items()) + ")")
+    p.add_argument("--sensitivity_shrinkage", type=float,
+                   help="model scope: share of each output's loss sensitivity replaced by its Linear's mean")
     p.add_argument("--bit_options", type=_list(int), help="allowed widths, e.g. 2,3,4,6,8")
     p.add_argument("--importance_weights", type=_list(float), help="weights of energy,outlier,weight,obs,sensitivity")
     p.add_argument("--eval", type=_list(str), help="datasets to report perplexity on")

@@ -129,6 +129,30 @@ def test_rounding_model_row_weight_weighs_each_rows_loss():
     assert torch.allclose(weighted, sum(ri * e for ri, e in zip(r, per_row)), rtol=1e-5)
 
 
+def test_sensitivity_shrinkage_moves_each_rows_weight_toward_its_linears_mean():
+    """The error model is linear in the row weights (clipping off): shrinking them by h toward their mean gives
+    (1 - h) x the costs at the measured weights + h x the costs at the mean weight on every row."""
+    torch.manual_seed(0)
+    solver = solver_for(torch.randn(256, 16) * torch.linspace(0.2, 3, 16))
+    W = torch.randn(6, 16)
+    r = torch.tensor([0.1, 1.0, 4.0, 0.5, 9.0, 1.0])
+    mp = lambda h: bitalloc.MixedPrecision(3.0, clip=False, sensitivity_shrinkage=h)
+    cost = lambda weights, h: bitalloc.channel_costs(W, solver, PruneSpec(), 3, False, -1, 16, 0.01, None, mp(h),
+                                                     weights).cost
+    measured, flat = cost(r, 0.0), cost(torch.full_like(r, float(r.mean())), 0.0)
+    assert not torch.allclose(measured, flat, rtol=1e-3)
+    assert torch.allclose(cost(r, 1.0), flat, rtol=1e-5)
+    assert torch.allclose(cost(r, 0.25), 0.75 * measured + 0.25 * flat, rtol=1e-5)
+
+
+def test_error_shrinkage_defaults_to_the_allocators_own_and_the_flag_overrides_it():
+    args = ["model", "c4", "--wbits", "4", "--target_avg_bits", "4", "--bit_method"]
+    for method in ("quantile", "budget"):
+        assert oe.parse_args(args + [method]).mixed_precision.error_shrinkage == bitalloc.ERROR_SHRINKAGE[method]
+        assert oe.parse_args(args + [method, "--error_shrinkage", "0.1"]).mixed_precision.error_shrinkage == 0.1
+    assert bitalloc.ERROR_SHRINKAGE["quantile"] != bitalloc.ERROR_SHRINKAGE["budget"]
+
+
 def test_predicted_kept_counts_match_the_solvers_mask_where_it_is_chosen_first():
     torch.manual_seed(0)
     solver = solver_for(torch.randn(512, 48) * torch.linspace(0.2, 4, 48))

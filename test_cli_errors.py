@@ -85,6 +85,9 @@ USAGE = [
     (["--wbits", "4", "--invert"], "selects no Linear layer"),
     (["--wbits", "4", "--maxlayer", "0"], "widen the selection"),
     (["--device", "nonsense"], "is not a device"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--error_shrinkage", "1.5"], "--error_shrinkage 1.5 is outside [0, 1]"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--sensitivity_shrinkage=-0.5"],
+     "--sensitivity_shrinkage -0.5 is outside [0, 1]"),
 ]
 if not torch.cuda.is_available():
     USAGE.append((["--device", "cuda"], "CUDA is not available"))
