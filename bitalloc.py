@@ -55,6 +55,10 @@ class MixedPrecision:
     # Share of each channel's estimated error replaced by its layer's mean. The estimate sees only the
     # calibration text: channels it rarely excites look free and get 2 bits, and other text pays for that.
     error_shrinkage: float | None = None  # None: the method's (ERROR_SHRINKAGE)
+    # What a channel's error is shrunk toward: its Linear's mean error per channel ("per_channel"), or its Linear's
+    # mean error per stored weight times the channel's stored weights ("per_weight"). With sparsity the counts
+    # differ from channel to channel; they are fixed by the mask, not by the text.
+    shrinkage_mean: str = "per_channel"
     # Model scope: share of each output's loss sensitivity (row weight) replaced by its Linear's mean. The
     # sensitivities too come from the calibration text alone.
     sensitivity_shrinkage: float = 0.0
@@ -220,9 +224,14 @@ def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, bas
                            blocksize, percdamp, order, row_weight, fused, model) if mp.clip else {}
     losses = {b: model.loss(b, shrink.get(b, 1.0)) for b in options}
     error = torch.stack([losses[b] for b in options], 1)
-    error = (1 - mp.error_shrinkage) * error + mp.error_shrinkage * error.mean(0, keepdim=True)
+    kept = model.kept_per_column().to(error.dtype)
+    if mp.shrinkage_mean == "per_weight":
+        mean = kept[:, None] * error.sum(0, keepdim=True) / kept.sum().clamp_min(1)
+    else:
+        mean = error.mean(0, keepdim=True)
+    error = (1 - mp.error_shrinkage) * error + mp.error_shrinkage * mean
     rank = imp if row_weight is None else imp * error[:, options.index(base_bits)].mean()
-    return ChannelCosts(imp, rank, imp[:, None] * error, model.kept_per_column().to(error.dtype), shrink)
+    return ChannelCosts(imp, rank, imp[:, None] * error, kept, shrink)
 
 
 # ---------------------------------------------------------------- allocators

@@ -90,6 +90,7 @@ class RunConfig:
     row_ranges: str = "dense"
     error_shrinkage: float | None = None  # None: the method's (bitalloc.ERROR_SHRINKAGE)
     sensitivity_shrinkage: float = MixedPrecision.sensitivity_shrinkage
+    shrinkage_mean: str = MixedPrecision.shrinkage_mean
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
@@ -138,7 +139,7 @@ class RunConfig:
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
                               clip=self.clipped, clip_factors=bitalloc.clip_factors(self.clip_min),
                               clip_objective=self.clip_objective,
-                              sensitivity_shrinkage=self.sensitivity_shrinkage)
+                              sensitivity_shrinkage=self.sensitivity_shrinkage, shrinkage_mean=self.shrinkage_mean)
 
     def selected(self, layer: int, name: str) -> bool:
         """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""
@@ -830,10 +831,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("auto", "layer", "model") or \
             cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width") or \
             cfg.clip_objective not in ("solver", "uncompensated", "solve") or \
-            cfg.row_ranges not in ("dense", "search"):
+            cfg.row_ranges not in ("dense", "search") or cfg.shrinkage_mean not in ("per_channel", "per_weight"):
         raise UsageError("--bit_method is quantile|budget, --bit_scope auto|layer|model, --bit_granularity channel|linear, "
                          "--clip auto|none|width, --clip_objective solver|uncompensated|solve, --row_ranges "
-                         "dense|search")
+                         "dense|search, --shrinkage_mean per_channel|per_weight")
     if not 0 < cfg.clip_min <= 1:
         raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
                          f"the clip search tries, e.g. 0.5")
@@ -999,6 +1000,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--error_shrinkage", type=float, help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
                         "text the calibration data does not excite; default: " +
                         ", ".join(f"{v} for {k}" for k, v in bitalloc.ERROR_SHRINKAGE.items()) + ")")
+    p.add_argument("--shrinkage_mean", choices=("per_channel", "per_weight"),
+                   help="what --error_shrinkage moves a channel's error toward: its Linear's mean per channel, or its "
+                        "mean per stored weight times the channel's stored weights (the same without sparsity)")
     p.add_argument("--sensitivity_shrinkage", type=float,
                    help="model scope: share of each output's loss sensitivity replaced by its Linear's mean")
     p.add_argument("--bit_options", type=_list(int), help="allowed widths, e.g. 2,3,4,6,8")

@@ -145,6 +145,24 @@ def test_sensitivity_shrinkage_moves_each_rows_weight_toward_its_linears_mean():
     assert torch.allclose(cost(r, 0.25), 0.75 * measured + 0.25 * flat, rtol=1e-5)
 
 
+def test_per_weight_shrinkage_keeps_each_channels_stored_count():
+    """--shrinkage_mean per_weight: fully shrunk, every channel's error per stored weight is its Linear's (total
+    error over total stored weights); without sparsity every column stores all rows, and it is per_channel."""
+    torch.manual_seed(0)
+    solver = solver_for(torch.randn(256, 32) * torch.linspace(0.2, 3, 32))
+    W = torch.randn(24, 32)
+    mp = lambda mean, h: bitalloc.MixedPrecision(3.0, clip=False, error_shrinkage=h, shrinkage_mean=mean)
+    costs = lambda prune, mean, h: bitalloc.channel_costs(W, solver, prune, 3, False, -1, 16, 0.01, None, mp(mean, h))
+    for h in (0.0, 0.5, 1.0):
+        assert torch.allclose(costs(PruneSpec(), "per_weight", h).cost, costs(PruneSpec(), "per_channel", h).cost)
+    sparse = PruneSpec(sparsity=0.5)
+    raw, full = costs(sparse, "per_weight", 0.0), costs(sparse, "per_weight", 1.0)
+    assert not torch.equal(raw.size, torch.full_like(raw.size, raw.size.mean()))  # stored counts differ
+    per_weight = full.cost / full.importance[:, None] / full.size[:, None]
+    linear = (raw.cost / raw.importance[:, None]).sum(0) / raw.size.sum()
+    assert torch.allclose(per_weight, linear.expand_as(per_weight), rtol=1e-4)
+
+
 def test_error_shrinkage_defaults_to_the_allocators_own_and_the_flag_overrides_it():
     args = ["model", "c4", "--wbits", "4", "--target_avg_bits", "4", "--bit_method"]
     for method in ("quantile", "budget"):
