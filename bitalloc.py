@@ -136,18 +136,16 @@ def importance(weight: torch.Tensor, solver: SparseGPT, base_bits: int, sym: boo
 
 
 def clip_ranges(model: RoundingModel, widths: list[int], factors: tuple[float, ...], objective: str = "solver"
-                ) -> tuple[dict[int, float], dict[int, torch.Tensor]]:
+                ) -> dict[int, float]:
     """For each width, the range factor with the least estimated loss over the whole matrix (only factors
-    below 1 are returned: one number per width and Linear, nothing per row to store), and the per-column
-    losses at that factor, so that the allocators need not round again."""
-    shrink, losses = {}, {}
+    below 1 are returned: one number per width and Linear, nothing per row to store)."""
+    shrink = {}
     for b in widths:
-        errors = [model.rounding_error(b, f) for f in factors]
-        k = int(torch.argmin(torch.stack([model.priced(e, objective == "solver").sum() for e in errors])))
-        losses[b] = model.priced(errors[k])
+        losses = [model.priced(model.rounding_error(b, f), objective == "solver").sum() for f in factors]
+        k = int(torch.argmin(torch.stack(losses)))
         if factors[k] != 1.0:
             shrink[b] = factors[k]
-    return shrink, losses
+    return shrink
 
 
 CLIP_SAMPLE_ROWS = 256  # rows the "solve" clip objective solves (evenly spaced; all rows of a smaller matrix)
@@ -202,7 +200,7 @@ def range_factors(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, wid
                              row_weight, fused)
     if model is None:
         model = solver.rounding_model(weight, prune, sym, groupsize, blocksize, percdamp, order, row_weight)
-    return clip_ranges(model, widths, factors, objective)[0]
+    return clip_ranges(model, widths, factors, objective)
 
 
 def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, base_bits: int, sym: bool,
