@@ -59,6 +59,9 @@ class MixedPrecision:
     # mean error per stored weight times the channel's stored weights ("per_weight"). With sparsity the counts
     # differ from channel to channel; they are fixed by the mask, not by the text.
     shrinkage_mean: str = "per_channel"
+    # A channel's cost at a width: importance x estimated error ("weighted"), or the estimated error alone
+    # ("error"; the importance then only ranks quantile's channels).
+    channel_cost: str = "weighted"
     # Model scope: share of each output's loss sensitivity (row weight) replaced by its Linear's mean. The
     # sensitivities too come from the calibration text alone.
     sensitivity_shrinkage: float = 0.0
@@ -229,7 +232,8 @@ def channel_costs(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, bas
         mean = error.mean(0, keepdim=True)
     error = (1 - mp.error_shrinkage) * error + mp.error_shrinkage * mean
     rank = imp if row_weight is None else imp * error[:, options.index(base_bits)].mean()
-    return ChannelCosts(imp, rank, imp[:, None] * error, kept, shrink)
+    cost = imp[:, None] * error if mp.channel_cost == "weighted" else error
+    return ChannelCosts(imp, rank, cost, kept, shrink)
 
 
 # ---------------------------------------------------------------- allocators

@@ -91,6 +91,7 @@ class RunConfig:
     error_shrinkage: float | None = None  # None: the method's (bitalloc.ERROR_SHRINKAGE)
     sensitivity_shrinkage: float = MixedPrecision.sensitivity_shrinkage
     shrinkage_mean: str = MixedPrecision.shrinkage_mean
+    channel_cost: str = MixedPrecision.channel_cost
     bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
@@ -139,7 +140,8 @@ class RunConfig:
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
                               clip=self.clipped, clip_factors=bitalloc.clip_factors(self.clip_min),
                               clip_objective=self.clip_objective,
-                              sensitivity_shrinkage=self.sensitivity_shrinkage, shrinkage_mean=self.shrinkage_mean)
+                              sensitivity_shrinkage=self.sensitivity_shrinkage, shrinkage_mean=self.shrinkage_mean,
+                              channel_cost=self.channel_cost)
 
     def selected(self, layer: int, name: str) -> bool:
         """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""
@@ -831,10 +833,11 @@ def validate(cfg: RunConfig) -> None:
     if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("auto", "layer", "model") or \
             cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width") or \
             cfg.clip_objective not in ("solver", "uncompensated", "solve") or \
-            cfg.row_ranges not in ("dense", "search") or cfg.shrinkage_mean not in ("per_channel", "per_weight"):
+            cfg.row_ranges not in ("dense", "search") or cfg.shrinkage_mean not in ("per_channel", "per_weight") or \
+            cfg.channel_cost not in ("weighted", "error"):
         raise UsageError("--bit_method is quantile|budget, --bit_scope auto|layer|model, --bit_granularity channel|linear, "
                          "--clip auto|none|width, --clip_objective solver|uncompensated|solve, --row_ranges "
-                         "dense|search, --shrinkage_mean per_channel|per_weight")
+                         "dense|search, --shrinkage_mean per_channel|per_weight, --channel_cost weighted|error")
     if not 0 < cfg.clip_min <= 1:
         raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
                          f"the clip search tries, e.g. 0.5")
@@ -1003,6 +1006,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--shrinkage_mean", choices=("per_channel", "per_weight"),
                    help="what --error_shrinkage moves a channel's error toward: its Linear's mean per channel, or its "
                         "mean per stored weight times the channel's stored weights (the same without sparsity)")
+    p.add_argument("--channel_cost", choices=("weighted", "error"),
+                   help="a channel's cost at a width: its importance times its estimated error, or the estimated error "
+                        "alone (the importance then only ranks quantile's channels)")
     p.add_argument("--sensitivity_shrinkage", type=float,
                    help="model scope: share of each output's loss sensitivity replaced by its Linear's mean")
     p.add_argument("--bit_options", type=_list(int), help="allowed widths, e.g. 2,3,4,6,8")

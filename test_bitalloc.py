@@ -163,6 +163,19 @@ def test_per_weight_shrinkage_keeps_each_channels_stored_count():
     assert torch.allclose(per_weight, linear.expand_as(per_weight), rtol=1e-4)
 
 
+def test_channel_cost_is_the_solvers_loss_alone_or_weighted_by_importance():
+    torch.manual_seed(0)
+    solver = solver_for(torch.randn(256, 16) * torch.linspace(0.2, 3, 16))
+    W = torch.randn(8, 16)
+    mp = lambda cost: bitalloc.MixedPrecision(3.0, clip=False, error_shrinkage=0.0, channel_cost=cost)
+    costs = lambda cost: bitalloc.channel_costs(W, solver, PruneSpec(), 3, False, -1, 16, 0.01, None, mp(cost))
+    loss = solver.rounding_model(W, PruneSpec(), False, -1, 16).loss
+    expected = torch.stack([loss(b) for b in OPTIONS], 1)
+    assert torch.allclose(costs("error").cost, expected, rtol=1e-5)
+    weighted = costs("weighted")
+    assert torch.allclose(weighted.cost, weighted.importance[:, None] * expected, rtol=1e-5)
+
+
 def test_error_shrinkage_defaults_to_the_allocators_own_and_the_flag_overrides_it():
     args = ["model", "c4", "--wbits", "4", "--target_avg_bits", "4", "--bit_method"]
     for method in ("quantile", "budget"):
