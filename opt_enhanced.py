@@ -628,6 +628,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "peak_gpu_gib": stage.peak_gib,
         "summary": None if summary is None else asdict(summary),
         "bit_scope": done.bit_scope,
+        "mixed_precision": asdict(cfg.mixed_precision) if cfg.mixed else None,  # as run: method defaults resolved
         "layers": [asdict(s) for s in stats],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "processes": distributed.size(),

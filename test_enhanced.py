@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import OPTForCausalLM
 
+import bitalloc
 import opt_enhanced as oe
 from conftest import tiny_model, write_data
 from modelutils import capture_layer_inputs, find_linears, resident
@@ -344,6 +345,10 @@ def test_cli_mixed_run_reports_statistics(tiny_dir, tmp_path, capsys):
     assert abs(s["stored_bits"] - 3.0) <= 0.02  # the target counts stored (kept) weights
     assert s["effective_bits"] > s["stored_bits"] / 2  # codes of half the weights, plus ranges, mask and bit map
     assert all(math.isfinite(v) for v in res["perplexity"].values())
+    assert res["bit_scope"] == "model"  # the layers are on the device
+    assert res["config"]["error_shrinkage"] is None  # as asked; what ran is recorded beside it
+    assert res["mixed_precision"]["error_shrinkage"] == bitalloc.ERROR_SHRINKAGE["budget"]
+    assert res["mixed_precision"]["method"] == "budget" and res["mixed_precision"]["target"] == 3.0
 
 
 def test_cli_guard_target_without_wbits(tiny_dir, tmp_path, capsys):
