@@ -45,6 +45,17 @@ from runtime import (Background, Interrupted, Log, Stages, atomic_directory, cur
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
+# The values each enumerated setting takes: the flags' choices, and what validate() holds a RunConfig to.
+CHOICES = {
+    "bit_method": ("quantile", "budget"),
+    "bit_scope": ("auto", "layer", "model"),
+    "bit_granularity": ("channel", "linear"),
+    "clip": ("auto", "none", "width"),
+    "clip_objective": ("solver", "uncompensated", "solve"),
+    "row_ranges": ("dense", "search"),
+    "shrinkage_mean": ("per_channel", "per_weight"),
+    "channel_cost": ("weighted", "error"),
+}
 
 
 @dataclass
@@ -831,14 +842,9 @@ def validate(cfg: RunConfig) -> None:
         if (cfg.offload or cfg.stream) and (cfg.bit_scope == "model" or cfg.bit_granularity == "linear"):
             raise UsageError("--bit_scope model (and --bit_granularity linear) needs the whole model on the GPU; "
                              "drop --offload/--stream or use --bit_scope layer")
-    if cfg.bit_method not in ("quantile", "budget") or cfg.bit_scope not in ("auto", "layer", "model") or \
-            cfg.bit_granularity not in ("channel", "linear") or cfg.clip not in ("auto", "none", "width") or \
-            cfg.clip_objective not in ("solver", "uncompensated", "solve") or \
-            cfg.row_ranges not in ("dense", "search") or cfg.shrinkage_mean not in ("per_channel", "per_weight") or \
-            cfg.channel_cost not in ("weighted", "error"):
-        raise UsageError("--bit_method is quantile|budget, --bit_scope auto|layer|model, --bit_granularity channel|linear, "
-                         "--clip auto|none|width, --clip_objective solver|uncompensated|solve, --row_ranges "
-                         "dense|search, --shrinkage_mean per_channel|per_weight, --channel_cost weighted|error")
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise UsageError(f"--{name} {getattr(cfg, name)!r}: give one of {'|'.join(allowed)}")
     if not 0 < cfg.clip_min <= 1:
         raise UsageError(f"--clip_min {cfg.clip_min} is outside (0, 1]: the smallest share of the min-max range "
                          f"the clip search tries, e.g. 0.5")
@@ -986,28 +992,28 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--results_json", type=str, help="write config, perplexities, statistics, timings here")
     p.add_argument("--plot", type=str, help="PNG heatmap of average bits per module and layer")
     p.add_argument("--target_avg_bits", type=float, help="mixed precision: average code bits per stored weight (with sparsity: per kept weight)")
-    p.add_argument("--bit_method", choices=("quantile", "budget"), help="bit allocator")
-    p.add_argument("--bit_scope", choices=("auto", "layer", "model"),
+    p.add_argument("--bit_method", choices=CHOICES["bit_method"], help="bit allocator")
+    p.add_argument("--bit_scope", choices=CHOICES["bit_scope"],
                    help="one allocation over the whole model (errors in units of the loss; needs it on the GPU), or each "
                         "Linear meeting the target; auto = model unless offloaded or streamed")
-    p.add_argument("--bit_granularity", choices=("channel", "linear"), help="one width per input channel, or per Linear (q/k/v tied; needs model scope)")
-    p.add_argument("--clip", choices=("auto", "none", "width"), help="shrink each width's range by the factor (per Linear) that minimises the error "
+    p.add_argument("--bit_granularity", choices=CHOICES["bit_granularity"], help="one width per input channel, or per Linear (q/k/v tied; needs model scope)")
+    p.add_argument("--clip", choices=CHOICES["clip"], help="shrink each width's range by the factor (per Linear) that minimises the error "
                         "(--clip_objective); auto = on for mixed precision, off (the reference grid) for uniform runs")
-    p.add_argument("--clip_objective", choices=("solver", "uncompensated", "solve"),
+    p.add_argument("--clip_objective", choices=CHOICES["clip_objective"],
                    help="the loss that picks each width's range factor: the output error of actual solves on a sample "
                         "of rows (solve), the solver's estimate, or each column's error at its full cost H_jj")
     p.add_argument("--clip_min", type=float, help="the smallest range factor the clip search tries (1 = min-max only)")
-    p.add_argument("--row_ranges", choices=("dense", "search"),
+    p.add_argument("--row_ranges", choices=CHOICES["row_ranges"],
                    help="each row's quantization range: from the dense weights (the reference), or chosen by trial "
                         "solves among that range and (with pruning) the pruned weights' range, each scaled by 1/0.9/0.8 "
                         "(search: no extra bits, six or seven solves per Linear)")
     p.add_argument("--error_shrinkage", type=float, help="share of each channel's estimated error replaced by its Linear's mean (hedges against "
                         "text the calibration data does not excite; default: " +
                         ", ".join(f"{v} for {k}" for k, v in bitalloc.ERROR_SHRINKAGE.items()) + ")")
-    p.add_argument("--shrinkage_mean", choices=("per_channel", "per_weight"),
+    p.add_argument("--shrinkage_mean", choices=CHOICES["shrinkage_mean"],
                    help="what --error_shrinkage moves a channel's error toward: its Linear's mean per channel, or its "
                         "mean per stored weight times the channel's stored weights (the same without sparsity)")
-    p.add_argument("--channel_cost", choices=("weighted", "error"),
+    p.add_argument("--channel_cost", choices=CHOICES["channel_cost"],
                    help="a channel's cost at a width: its importance times its estimated error, or the estimated error "
                         "alone (the importance then only ranks quantile's channels)")
     p.add_argument("--sensitivity_shrinkage", type=float,

@@ -3,6 +3,7 @@ interrupted), one line on stderr that names the fix or the file, no traceback, a
 under the output paths. Tiny models and data (conftest.py); most cases stop before any work."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
@@ -99,6 +100,13 @@ def test_flags_that_would_do_nothing_or_nonsense_are_usage_errors(tiny_dir, tmp_
     assert code == 2
     assert_one_line_error(capsys, message)
     assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize("name", sorted(oe.CHOICES))
+def test_a_config_built_in_code_is_held_to_the_flags_choices(name):
+    cfg = dataclasses.replace(oe.parse_args(["m", "c4", "--wbits", "4", "--target_avg_bits", "4"]), **{name: "nonsense"})
+    with pytest.raises(oe.UsageError, match=f"--{name} 'nonsense'"):
+        oe.validate(cfg)
 
 
 def test_malformed_command_line_is_one_line(capsys):
