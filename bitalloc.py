@@ -37,6 +37,26 @@ CLIP_MIN = 0.8  # the clip search's floor: chosen on validation text (BENCHMARKS
 # budget, which prices every channel by its own error curve, did best trusting the curves more (0.25 and 0.5 tied).
 ERROR_SHRINKAGE = {"quantile": 0.75, "budget": 0.5}
 
+BIT_OPTIONS = (2, 3, 4, 6, 8)  # the widths a mixed run chooses from, unless default_options narrows them
+
+
+def default_options(method: str, granularity: str, scope: str, target: float, sparse: bool, base: int
+                    ) -> tuple[int, ...]:
+    """The widths a mixed run chooses from when --bit_options is not given: all of BIT_OPTIONS, except for budget
+    per channel over the whole model (scope "model") with sparsity at 4 stored bits or more, which keeps the widths
+    next to the target (those bracketing it and one more either side: 3,4,6 at 4.0) and the base width (--wbits).
+
+    Chosen on validation text (BENCHMARKS.md §3 "Which widths"): with 50% sparsity at 4.0 budget's 2- and 8-bit
+    channels cost more on other text than the error model predicts (calibrated on PTB it lost to uniform 4-bit),
+    and 3,4,6 did better on validation in each calibration over seeds 0-6; at 3.0 and 3.5, without sparsity, in
+    layer scope and for quantile the narrow set lost (one width per Linear was not measured with it)."""
+    if method != "budget" or granularity != "channel" or scope != "model" or not sparse or target < 4.0:
+        return BIT_OPTIONS
+    below = max(i for i, b in enumerate(BIT_OPTIONS) if b <= target)
+    above = min((i for i, b in enumerate(BIT_OPTIONS) if b >= target), default=len(BIT_OPTIONS) - 1)
+    near = set(BIT_OPTIONS[max(below - 1, 0):above + 2])
+    return tuple(sorted(near | {base} & set(BIT_OPTIONS)))
+
 
 def clip_factors(smallest: float) -> tuple[float, ...]:
     """The range factors the clip search tries, down to `smallest` (1.0 always)."""
@@ -48,7 +68,7 @@ class MixedPrecision:
     """Every parameter of a mixed-precision allocation; experiments pass variants of it."""
 
     target: float  # average code bits per stored weight
-    options: tuple[int, ...] = (2, 3, 4, 6, 8)
+    options: tuple[int, ...] = BIT_OPTIONS
     method: str = "quantile"  # quantile | budget
     granularity: str = "channel"  # channel | linear (one width per Linear, q/k/v tied; allocated across the model)
     importance_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)

@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, NoReturn
 
 import torch
@@ -103,7 +103,7 @@ class RunConfig:
     sensitivity_shrinkage: float = MixedPrecision.sensitivity_shrinkage
     shrinkage_mean: str = MixedPrecision.shrinkage_mean
     channel_cost: str = MixedPrecision.channel_cost
-    bit_options: list[int] = field(default_factory=lambda: [2, 3, 4, 6, 8])
+    bit_options: list[int] | None = None  # None: the allocator's (allowed_widths)
     importance_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
     eval: list[str] = field(default_factory=lambda: list(EVAL_DATASETS))
     batch_size: int = 8
@@ -146,8 +146,18 @@ class RunConfig:
         return self.clip == "width" or (self.clip == "auto" and self.mixed)
 
     @property
+    def allowed_widths(self) -> list[int]:
+        """--bit_options, else the widths the allocator chooses from by default (bitalloc.default_options)."""
+        if self.bit_options is not None:
+            return list(self.bit_options)
+        if not self.mixed:
+            return list(bitalloc.BIT_OPTIONS)
+        return list(bitalloc.default_options(self.bit_method, self.bit_granularity, self.bit_scope,
+                                             self.target_avg_bits, self.prune.active, self.wbits))
+
+    @property
     def mixed_precision(self) -> MixedPrecision:
-        return MixedPrecision(self.target_avg_bits, tuple(self.bit_options), self.bit_method,
+        return MixedPrecision(self.target_avg_bits, tuple(self.allowed_widths), self.bit_method,
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
                               clip=self.clipped, clip_factors=bitalloc.clip_factors(self.clip_min),
                               clip_objective=self.clip_objective,
@@ -400,6 +410,7 @@ class Compressed:
     grids: dict[str, QuantGrid]
     bits: dict[str, torch.Tensor]
     bit_scope: str | None = None  # the allocation scope a mixed run used (allocation_scope)
+    mixed_precision: MixedPrecision | None = None  # the allocation's parameters as run (defaults resolved)
 
 
 @torch.no_grad()
@@ -425,6 +436,8 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
         out.bit_scope = allocation_scope(cfg, model, dev)
         log(f"bit allocation: {'one over the whole model' if out.bit_scope == 'model' else 'each Linear on target'}"
             f" (--bit_scope {cfg.bit_scope})")
+        cfg = replace(cfg, bit_scope=out.bit_scope)  # the default widths depend on it (RunConfig.allowed_widths)
+        out.mixed_precision = cfg.mixed_precision
         if out.bit_scope == "model":
             plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
     budget = bitalloc.StoredBits(cfg.mixed_precision.drift_correction if cfg.mixed else False)
@@ -514,7 +527,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
         name=name, rows=rows, columns=columns, groups=groups, nonzero=int((linear.weight.data != 0).sum()),
         kept=int(kept.sum()), pruned=cfg.prune.active, bits_per_column=None if bits is None else bits.tolist(),
         code_bits=codes, predicted_code_bits=predicted, importance_range=imp_range, error=error, damping=damping, seconds=time.time() - tick,
-        storage_bits=storage_bits(rows, packed, bits, groups, cfg.prune.active, len(cfg.bit_options), len(shrink)),
+        storage_bits=storage_bits(rows, packed, bits, groups, cfg.prune.active, len(cfg.allowed_widths), len(shrink)),
     )
     return stats, grid, bits
 
@@ -608,6 +621,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             with streaming.writing(model):  # a streamed model keeps its compressed layers (in files)
                 done = compress(model, calibration, cfg, dev, log)
     stats = done.stats
+    widths = list(done.mixed_precision.options) if done.mixed_precision else cfg.allowed_widths
 
     ppl: dict[str, float] = {}
     with stage("evaluate"):
@@ -639,7 +653,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "peak_gpu_gib": stage.peak_gib,
         "summary": None if summary is None else asdict(summary),
         "bit_scope": done.bit_scope,
-        "mixed_precision": asdict(cfg.mixed_precision) if cfg.mixed else None,  # as run: method defaults resolved
+        "mixed_precision": asdict(done.mixed_precision) if done.mixed_precision else None,  # as run: defaults resolved
         "layers": [asdict(s) for s in stats],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "processes": distributed.size(),
@@ -655,11 +669,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         log(report.summary())
     elif cfg.export:
         report = export_compressed(model.to("cpu"), done.grids, done.bits, cfg.export, cfg.prune.active,
-                                   len(cfg.bit_options), extra=results, tokenizer=tokenizer)
+                                   len(widths), extra=results, tokenizer=tokenizer)
         results["export"] = asdict(report)
         log(report.summary())
     if cfg.plot:
-        plot_bits(stats, cfg.plot, cfg.bit_options)
+        plot_bits(stats, cfg.plot, widths)
     if cfg.results_json:
         write_json(results, cfg.results_json)
     return results
@@ -795,9 +809,10 @@ def validate(cfg: RunConfig) -> None:
     if len(weights) != 5 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) == 0:
         raise UsageError(f"--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1 "
                          f"(got {','.join(map(str, weights))})")
-    if cfg.mixed and len(set(cfg.bit_options)) == 1:
-        raise UsageError(f"--bit_options {cfg.bit_options[0]} with --target_avg_bits is uniform quantization: drop "
-                         f"--target_avg_bits (--wbits {cfg.bit_options[0]} alone does that) or give several widths, "
+    options = cfg.bit_options if cfg.bit_options is not None else list(bitalloc.BIT_OPTIONS)
+    if cfg.mixed and len(set(options)) == 1:
+        raise UsageError(f"--bit_options {options[0]} with --target_avg_bits is uniform quantization: drop "
+                         f"--target_avg_bits (--wbits {options[0]} alone does that) or give several widths, "
                          f"e.g. 2,3,4,6,8")
     if cfg.prunen > 0 and cfg.prunem > 0 and cfg.blocksize > 0 and cfg.blocksize % cfg.prunem:
         divisors = [m for m in range(cfg.prunen + 1, min(cfg.blocksize, 16) + 1) if cfg.blocksize % m == 0]
@@ -825,16 +840,16 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError(f"--prunen {cfg.prunen} must be below --prunem {cfg.prunem}")
     if cfg.prunen and cfg.sparsity:
         raise UsageError("use either --sparsity or --prunen/--prunem, not both")
-    if sorted(set(cfg.bit_options)) != sorted(cfg.bit_options) or not cfg.bit_options or \
-            any(b < 1 or b > 16 for b in cfg.bit_options):
-        raise UsageError(f"--bit_options {','.join(map(str, cfg.bit_options))}: give distinct widths in 1..16, "
+    if sorted(set(options)) != sorted(options) or not options or \
+            any(b < 1 or b > 16 for b in options):
+        raise UsageError(f"--bit_options {','.join(map(str, options))}: give distinct widths in 1..16, "
                          f"e.g. 2,3,4,6,8")
-    if cfg.wbits != 16 and cfg.wbits not in cfg.bit_options:
-        raise UsageError(f"--wbits {cfg.wbits} is not among --bit_options {','.join(map(str, cfg.bit_options))} (or 16 = off)")
+    if cfg.wbits != 16 and cfg.wbits not in options:
+        raise UsageError(f"--wbits {cfg.wbits} is not among --bit_options {','.join(map(str, options))} (or 16 = off)")
     if cfg.mixed:
         if not cfg.quantize:
             raise UsageError("--target_avg_bits needs a base width: add --wbits 4 (or another of --bit_options)")
-        lo, hi = min(cfg.bit_options), max(cfg.bit_options)
+        lo, hi = min(options), max(options)
         if not lo <= cfg.target_avg_bits <= hi:
             raise UsageError(f"--target_avg_bits {cfg.target_avg_bits} is outside [{lo}, {hi}] of --bit_options")
         if cfg.nearest:
@@ -910,7 +925,7 @@ def validate(cfg: RunConfig) -> None:
         if cfg.mixed and cfg.bit_granularity != "linear":
             raise UsageError("compressed-tensors stores one width per Linear: add --bit_granularity linear "
                              "--bit_scope model, or use --export_format packed for per-channel widths")
-        widths = cfg.bit_options if cfg.mixed else [cfg.wbits]
+        widths = cfg.allowed_widths if cfg.mixed else [cfg.wbits]
         if max(widths) > compressed_tensors_export.MAX_WIDTH:
             raise UsageError(f"compressed-tensors packs 1..{compressed_tensors_export.MAX_WIDTH} bits; "
                              f"choose widths up to {compressed_tensors_export.MAX_WIDTH}")
@@ -1018,7 +1033,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                         "alone (the importance then only ranks quantile's channels)")
     p.add_argument("--sensitivity_shrinkage", type=float,
                    help="model scope: share of each output's loss sensitivity replaced by its Linear's mean")
-    p.add_argument("--bit_options", type=_list(int), help="allowed widths, e.g. 2,3,4,6,8")
+    p.add_argument("--bit_options", type=_list(int),
+                   help="allowed widths (default: " + ",".join(map(str, bitalloc.BIT_OPTIONS)) + "; budget per channel in "
+                        "model scope with sparsity at 4 bits or more: the widths next to the target, 3,4,6 at 4.0)")
     p.add_argument("--importance_weights", type=_list(float), help="weights of energy,outlier,weight,obs,sensitivity")
     p.add_argument("--eval", type=_list(str), help="datasets to report perplexity on")
     p.add_argument("--batch_size", type=int, help="windows per forward pass")

@@ -184,6 +184,30 @@ def test_error_shrinkage_defaults_to_the_allocators_own_and_the_flag_overrides_i
     assert bitalloc.ERROR_SHRINKAGE["quantile"] != bitalloc.ERROR_SHRINKAGE["budget"]
 
 
+def test_budget_with_sparsity_at_4_bits_chooses_among_the_widths_next_to_the_target():
+    """The default widths (bitalloc.default_options), against the rule written out: all of 2,3,4,6,8, except budget
+    per channel in model scope with sparsity at a target of 4 or more, which keeps the widths bracketing the target
+    and one more either side; --bit_options overrides."""
+    args = lambda *flags: oe.parse_args(["model", "c4", "--wbits", "4", *flags])
+    mixed = lambda method, target, *flags: args("--target_avg_bits", str(target), "--bit_method", method, *flags)
+    model = ("--bit_scope", "model")
+    assert mixed("budget", 4.0, "--sparsity", "0.5", *model).mixed_precision.options == (3, 4, 6)
+    assert mixed("budget", 4.0, "--prunen", "2", "--prunem", "4", *model).mixed_precision.options == (3, 4, 6)
+    assert mixed("budget", 5.0, "--sparsity", "0.5", *model).mixed_precision.options == (3, 4, 6, 8)
+    assert mixed("budget", 6.0, "--sparsity", "0.5", *model).mixed_precision.options == (4, 6, 8)
+    everything = (2, 3, 4, 6, 8)
+    for run in (mixed("budget", 3.5, "--sparsity", "0.5", *model), mixed("budget", 4.0, *model),
+                mixed("quantile", 4.0, "--sparsity", "0.5", *model),
+                mixed("budget", 4.0, "--sparsity", "0.5", "--bit_scope", "layer"),
+                mixed("budget", 4.0, "--sparsity", "0.5", "--bit_granularity", "linear", *model)):
+        assert run.mixed_precision.options == everything
+    assert mixed("budget", 4.0, "--sparsity", "0.5", *model, "--bit_options", "2,4,8").mixed_precision.options == \
+        (2, 4, 8)
+    assert oe.parse_args(["model", "c4", "--wbits", "2", "--target_avg_bits", "4", "--bit_method", "budget", *model,
+                          "--sparsity", "0.5"]).mixed_precision.options == (2, 3, 4, 6)  # the base width stays
+    assert args("--sparsity", "0.5").allowed_widths == list(everything)  # uniform runs: as before
+
+
 def test_predicted_kept_counts_match_the_solvers_mask_where_it_is_chosen_first():
     torch.manual_seed(0)
     solver = solver_for(torch.randn(512, 48) * torch.linspace(0.2, 4, 48))

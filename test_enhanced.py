@@ -351,6 +351,23 @@ def test_cli_mixed_run_reports_statistics(tiny_dir, tmp_path, capsys):
     assert res["mixed_precision"]["method"] == "budget" and res["mixed_precision"]["target"] == 3.0
 
 
+def test_cli_budget_at_4_bits_with_sparsity_stores_only_the_widths_next_to_the_target(tiny_dir, tmp_path):
+    code, res = cli(tiny_dir, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "4.0",
+                    "--bit_method", "budget")
+    assert code == 0
+    widths = {b for layer in res["layers"] for b in layer["bits_per_column"] or ()}
+    assert widths <= {3, 4, 6} and len(widths) > 1
+    assert abs(res["summary"]["stored_bits"] - 4.0) <= 0.02
+    assert res["mixed_precision"]["options"] == [3, 4, 6] and res["config"]["bit_options"] is None
+    assert res["bit_scope"] == "model" and res["config"]["bit_scope"] == "auto"  # auto resolved as the layers fit
+
+
+def test_cli_budget_in_layer_scope_keeps_every_width(tiny_dir, tmp_path):
+    code, res = cli(tiny_dir, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "4.0",
+                    "--bit_method", "budget", "--bit_scope", "layer")
+    assert code == 0 and res["mixed_precision"]["options"] == [2, 3, 4, 6, 8] and res["bit_scope"] == "layer"
+
+
 def test_cli_guard_target_without_wbits(tiny_dir, tmp_path, capsys):
     code, res = cli(tiny_dir, tmp_path, "--target_avg_bits", "4.0")
     assert code == 2 and res == {}

@@ -41,7 +41,7 @@ def main() -> None:
     compressed = oe.compress(model, calibration, cfg, torch.device("cpu"), Log(True))
     modules = dict(model.named_modules())
     print("width: share of the Linear's channels / their mean kept count relative to the Linear's mean")
-    widths = sorted(cfg.bit_options)
+    widths = sorted(compressed.mixed_precision.options)
     shares, stored = defaultdict(list), defaultdict(list)
     for stats in compressed.stats:
         kept = (modules[stats.name].weight.data != 0).sum(0).float()
