@@ -35,8 +35,8 @@ import row_ranges
 import streaming
 from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
-from modelutils import (capture_layer_inputs, check_finite, decoder_io_modules, decoder_layers, decoder_of,
-                        feed_inputs, find_linears, head_modules, layer_output, linear_name,
+from modelutils import (capture_layer_inputs, check_finite, check_weights_finite, decoder_io_modules, decoder_layers,
+                        decoder_of, feed_inputs, find_linears, head_modules, layer_output, linear_name,
                         layer_store, load_config, load_opt, logits_from_hidden, model_source, resident,
                         walk_layers)
 from quant import QuantGrid
@@ -210,8 +210,10 @@ def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
     if cfg.stream:  # the compressed layers wait beside the --save target, so that saving only links them
         model = streaming.load_streamed(cfg.model, os.path.dirname(os.path.abspath(cfg.save)) if cfg.save else None)
     else:
-        model = load_opt(cfg.model, cfg.quiet)
+        model = load_opt(cfg.model, cfg.quiet, check_values=False)
     place(model, dev, cfg.offload)
+    if not cfg.stream:  # (load_streamed checked the tensors outside the layers; the layers are read later)
+        check_weights_finite(cfg.model, model.state_dict())  # where they were placed: on the GPU, a quick pass
     if dev.type == "cuda" and not (cfg.gmp or cfg.nearest) and (cfg.prune.active or cfg.quantize):
         columns = model.config.hidden_size
         x = torch.randn(4 * columns, columns, generator=torch.Generator().manual_seed(0)).to(dev, torch.float16)
