@@ -5,6 +5,7 @@ because the published perplexities depend on every id. Two things are added, and
 local files can stand in for the Hugging Face hub (`data_dir`, laid out like ../shared/data), and tokenized
 ids are memoised in-process and cached on disk (`cache_dir`), so a second run skips tokenization.
 """
+from __future__ import annotations
 
 import gzip
 import hashlib
@@ -18,9 +19,12 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers is imported when a run needs it (modelutils.import_transformers)
+    from transformers import PreTrainedTokenizerBase
 
 from modelutils import model_source
 from runtime import atomic_file
@@ -68,6 +72,8 @@ def get_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The model's fast (Rust) tokenizer: the same ids as the slow one the reference used, many times faster.
     FileNotFoundError for a local path that is not a model directory (modelutils.model_source); DataError if
     it cannot be loaded or encodes text to nothing (its files missing)."""
+    from transformers import AutoTokenizer
+
     source = model_source(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)

@@ -172,6 +172,13 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
+def import_transformers() -> None:
+    """Import the transformers classes a run uses. The auto classes pull in generation, torch.distributed and
+    dynamo pieces and scikit-learn when it is installed: 4-6 s on the lent H200 machines, which the CLI spends
+    while the GPU starts (opt_enhanced.device_starting); nothing imports transformers at module level."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def load_config(model: str):
     """The model's config alone (no weights), checked to be a supported family. Raises ModelError with a
     one-line message: the hub cannot be reached, the id or directory holds no readable config, or the

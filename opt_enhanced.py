@@ -18,7 +18,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import torch
 import torch.nn as nn
@@ -36,8 +36,8 @@ import streaming
 from compressed_tensors_export import export_compressed_tensors
 from export import export_compressed
 from modelutils import (capture_layer_inputs, check_finite, check_weights_finite, decoder_io_modules, decoder_layers,
-                        decoder_of, feed_inputs, find_linears, head_modules, layer_output, linear_name,
-                        layer_store, load_config, load_opt, logits_from_hidden, model_source, resident,
+                        decoder_of, feed_inputs, find_linears, head_modules, import_transformers, layer_output,
+                        layer_store, linear_name, load_config, load_opt, logits_from_hidden, model_source, resident,
                         walk_layers)
 from quant import QuantGrid
 from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path, set_stage,
@@ -202,10 +202,8 @@ def use_device(dev: torch.device) -> None:
         torch.cuda.set_device(dev)
 
 
-def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
-    """Load and place the model, then run the solver once on a small random matrix with the run's
-    settings, so that CUDA, cuBLAS/cuSOLVER and the Triton kernel have started (about 1.5 s on
-    first use in a process) before the first real layer needs them."""
+def load_and_place(cfg: RunConfig, dev: torch.device) -> nn.Module:
+    """Load the model, place it (`place`) and scan its weights for NaN/Inf where they were placed."""
     use_device(dev)  # this runs on a thread of its own
     if cfg.stream:  # the compressed layers wait beside the --save target, so that saving only links them
         model = streaming.load_streamed(cfg.model, os.path.dirname(os.path.abspath(cfg.save)) if cfg.save else None)
@@ -214,17 +212,47 @@ def load_and_warm_up(cfg: RunConfig, dev: torch.device) -> nn.Module:
     place(model, dev, cfg.offload)
     if not cfg.stream:  # (load_streamed checked the tensors outside the layers; the layers are read later)
         check_weights_finite(cfg.model, model.state_dict())  # where they were placed: on the GPU, a quick pass
-    if dev.type == "cuda" and not (cfg.gmp or cfg.nearest) and (cfg.prune.active or cfg.quantize):
-        columns = model.config.hidden_size
-        x = torch.randn(4 * columns, columns, generator=torch.Generator().manual_seed(0)).to(dev, torch.float16)
-        weight = torch.randn(columns, columns, generator=torch.Generator().manual_seed(1)).to(dev)
-        solver = SparseGPT(columns, dev)
-        solver.add_batch(x)
-        grid = QuantGrid.for_weight(weight, cfg.sym, cfg.groupsize) if cfg.quantize else None
-        bits = torch.full((columns,), cfg.wbits, dtype=torch.int64) if cfg.quantize else None
-        solver.fasterprune(weight, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, None, not cfg.no_fused)
-        torch.cuda.synchronize(dev)
     return model
+
+
+WARM_UP_COLUMNS = 1024
+
+
+def warm_up_device(cfg: RunConfig, dev: torch.device) -> None:
+    """Run the solver once on a small random matrix with the run's settings, so that CUDA, cuBLAS/cuSOLVER and
+    the Triton kernel have started before the first real layer needs them: 1-2 s, or 8-13 s on the H200 when
+    the kernel compiles (its first use on a machine). Triton compiles one kernel per set of constexprs, which
+    shapes decide only through the block width and strides that are multiples of 16 or not (kernels.variant):
+    a matrix of WARM_UP_COLUMNS columns compiles what the model's Linears use. Every tensor has its dtype
+    written out, as the main thread may import transformers meanwhile."""
+    use_device(dev)
+    columns = max(WARM_UP_COLUMNS, cfg.blocksize)
+    x = torch.randn(4 * columns, columns, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    weight = torch.randn(columns, columns, generator=torch.Generator().manual_seed(1), dtype=torch.float32).to(dev)
+    solver = SparseGPT(columns, dev)
+    solver.add_batch(x.to(dev, torch.float16))
+    grid = QuantGrid.for_weight(weight, cfg.sym, cfg.groupsize) if cfg.quantize else None
+    bits = torch.full((columns,), cfg.wbits, dtype=torch.int64) if cfg.quantize else None
+    solver.fasterprune(weight, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, None, not cfg.no_fused)
+    torch.cuda.synchronize(dev)
+
+
+@contextmanager
+def device_starting(cfg: RunConfig) -> Iterator[None]:
+    """Warm the run's GPU up (`warm_up_device`) on a thread while the block runs, and wait for it at the end.
+    The block must not build a model: transformers sets torch's default dtype process-wide while it does, and
+    the solver makes some of its tensors in the default dtype. CPU runs, and runs without calibrated
+    compression, have nothing to start."""
+    dev = run_device(cfg)
+    if dev.type != "cuda" or cfg.gmp or cfg.nearest or not (cfg.prune.active or cfg.quantize):
+        yield
+        return
+    warming = Background(lambda: warm_up_device(cfg, dev))
+    try:
+        yield
+    finally:
+        warming.join()
+    warming.result()
 
 
 def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dict[str, torch.Tensor]]:
@@ -607,7 +635,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     # A missing file fails at once; then the model loads (and CUDA starts) on a thread while the data is tokenized.
     datautils.check_sources(cfg.dataset, cfg.eval, cfg.data_dir)
-    loading = Background(lambda: load_and_warm_up(cfg, dev))
+    loading = Background(lambda: load_and_place(cfg, dev))
     try:
         tokenizer, seqlen, calibration, eval_ids = tokenize(cfg, stage)
     except BaseException:
@@ -1148,6 +1176,9 @@ def main(argv: list[str] | None = None) -> int:
                 set_stage(f"running {cfg.gpus} processes")
                 return distributed.launch(cfg.gpus, [os.path.abspath(__file__), *argv])
             existed = {flag: os.path.exists(path) for flag, path in _outputs(cfg).items()}  # dirs: empty ones
+            with device_starting(cfg):  # the GPU starts while transformers is imported: seconds each
+                set_stage("importing transformers")
+                import_transformers()
             check_model(cfg)
             started = True
             with distributed.session(run_device(cfg)):

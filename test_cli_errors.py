@@ -670,3 +670,51 @@ def test_requirements_list_every_third_party_import():
              for line in (Path(__file__).parent / "requirements.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")}
     assert "tqdm" in names
+
+
+@pytest.mark.slow  # a subprocess: importing torch again
+def test_importing_the_cli_leaves_transformers_for_the_run():
+    """transformers takes seconds to import; the CLI imports it while the GPU starts (device_starting), which
+    only overlaps if nothing imported it at module level."""
+    script = "import sys, opt_enhanced; print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_the_gpu_warm_up_runs_beside_the_block_and_is_waited_for(monkeypatch):
+    """device_starting: the warm-up runs on its own thread while the block runs, the block's end waits for it,
+    and its error is raised there; the block's own error wins. CPU runs start nothing."""
+    import threading
+    import time
+
+    cfg = oe.parse_args(["m", "c4", "--sparsity", "0.5", "--wbits", "4", "--device", "cpu"])
+    seen = []
+
+    def warm_up(cfg, dev, fail=False):
+        seen.append(threading.current_thread() is threading.main_thread())
+        time.sleep(0.3)
+        seen.append("done")
+        if fail:
+            raise RuntimeError("CUDA error in the warm-up")
+
+    monkeypatch.setattr(oe, "warm_up_device", warm_up)
+    with oe.device_starting(cfg):  # on the CPU: nothing to start
+        pass
+    assert seen == []
+    monkeypatch.setattr(oe, "run_device", lambda cfg: torch.device("cuda"))
+    with oe.device_starting(cfg):
+        assert seen in ([], [False])  # started, not finished
+    assert seen == [False, "done"]
+    monkeypatch.setattr(oe, "warm_up_device", lambda cfg, dev: warm_up(cfg, dev, fail=True))
+    with pytest.raises(RuntimeError, match="in the warm-up"):
+        with oe.device_starting(cfg):
+            pass
+    with pytest.raises(KeyError):
+        with oe.device_starting(cfg):
+            raise KeyError("the block's own")
+    nearest = oe.parse_args(["m", "c4", "--wbits", "4", "--nearest"])
+    seen.clear()
+    with oe.device_starting(nearest):  # nothing calibrated to compress: nothing to start
+        pass
+    assert seen == []
