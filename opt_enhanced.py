@@ -223,14 +223,13 @@ def warm_up_device(cfg: RunConfig, dev: torch.device) -> None:
     the Triton kernel have started before the first real layer needs them: 1-2 s, or 8-13 s on the H200 when
     the kernel compiles (its first use on a machine). Triton compiles one kernel per set of constexprs, which
     shapes decide only through the block width and strides that are multiples of 16 or not (kernels.variant):
-    a matrix of WARM_UP_COLUMNS columns compiles what the model's Linears use. Every tensor has its dtype
-    written out, as the main thread may import transformers meanwhile."""
+    a matrix of WARM_UP_COLUMNS columns compiles what the model's Linears use."""
     use_device(dev)
     columns = max(WARM_UP_COLUMNS, cfg.blocksize)
-    x = torch.randn(4 * columns, columns, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
-    weight = torch.randn(columns, columns, generator=torch.Generator().manual_seed(1), dtype=torch.float32).to(dev)
+    x = torch.randn(4 * columns, columns, generator=torch.Generator().manual_seed(0)).to(dev, torch.float16)
+    weight = torch.randn(columns, columns, generator=torch.Generator().manual_seed(1)).to(dev)
     solver = SparseGPT(columns, dev)
-    solver.add_batch(x.to(dev, torch.float16))
+    solver.add_batch(x)
     grid = QuantGrid.for_weight(weight, cfg.sym, cfg.groupsize) if cfg.quantize else None
     bits = torch.full((columns,), cfg.wbits, dtype=torch.int64) if cfg.quantize else None
     solver.fasterprune(weight, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, None, not cfg.no_fused)
@@ -633,7 +632,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     stage = Stages(dev)
     started = time.time()
 
-    # A missing file fails at once; then the model loads (and CUDA starts) on a thread while the data is tokenized.
+    # A missing file fails at once; then the model loads on a thread while the data is tokenized (main() has
+    # started the GPU: device_starting).
     datautils.check_sources(cfg.dataset, cfg.eval, cfg.data_dir)
     loading = Background(lambda: load_and_place(cfg, dev))
     try:
