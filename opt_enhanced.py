@@ -635,6 +635,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     # A missing file fails at once; then the model loads on a thread while the data is tokenized (main() has
     # started the GPU: device_starting).
     datautils.check_sources(cfg.dataset, cfg.eval, cfg.data_dir)
+    import_transformers()  # before the thread: two threads importing it at once can each find it half-initialised
     loading = Background(lambda: load_and_place(cfg, dev))
     try:
         tokenizer, seqlen, calibration, eval_ids = tokenize(cfg, stage)

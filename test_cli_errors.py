@@ -718,3 +718,24 @@ def test_the_gpu_warm_up_runs_beside_the_block_and_is_waited_for(monkeypatch):
     with oe.device_starting(nearest):  # nothing calibrated to compress: nothing to start
         pass
     assert seen == []
+
+
+@pytest.mark.slow  # a subprocess: importing torch again
+def test_a_run_imports_transformers_before_its_loading_thread(tiny_dir):
+    """run() loads the model on a thread while the main thread tokenizes; both use transformers, and two threads
+    importing it at once failed ("cannot import name 'AutoConfig' from 'transformers'", bench.py calling run()
+    directly). Here run() is called without main(), in a process that has not imported transformers."""
+    script = ("import sys, opt_enhanced as oe, runtime\n"
+              "seen = []\n"
+              "class Spy(runtime.Background):\n"
+              "    def __init__(self, fn):\n"
+              "        seen.append(all(m in sys.modules for m in ('transformers.models.auto.configuration_auto',\n"
+              "            'transformers.models.auto.modeling_auto', 'transformers.models.auto.tokenization_auto')))\n"
+              "        super().__init__(fn)\n"
+              "oe.Background = Spy\n"
+              f"oe.run(oe.parse_args([{str(tiny_dir[0])!r}, 'c4', '--data_dir', {str(tiny_dir[1])!r}, '--device', "
+              "'cpu', '--nsamples', '4', '--seqlen', '64', '--eval', 'ptb', '--quiet']))\n"
+              "print(seen)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[True]", done.stdout + done.stderr
