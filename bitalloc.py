@@ -46,10 +46,10 @@ def default_options(method: str, granularity: str, scope: str, target: float, sp
     per channel over the whole model (scope "model") with sparsity at 4 stored bits or more, which keeps the widths
     next to the target (those bracketing it and one more either side: 3,4,6 at 4.0) and the base width (--wbits).
 
-    Chosen on validation text (BENCHMARKS.md §3 "Which widths"): with 50% sparsity at 4.0 budget's 2- and 8-bit
-    channels cost more on other text than the error model predicts (calibrated on PTB it lost to uniform 4-bit),
-    and 3,4,6 did better on validation in each calibration over seeds 0-6; at 3.0 and 3.5, without sparsity, in
-    layer scope and for quantile the narrow set lost (one width per Linear was not measured with it)."""
+    Chosen on validation text (BENCHMARKS.md §3 "Which widths"): with 50% sparsity at 4.0, budget with all five
+    widths lost to uniform 4-bit when calibrated on PTB, and 3,4,6 did better on validation in each calibration
+    over seeds 0-6; at 3.0 and 3.5, without sparsity, in layer scope and for quantile the narrow set lost (one
+    width per Linear was not measured with it)."""
     if method != "budget" or granularity != "channel" or scope != "model" or not sparse or target < 4.0:
         return BIT_OPTIONS
     below = max(i for i, b in enumerate(BIT_OPTIONS) if b <= target)
