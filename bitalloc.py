@@ -48,8 +48,9 @@ def default_options(method: str, granularity: str, scope: str, target: float, sp
 
     Chosen on validation text (BENCHMARKS.md §3 "Which widths"): with 50% sparsity at 4.0, budget with all five
     widths lost to uniform 4-bit when calibrated on PTB, and 3,4,6 did better on validation in each calibration
-    over seeds 0-6; at 3.0 and 3.5, without sparsity, in layer scope and for quantile the narrow set lost (one
-    width per Linear was not measured with it)."""
+    over seeds 0-6; at 3.0, without sparsity, in layer scope and for quantile the narrower sets lost (one width
+    per Linear was not measured with them). At 3.5 the widths next to the target (2,3,4,6) were 0.16% better on
+    validation over seeds 0-2 only, left at all five until more seeds say so."""
     if method != "budget" or granularity != "channel" or scope != "model" or not sparse or target < 4.0:
         return BIT_OPTIONS
     below = max(i for i, b in enumerate(BIT_OPTIONS) if b <= target)
