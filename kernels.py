@@ -33,10 +33,12 @@ Compilations: Triton compiles the kernel once per distinct set of constexprs (co
 steps, N:M or not, mask, quantization, the row tile) and specialisation of `count` and U's strides,
 and keeps each on disk. A run compiles one variant, and one more for a ragged last block (columns not
 a multiple of the blocksize); `variant` spells the key out and test_kernels counts it for the OPT
-shapes. The row count and N (of N:M) are runtime arguments, not specialised. One
-compilation for sm_90 took 9-13 s of CPU on the 2-core development machine (Triton's compiler runs
-without a GPU); over 90% of its TTGIR stage is Triton's coalescing pass, which walks the whole
-unrolled kernel (~2300 TTIR ops) once for each of its ~170 loads and stores.
+shapes. The row count and N (of N:M) are runtime arguments, not specialised. The column loop's code
+is repeated per chunk, and over 90% of the compilation's TTGIR stage is Triton's coalescing pass, which
+walks the whole unrolled kernel once for each of its loads and stores: with four chunks (~2300 TTIR ops,
+~170 loads and stores) one compilation for sm_90 took 5.3 s of CPU on the 2-core development machine
+(Triton 3.7.1; its compiler runs without a GPU) and 7.5 s on the H200's host; with two chunks, the
+default, 2.3 s and 1.8 s.
 
 The module imports on machines without CUDA or Triton: `is_available()` then says False and
 `solve_block_fused` raises. Triton is imported only when a CUDA device is present (or when
@@ -74,7 +76,8 @@ def is_available() -> bool:
     return triton is not None and (torch.cuda.is_available() or _INTERPRET)
 
 
-MAX_CHUNKS = 4  # register tiles per program; the block is split into at most this many column chunks
+CHUNKS = 2  # column chunks (register tiles) per block where it can be: four compiled 4x slower (_chunking)
+MAX_CHUNKS = 4  # and never more (a chunk is one register tile, and one copy of the column loop's code)
 MAX_CHUNK = 64  # columns per chunk at most (the pruning mask of a chunk is kept as one int64 per row)
 UNROLL = 4  # columns per step of the column loop when not N:M (their loads are issued together)
 
@@ -83,18 +86,23 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _chunking(count: int, prunem: int) -> tuple[int, int] | None:
-    """(CW, NCH): chunk width (a power of two, >= 16) and number of chunks covering `count`
-    columns, or None when the kernel does not handle this block shape.
+def _chunking(count: int, prunem: int, chunks: int = CHUNKS) -> tuple[int, int] | None:
+    """(CW, NCH): chunk width (a power of two, 16 to MAX_CHUNK) and number of chunks covering `count`
+    columns, about `chunks` of them (more where a chunk would be wider than MAX_CHUNK), or None when the
+    kernel does not handle this block shape.
 
-    N:M groups must not straddle chunks; when prunem does not divide the chunk width, one chunk.
+    Fewer chunks compile faster (the code of the column loop is repeated per chunk, and Triton's coalescing
+    pass grows with the square of the code) but skip less work: columns left of the step are never updated,
+    and a chunk is skipped only when all of it lies left. N:M groups must not straddle chunks; when prunem does
+    not divide the chunk width, one chunk.
     """
-    cw = max(16, _next_pow2(-(-count // MAX_CHUNKS)))
+    cw = min(MAX_CHUNK, max(16, _next_pow2(-(-count // chunks))))
     if prunem > 0 and cw % prunem != 0:
         cw = max(16, _next_pow2(count))
-    if cw > MAX_CHUNK or (prunem > 0 and prunem > 16):
+    nch = -(-count // cw)
+    if cw > MAX_CHUNK or nch > MAX_CHUNKS or (prunem > 0 and prunem > 16):
         return None
-    return cw, -(-count // cw)
+    return cw, nch
 
 
 def supports(count: int, prunen: int = 0, prunem: int = 0) -> bool:
@@ -105,17 +113,17 @@ def supports(count: int, prunen: int = 0, prunem: int = 0) -> bool:
 
 
 def _default_config(cw: int) -> tuple[int, int]:
-    """(BLOCK_R, num_warps), from a sweep on an H200 with 128-column blocks (rows 384/1536/12288).
+    """(BLOCK_R, num_warps): one-warp programs with two rows per thread.
 
     Triton lays a (BLOCK_R, CW) fp32 tile out as 4 columns per thread and CW / 4 threads per row,
-    so a warp covers 128 / CW rows. The column loop is latency-bound, so one-warp programs with
-    one row per thread (the most programs, the shortest chain per column) are fastest for the
-    widths of small models. From a few thousand rows on two rows per thread were a little faster
-    (0.22 against 0.26 ms per block at 12288 rows), but switching by row count made every model
-    whose Linears straddle the switch (OPT-1.3B to 6.7B) compile a second variant on its first run,
-    seconds against milliseconds per layer (`python test_kernels.py --row-tiles`): one tile for all.
+    so a warp covers 128 / CW rows. With 128-column blocks in two chunks of 64 (`CHUNKS`), per block on
+    an H200 (`TRITON_CACHE_DIR=$(mktemp -d) python test_kernels.py --chunks`), ms at 384 / 2048 / 8192 /
+    49152 rows: two rows per thread 0.12 / 0.13 / 0.20 / 1.12, one row 0.09 / 0.10 / 0.33 / 1.69; four
+    chunks (the former default) 0.14 / 0.12 / 0.18 / 1.00, but a compilation of 7.5 s against 1.8. The
+    block's time matters where there are many rows and many blocks (big models); a second tile chosen by
+    row count would compile a second variant for every model whose Linears straddle the switch.
     """
-    return max(1, 128 // cw), 1
+    return max(1, 256 // cw), 1
 
 
 # The kernel's integer arguments, in order. Triton specialises on each (one compilation for the value 1, one
@@ -128,12 +136,12 @@ DO_NOT_SPECIALIZE = ("rows", "prunen")
 
 
 def launch_config(rows: int, count: int, prunen: int, prunem: int, has_mask: bool, quant: bool,
-                  block_rows: int | None = None, num_warps: int | None = None, unroll: int = UNROLL
-                  ) -> dict[str, int | bool]:
+                  block_rows: int | None = None, num_warps: int | None = None, unroll: int = UNROLL,
+                  chunks: int = CHUNKS) -> dict[str, int | bool]:
     """The kernel's compile-time parameters for one block (its constexprs and num_warps); Triton
     compiles one kernel per distinct set (see `variant`). Assumes `supports(count, prunen, prunem)`."""
     nm = prunen > 0
-    cw, nch = _chunking(count, prunem if nm else 0)
+    cw, nch = _chunking(count, prunem if nm else 0, chunks)
     br, nw = _default_config(cw)
     return {"BLOCK_R": block_rows or br, "CW": cw, "NCH": nch, "UN": prunem if nm else unroll, "NM": nm,
             "HAS_MASK": not nm and has_mask, "QUANT": quant, "num_warps": num_warps or nw}
@@ -397,6 +405,7 @@ def solve_block_fused(
     block_rows: int | None = None,
     num_warps: int | None = None,
     _unroll: int = UNROLL,
+    chunks: int = CHUNKS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The column loop of one block in one kernel launch; same results as `solve_block`.
 
@@ -439,9 +448,10 @@ def solve_block_fused(
     if rows == 0 or count == 0:
         return Q1, Err1, mask1, torch.zeros((), dtype=torch.float64, device=dev)
 
-    if not supports(count, prunen, prunem):
-        raise ValueError(f"solve_block_fused: unsupported block (count={count}, prunem={prunem}); see supports()")
-    meta = launch_config(rows, count, prunen, prunem, has_mask, quant, block_rows, num_warps, _unroll)
+    if _chunking(count, prunem if nm else 0, chunks) is None:
+        raise ValueError(f"solve_block_fused: unsupported block (count={count}, prunem={prunem}, chunks={chunks}); "
+                         f"see supports()")
+    meta = launch_config(rows, count, prunen, prunem, has_mask, quant, block_rows, num_warps, _unroll, chunks)
     programs = triton.cdiv(rows, meta["BLOCK_R"])
     partial = torch.empty(programs, dtype=torch.float32, device=dev)
     _solve_block_kernel[(programs,)](

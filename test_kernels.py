@@ -5,11 +5,13 @@ the same kernel there, bit for bit, through Triton's CPU interpreter); on a GPU 
     python -m pytest -q -s test_kernels.py      # comparisons, one summary line per case
     python test_kernels.py                      # per-block timings, solve_block vs solve_block_fused
     python test_kernels.py --row-tiles          # per-block timings of one and two rows per thread
+    TRITON_CACHE_DIR=$(mktemp -d) python test_kernels.py --chunks   # compile and per-block times by chunking
 """
 from __future__ import annotations
 
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -171,6 +173,20 @@ def test_fused_no_pruning_with_mask_none_and_strided_u():
     assert torch.equal(W1, W[:, 128:]), "the fused solver leaves its input alone"
 
 
+@gpu
+@pytest.mark.parametrize("prune", [PruneSpec(sparsity=0.5), PruneSpec(prunen=2, prunem=4)], ids=["50%", "2:4"])
+def test_fused_chunkings_agree_bit_for_bit(prune):
+    """Splitting the block into 2 or 4 column chunks changes which updates are skipped (all of them zero
+    updates of columns left of the step), never a result."""
+    W, U = make_block(1000, 128, 5)
+    scale, zero, maxq = column_params(W, bits_for("mixed", 128))
+    mask = torch.zeros_like(W, dtype=torch.bool) if prune.prunen else unstructured_mask(W, torch.diag(U), 0.5)
+    out = [kernels.solve_block_fused(W, U, mask.clone(), prune.prunen, prune.prunem, scale, zero, maxq, chunks=c)
+           for c in (2, 4)]
+    for a, b in zip(out[0][:3], out[1][:3]):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------- timing (python test_kernels.py)
 
 
@@ -237,10 +253,50 @@ def bench_row_tiles(rows_list=(2048, 4096, 8192, 12288, 16384, 49152), count: in
         print(f"{rows:>6} {times[0]:>13.4f} {times[1]:>14.4f} {'2' if default == 2 * one else '1':>8}")
 
 
+def bench_chunks(rows_list=(384, 1536, 2048, 8192, 12288, 49152), count: int = 128,
+                 configs=((4, None, None), (2, None, None), (2, 4, None), (2, 4, 2))) -> None:
+    """Compile seconds (the first call of each variant; run with an empty TRITON_CACHE_DIR) and per-block
+    times of the fused kernel with the block in 4 and in 2 column chunks (`kernels.CHUNKS`), each as
+    (chunks, rows per program, warps; None: the default): fewer chunks compile faster and skip fewer updates.
+    The outputs of every configuration must agree bit for bit."""
+    print(f"device: {torch.cuda.get_device_name()}; count={count}; compile s, then fused ms per block by rows")
+    print(f"{'case':<14} {'chunks':>6} {'rows/prog':>9} {'warps':>5} {'compile s':>10} "
+          + " ".join(f"{r:>8}" for r in rows_list))
+    for label, prune in (("50% + 4-bit", PruneSpec(sparsity=0.5)), ("2:4 + 4-bit", PruneSpec(prunen=2, prunem=4))):
+        blocks = []
+        for rows in rows_list:
+            W, U = make_block(rows, count, 0)
+            scale, zero, maxq = column_params(W, torch.full((count,), 4))
+            nm = prune.prunen > 0
+            mask = torch.zeros_like(W, dtype=torch.bool) if nm else unstructured_mask(W, torch.diag(U), 0.5)
+            blocks.append((W, U, mask, scale, zero, maxq))
+        outputs = []
+        for chunks, block_rows, num_warps in configs:
+            def call(b, kw=dict(chunks=chunks, block_rows=block_rows, num_warps=num_warps)):
+                W, U, mask, scale, zero, maxq = b
+                return kernels.solve_block_fused(W, U, mask.clone(), prune.prunen, prune.prunem, scale, zero, maxq,
+                                                 **kw)
+            torch.cuda.synchronize()
+            tick = time.time()
+            call(blocks[0])
+            torch.cuda.synchronize()
+            compile_s = time.time() - tick
+            times = [_time_ms(lambda b=b: call(b), 50) for b in blocks]
+            outputs.append([call(b)[:3] for b in blocks])
+            br = kernels.launch_config(1, count, prune.prunen, prune.prunem, True, True, block_rows, num_warps,
+                                       chunks=chunks)
+            print(f"{label:<14} {chunks:>6} {br['BLOCK_R']:>9} {br['num_warps']:>5} {compile_s:>10.2f} "
+                  + " ".join(f"{t:>8.4f}" for t in times), flush=True)
+        same = all(torch.equal(x, y) for other in outputs[1:] for a, b in zip(outputs[0], other) for x, y in zip(a, b))
+        print(f"{label}: outputs of every configuration {'identical' if same else 'DIFFER'}")
+
+
 if __name__ == "__main__":
     if not kernels.is_available():
         sys.exit("needs a CUDA device and Triton")
     if "--row-tiles" in sys.argv:
         bench_row_tiles()
+    elif "--chunks" in sys.argv:
+        bench_chunks()
     else:
         bench(compile_only="--compile-only" in sys.argv)

@@ -65,7 +65,7 @@ else:
 
     CASES = {
         # name: (rows, count, prune, widths, sym); rows not a multiple of the kernel's row tile, counts that
-        # give one to four column chunks, ragged last chunks
+        # give one to four column chunks (asked for two or four), ragged last chunks
         "50% + 4-bit": (13, 32, PruneSpec(sparsity=0.5), "4", False),
         "50% + mixed, 4 chunks, ragged": (9, 50, PruneSpec(sparsity=0.5), "mixed", False),
         "quant only, mixed, ragged": (11, 27, PruneSpec(), "mixed", False),
@@ -81,8 +81,9 @@ else:
     def test_the_interpreter_is_on():
         assert kernels.is_available(), kernels._IMPORT_ERROR
 
+    @pytest.mark.parametrize("chunks", [2, 4])
     @pytest.mark.parametrize("name", list(CASES))
-    def test_interpreted_kernel_is_bit_identical_to_the_column_loop(name):
+    def test_interpreted_kernel_is_bit_identical_to_the_column_loop(name, chunks):
         rows, count, prune, kind, sym = CASES[name]
         assert kernels.supports(count, prune.prunen, prune.prunem)
         W, U = make_block(rows, count, seed=len(name))
@@ -95,7 +96,8 @@ else:
             mask = torch.zeros_like(W, dtype=torch.bool)
         scale, zero, maxq = params if params is not None else (None, None, None)
         W_in = W.clone()
-        Qf, Ef, Mf, lossf = kernels.solve_block_fused(W_in, U, mask, prune.prunen, prune.prunem, scale, zero, maxq)
+        Qf, Ef, Mf, lossf = kernels.solve_block_fused(W_in, U, mask, prune.prunen, prune.prunem, scale, zero, maxq,
+                                                      chunks=chunks)
         assert torch.equal(W_in, W), "the fused solver leaves its input alone"
         assert torch.equal(Mf, M)
         assert torch.equal(Qf, Q)
