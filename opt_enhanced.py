@@ -40,8 +40,8 @@ from modelutils import (capture_layer_inputs, check_finite, check_weights_finite
                         layer_store, linear_name, load_config, load_opt, logits_from_hidden, model_source, resident,
                         walk_layers)
 from quant import QuantGrid
-from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path, set_stage,
-                     sigterm_interrupts, write_json)
+from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path,
+                     process_seconds, set_stage, sigterm_interrupts, write_json)
 from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
@@ -618,10 +618,11 @@ def device_memory(dev: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
+def run(cfg: RunConfig, startup: float | None = None) -> dict[str, Any]:
     """One run: load, compress, evaluate, write the outputs. Under torchrun every rank runs it (inside
     `distributed.session`); only rank 0 logs, runs --lm_eval and writes outputs, and the others return
-    their perplexities and timings alone."""
+    their perplexities and timings alone. `startup`: the seconds the process took to get here (main() gives
+    them; its timings then hold them, apart from `total`)."""
     log = Log(cfg.quiet or not distributed.is_main())
     dev = run_device(cfg)
     use_device(dev)
@@ -668,6 +669,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                                             cfg.batch_size, str(dev))
         log(f"lm-eval: {json.dumps(scores)}")
     timings = dict(stage.seconds, total=time.time() - started)
+    if startup is not None:
+        timings["startup"] = startup
 
     summary = None
     if cfg.quantize:
@@ -1183,7 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
             check_model(cfg)
             started = True
             with distributed.session(run_device(cfg)):
-                results = run(cfg)
+                results = run(cfg, startup=process_seconds())
             error = None
         except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
             error, code, message = e, 2, _one_line(e)

@@ -79,6 +79,23 @@ class Stages:
         self.seconds[name] = time.time() - tick
 
 
+def process_seconds() -> float:
+    """Seconds since this process started, from the kernel's record of its start (Linux), so that the
+    interpreter's start and the imports before any of our code ran are counted; elsewhere, since this
+    module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED
+
+
+_IMPORTED = time.time()
+
+
 # ---------------------------------------------------------------- threads and signals
 
 

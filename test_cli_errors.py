@@ -638,6 +638,22 @@ def test_signal_during_the_interpreters_exit_is_ignored(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: --seqlen 1"), done.stderr
 
 
+@pytest.mark.slow  # a subprocess: importing torch again
+def test_the_command_ends_with_its_outputs_and_last_line_written(tiny_dir, tmp_path):
+    """Whatever the command printed into a pipe and wrote must be there when it ends, the final JSON line and the
+    results file both, with startup counted from the process's start."""
+    model, data = tiny_dir
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "opt_enhanced.py", str(model), "c4", "--data_dir", str(data), *QUICK,
+                           "--results_json", str(tmp_path / "r.json")], cwd=Path(__file__).parent,
+                          capture_output=True, text=True, timeout=300, env=buffered)
+    assert done.returncode == 0, done.stderr
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert last["perplexity"]["ptb"] == pytest.approx(written["perplexity"]["ptb"], rel=1e-3)
+    assert 0 < written["timings"]["startup"] < 300
+
+
 # ---------------------------------------------------------------- small things a first-time user meets
 
 

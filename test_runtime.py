@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from runtime import atomic_directory, atomic_file
+
+ROOT = Path(__file__).resolve().parent
 
 
 @pytest.fixture
@@ -61,3 +65,11 @@ def test_atomic_directory_refuses_a_full_one_and_leaves_nothing_on_failure(tmp_p
             Path(tmp, "half.bin").write_bytes(b"x")
             raise OSError("disk full")
     assert os.listdir(tmp_path) == ["full"] and os.listdir(tmp_path / "full") == ["keep.txt"]
+
+
+def test_process_seconds_counts_from_the_start_of_the_process():
+    """The start-up a run reports includes what ran before our code was imported: a process that sleeps 1 s
+    before importing runtime is at least 1 s old by its count."""
+    code = "import time; time.sleep(1.0); import runtime; print(runtime.process_seconds())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert 1.0 <= float(done.stdout) < 60.0
