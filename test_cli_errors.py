@@ -624,8 +624,9 @@ def test_second_signal_during_the_cleanup_is_ignored(tiny_dir, tmp_path, capsys,
 
 @pytest.mark.slow  # a subprocess: importing torch again
 def test_signal_during_the_interpreters_exit_is_ignored(tmp_path):
-    """The process's exit runs torch's atexit hooks for a second or so; a SIGINT then (the second Ctrl-C of two)
-    printed their traceback under our message. Here an atexit hook registered first (so run last) sends it."""
+    """The interpreter's exit used to run torch's atexit hooks for a second or so, and a SIGINT then (the second
+    Ctrl-C of two) printed their traceback under our message; the process now ends without them. Here an atexit
+    hook registered first (so run last, if any ran) sends one."""
     script = ("import atexit, os, runpy, signal, sys, time\n"
               "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))\n"
               "sys.path.insert(0, os.getcwd())\n"
@@ -640,8 +641,8 @@ def test_signal_during_the_interpreters_exit_is_ignored(tmp_path):
 
 @pytest.mark.slow  # a subprocess: importing torch again
 def test_the_command_ends_with_its_outputs_and_last_line_written(tiny_dir, tmp_path):
-    """Whatever the command printed into a pipe and wrote must be there when it ends, the final JSON line and the
-    results file both, with startup counted from the process's start."""
+    """The process ends at once after main() (no interpreter teardown): whatever it printed into a pipe and wrote
+    must be there, the final JSON line and the results file both, with startup counted from the process's start."""
     model, data = tiny_dir
     buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "opt_enhanced.py", str(model), "c4", "--data_dir", str(data), *QUICK,
