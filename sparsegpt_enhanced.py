@@ -62,6 +62,9 @@ class SolveResult:
 
 
 HESSIAN_STRIP = 4096  # rows of X^T X that add_batch fills per product (wider inputs skip the lower triangle)
+# Blocks whose grid parameters an ungrouped grid computes at once: a block's own would be a dozen small launches,
+# as many as the rest of its solve; the span holds (rows x span columns) scales and zeros (0.4 GB at OPT-175B's fc1).
+GRID_SPAN_BLOCKS = 8
 
 
 class SparseGPT:
@@ -203,12 +206,18 @@ class SparseGPT:
         columns = W.shape[1]
         mask = torch.zeros_like(W, dtype=torch.bool)
         error = torch.zeros((), dtype=torch.float64, device=W.device)
+        span = None  # (start, stop, params) of an ungrouped grid over several blocks: fewer launches per block
         for i1 in range(0, columns, blocksize):
             i2 = min(i1 + blocksize, columns)
             params = None
-            if grid is not None:
+            if grid is not None and grid.grouped:  # each group's range comes from the weights as they are now
                 grid.fill_groups(W, i1, i2)
                 params = grid.column_params(i1, i2, bits_per_column[i1:i2])
+            elif grid is not None:
+                if span is None or i2 > span[1]:
+                    stop = min(i1 + GRID_SPAN_BLOCKS * blocksize, columns)
+                    span = (i1, stop, grid.column_params(i1, stop, bits_per_column[i1:stop]))
+                params = tuple(p[..., i1 - span[0]:i2 - span[0]] for p in span[2])
             Q1, Err1, mask[:, i1:i2], block_error = solve_block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], prune, params,
                                                                 fused, row_groups)
             W[:, i1:i2] = Q1

@@ -218,6 +218,19 @@ def test_ragged_last_block_and_dead_channels():
     assert int(result.mask.sum()) == 2 * int(16 * 20 * 0.5) + int(16 * 8 * 0.5)
 
 
+def test_mixed_widths_over_more_blocks_than_one_grid_span():
+    """An ungrouped grid's parameters are made for GRID_SPAN_BLOCKS blocks at once: 48 columns in blocks of 5
+    (ten, the last of 3) take two spans, the second ragged, and every column keeps its own width's grid."""
+    import sparsegpt_enhanced
+    assert 48 // 5 > sparsegpt_enhanced.GRID_SPAN_BLOCKS
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(16, 48, generator=g)
+    X = correlated_inputs(300, 48, seed=6)
+    bits = [2, 3, 4, 6, 8, 3, 4] * 6 + [8] * 6
+    result = solve(W, [X], sparsity=0.5, bits=bits, blocksize=5)
+    assert_matches_textbook(result, textbook_solve(W, X, sparsity=0.5, bits=bits, blocksize=5), grid_step(W, bits))
+
+
 def test_the_reference_is_not_trivially_satisfied():
     """The comparisons above would mean little if the solver's OBS updates changed nothing: the
     textbook loop must differ from plain masking/rounding of the dense weights by far more than the
