@@ -3,9 +3,7 @@
 # site-packages byte-compiled as `pip install` leaves it (the lent image ships without .pyc; big_models.sh times
 # the image as shipped). Needs a GPU machine and copies of ../shared in .local/.
 source experiments/record.sh whole_run_1.3b_compiled
-python3 experiments/random_opt.py opt-1.3b /tmp/opt-1.3b-random --tokenizer $M --tokenizer $D/opt-tokenizer
-SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
-time python3 -m compileall -q -j 0 "$SP" > /dev/null 2>&1
+source experiments/whole_run_setup.sh
 export TRITON_CACHE_DIR=/tmp/triton-fresh  # empty: the first run compiles the kernels, as on a fresh machine
 for run in first warm; do
   echo "== opt-1.3b random, whole run, compiled, $run"

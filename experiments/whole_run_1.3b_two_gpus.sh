@@ -3,9 +3,7 @@
 # first run on the machine and warm; then `torchrun` started directly, and one GPU, both warm), with site-packages
 # byte-compiled as `pip install` leaves it. Needs the nvidia-h200-x2 machine and copies of ../shared in .local/.
 source experiments/record.sh whole_run_1.3b_two_gpus
-python3 experiments/random_opt.py opt-1.3b /tmp/opt-1.3b-random --tokenizer $M --tokenizer $D/opt-tokenizer
-SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
-time python3 -m compileall -q -j 0 "$SP" > /dev/null 2>&1
+source experiments/whole_run_setup.sh
 export TRITON_CACHE_DIR=/tmp/triton-fresh  # empty: the first run compiles the kernels, as on a fresh machine
 FLAGS="c4 --data_dir $D --cache_dir /tmp/c13 --sparsity 0.5 --wbits 4"
 for run in first warm; do
