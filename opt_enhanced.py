@@ -220,7 +220,7 @@ WARM_UP_COLUMNS = 1024
 
 def warm_up_device(cfg: RunConfig, dev: torch.device) -> None:
     """Run the solver once on a small random matrix with the run's settings, so that CUDA, cuBLAS/cuSOLVER and
-    the Triton kernel have started before the first real layer needs them: 1-2 s, or 8-13 s on the H200 when
+    the Triton kernel have started before the first real layer needs them: 1-2 s, and 2 s more on the H200 when
     the kernel compiles (its first use on a machine). Triton compiles one kernel per set of constexprs, which
     shapes decide only through the block width and strides that are multiples of 16 or not (kernels.variant):
     a matrix of WARM_UP_COLUMNS columns compiles what the model's Linears use."""
