@@ -238,15 +238,15 @@ def bench(rows_list=(384, 1536, 12288), count: int = 128, compile_only: bool = F
 
 def bench_row_tiles(rows_list=(2048, 4096, 8192, 12288, 16384, 49152), count: int = 128) -> None:
     """Per-block times of the fused kernel (50% + 4-bit) with one and with two rows per thread at
-    the row counts of OPT's Linears: what a second tile would buy (`kernels._default_config`), against
-    the second compilation it would cost every model whose Linears' row counts straddle a switch."""
+    the row counts of OPT's Linears (`kernels._default_config` takes one for all: choosing by row count
+    would compile a second variant for every model whose Linears' row counts straddle the switch)."""
     print(f"device: {torch.cuda.get_device_name()}; fused ms per block, count={count}, 50% + 4-bit")
     print(f"{'rows':>6} {'1 row/thread':>13} {'2 rows/thread':>14} {'default':>8}")
     for rows in rows_list:
         W, U = make_block(rows, count, 0)
         scale, zero, maxq = column_params(W, torch.full((count,), 4))
         mask = unstructured_mask(W, torch.diag(U), 0.5)
-        one = kernels.launch_config(1, count, 0, 0, True, True)["BLOCK_R"]
+        one = 128 // kernels.launch_config(1, count, 0, 0, True, True)["CW"]  # a warp's rows at one row per thread
         times = [_time_ms(lambda br=br: kernels.solve_block_fused(W, U, mask, 0, 0, scale, zero, maxq, block_rows=br),
                           50) for br in (one, 2 * one)]
         default = kernels.launch_config(rows, count, 0, 0, True, True)["BLOCK_R"]
@@ -254,10 +254,10 @@ def bench_row_tiles(rows_list=(2048, 4096, 8192, 12288, 16384, 49152), count: in
 
 
 def bench_chunks(rows_list=(384, 1536, 2048, 8192, 12288, 49152), count: int = 128,
-                 configs=((4, None, None), (2, None, None), (2, 4, None), (2, 4, 2))) -> None:
+                 configs=((4, 4, 1), (2, 2, 1), (2, 4, 1), (2, 4, 2))) -> None:
     """Compile seconds (the first call of each variant; run with an empty TRITON_CACHE_DIR) and per-block
     times of the fused kernel with the block in 4 and in 2 column chunks (`kernels.CHUNKS`), each as
-    (chunks, rows per program, warps; None: the default): fewer chunks compile faster and skip fewer updates.
+    (chunks, rows per program, warps): fewer chunks compile faster and skip fewer updates.
     The outputs of every configuration must agree bit for bit."""
     print(f"device: {torch.cuda.get_device_name()}; count={count}; compile s, then fused ms per block by rows")
     print(f"{'case':<14} {'chunks':>6} {'rows/prog':>9} {'warps':>5} {'compile s':>10} "
