@@ -135,11 +135,12 @@ INT_ARGS = ("rows", "count", "su0", "su1", "prunen")
 DO_NOT_SPECIALIZE = ("rows", "prunen")
 
 
-def launch_config(rows: int, count: int, prunen: int, prunem: int, has_mask: bool, quant: bool,
+def launch_config(count: int, prunen: int, prunem: int, has_mask: bool, quant: bool,
                   block_rows: int | None = None, num_warps: int | None = None, unroll: int = UNROLL,
                   chunks: int = CHUNKS) -> dict[str, int | bool]:
     """The kernel's compile-time parameters for one block (its constexprs and num_warps); Triton
-    compiles one kernel per distinct set (see `variant`). Assumes `supports(count, prunen, prunem)`."""
+    compiles one kernel per distinct set (see `variant`). Assumes `supports(count, prunen, prunem)`. The row
+    count is not among them: every row count runs on the same tile."""
     nm = prunen > 0
     cw, nch = _chunking(count, prunem if nm else 0, chunks)
     br, nw = _default_config(cw)
@@ -154,7 +155,7 @@ def variant(rows: int, count: int, prunen: int, prunem: int, has_mask: bool, qua
     alignment is left out: solve_block passes fresh tensors and 128-column-aligned views of U.
     Blocks with equal variants share one compilation per process (and one cached on disk)."""
     values = dict(zip(INT_ARGS, (rows, count, *u_strides, prunen)))
-    return (tuple(sorted(launch_config(rows, count, prunen, prunem, has_mask, quant).items())),
+    return (tuple(sorted(launch_config(count, prunen, prunem, has_mask, quant).items())),
             tuple((name, v == 1, v % 16 == 0) for name, v in values.items() if name not in DO_NOT_SPECIALIZE))
 
 
@@ -451,7 +452,7 @@ def solve_block_fused(
     if _chunking(count, prunem if nm else 0, chunks) is None:
         raise ValueError(f"solve_block_fused: unsupported block (count={count}, prunem={prunem}, chunks={chunks}); "
                          f"see supports()")
-    meta = launch_config(rows, count, prunen, prunem, has_mask, quant, block_rows, num_warps, _unroll, chunks)
+    meta = launch_config(count, prunen, prunem, has_mask, quant, block_rows, num_warps, _unroll, chunks)
     programs = triton.cdiv(rows, meta["BLOCK_R"])
     partial = torch.empty(programs, dtype=torch.float32, device=dev)
     _solve_block_kernel[(programs,)](

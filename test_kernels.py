@@ -246,10 +246,10 @@ def bench_row_tiles(rows_list=(2048, 4096, 8192, 12288, 16384, 49152), count: in
         W, U = make_block(rows, count, 0)
         scale, zero, maxq = column_params(W, torch.full((count,), 4))
         mask = unstructured_mask(W, torch.diag(U), 0.5)
-        one = 128 // kernels.launch_config(1, count, 0, 0, True, True)["CW"]  # a warp's rows at one row per thread
+        one = 128 // kernels.launch_config(count, 0, 0, True, True)["CW"]  # rows per warp at one row per thread
         times = [_time_ms(lambda br=br: kernels.solve_block_fused(W, U, mask, 0, 0, scale, zero, maxq, block_rows=br),
                           50) for br in (one, 2 * one)]
-        default = kernels.launch_config(rows, count, 0, 0, True, True)["BLOCK_R"]
+        default = kernels.launch_config(count, 0, 0, True, True)["BLOCK_R"]
         print(f"{rows:>6} {times[0]:>13.4f} {times[1]:>14.4f} {'2' if default == 2 * one else '1':>8}")
 
 
@@ -283,7 +283,7 @@ def bench_chunks(rows_list=(384, 1536, 2048, 8192, 12288, 49152), count: int = 1
             compile_s = time.time() - tick
             times = [_time_ms(lambda b=b: call(b), 50) for b in blocks]
             outputs.append([call(b)[:3] for b in blocks])
-            br = kernels.launch_config(1, count, prune.prunen, prune.prunem, True, True, block_rows, num_warps,
+            br = kernels.launch_config(count, prune.prunen, prune.prunem, True, True, block_rows, num_warps,
                                        chunks=chunks)
             print(f"{label:<14} {chunks:>6} {br['BLOCK_R']:>9} {br['num_warps']:>5} {compile_s:>10.2f} "
                   + " ".join(f"{t:>8.4f}" for t in times), flush=True)
