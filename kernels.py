@@ -139,10 +139,14 @@ def launch_config(count: int, prunen: int, prunem: int, has_mask: bool, quant: b
                   block_rows: int | None = None, num_warps: int | None = None, unroll: int = UNROLL,
                   chunks: int = CHUNKS) -> dict[str, int | bool]:
     """The kernel's compile-time parameters for one block (its constexprs and num_warps); Triton
-    compiles one kernel per distinct set (see `variant`). Assumes `supports(count, prunen, prunem)`. The row
-    count is not among them: every row count runs on the same tile."""
+    compiles one kernel per distinct set (see `variant`). The row count is not among them: every row count
+    runs on the same tile. ValueError for a block the kernel does not handle (see `supports`)."""
     nm = prunen > 0
-    cw, nch = _chunking(count, prunem if nm else 0, chunks)
+    chunking = _chunking(count, prunem if nm else 0, chunks)
+    if chunking is None:
+        raise ValueError(f"solve_block_fused: unsupported block (count={count}, prunem={prunem}, chunks={chunks}); "
+                         f"see supports()")
+    cw, nch = chunking
     br, nw = _default_config(cw)
     return {"BLOCK_R": block_rows or br, "CW": cw, "NCH": nch, "UN": prunem if nm else unroll, "NM": nm,
             "HAS_MASK": not nm and has_mask, "QUANT": quant, "num_warps": num_warps or nw}
@@ -449,9 +453,6 @@ def solve_block_fused(
     if rows == 0 or count == 0:
         return Q1, Err1, mask1, torch.zeros((), dtype=torch.float64, device=dev)
 
-    if _chunking(count, prunem if nm else 0, chunks) is None:
-        raise ValueError(f"solve_block_fused: unsupported block (count={count}, prunem={prunem}, chunks={chunks}); "
-                         f"see supports()")
     meta = launch_config(count, prunen, prunem, has_mask, quant, block_rows, num_warps, _unroll, chunks)
     programs = triton.cdiv(rows, meta["BLOCK_R"])
     partial = torch.empty(programs, dtype=torch.float32, device=dev)
