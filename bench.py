@@ -56,7 +56,7 @@ from modelutils import (capture_layer_inputs, decoder_layers, decoder_of, find_l
                         feed_inputs, submodule)
 from quant import QuantGrid
 from runtime import Log, Stages, write_json
-from sparsegpt_enhanced import SparseGPT, solve_order
+from sparsegpt_enhanced import SparseGPT
 
 # hidden, layers, heads, ffn of the published OPT models, and opt-tiny (no such model) for smoke tests on the CPU
 SHAPES = {"opt-125m": (768, 12, 12, 3072), "opt-1.3b": (2048, 24, 32, 8192), "opt-6.7b": (4096, 32, 32, 16384),
@@ -333,7 +333,7 @@ def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.R
             solver = solvers[shared.get(name, name)]
             W = linear.weight.data
             entry: dict[str, Any] = {"name": name, "rows": W.shape[0], "columns": W.shape[1]}
-            order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
+            order = oe.column_order(solver, cfg)
             with clock("factor", entry):
                 damping = solver.inverse_factor(cfg.percdamp, order).percdamp
             with clock("solve", entry):

@@ -42,7 +42,7 @@ from modelutils import (capture_layer_inputs, check_finite, check_weights_finite
 from quant import QuantGrid
 from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path,
                      process_seconds, set_stage, sigterm_interrupts, write_json)
-from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
+from sparsegpt_enhanced import SOLVE_ORDERS, PruneSpec, SparseGPT, magnitude_prune, solve_order
 
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
 # The values each enumerated setting takes: the flags' choices, and what validate() holds a RunConfig to.
@@ -77,7 +77,7 @@ class RunConfig:
     maxlayer: int = 1000
     prune_only: str = ""
     invert: bool = False
-    act_order: bool | None = None  # None: on for mixed precision without sparsity or groups (solve_in_act_order)
+    solve_order: str = "auto"  # auto: by the run (column_order)
     save: str = ""
     export: str = ""
     export_format: str = "packed"
@@ -133,12 +133,20 @@ class RunConfig:
         return torch.float16 if self.export and self.export_format == "compressed-tensors" else None
 
     @property
-    def solve_in_act_order(self) -> bool:
-        """Whether the solver takes columns in act order: as asked, else only in mixed runs without sparsity or
-        groups, where it wins on validation text (BENCHMARKS.md); with sparsity it moves the masks and loses."""
-        if self.act_order is not None:
-            return self.act_order
-        return self.mixed and not self.prune.active and self.groupsize <= 0 and not (self.gmp or self.nearest)
+    def column_order(self) -> str:
+        """The order the solver takes a Linear's columns in (sparsegpt_enhanced.solve_order): as asked, else act
+        order in mixed runs without sparsity or groups and the stored order otherwise (the reference's). With
+        sparsity act order moves the masks, and narrow widths first within each mask block lowers the layer
+        error yet loses on validation text (BENCHMARKS.md §3)."""
+        if self.solve_order != "auto":
+            return self.solve_order
+        mixed_dense = self.mixed and not self.prune.active and self.groupsize <= 0 and not (self.gmp or self.nearest)
+        return "act" if mixed_dense else "stored"
+
+    @property
+    def order_unit(self) -> int:
+        """The columns `narrow_first` reorders within: an N:M group, else a block (the unstructured mask's)."""
+        return self.prunem if self.prunen else self.blocksize
 
     @property
     def clipped(self) -> bool:
@@ -285,10 +293,15 @@ def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, k
     return solvers
 
 
+def column_order(solver: SparseGPT, cfg: RunConfig, bits: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The run's solve order for one Linear (None: as stored); `bits`: its widths, where they are known."""
+    return solve_order(solver.xtx.diagonal(), cfg.column_order, bits, cfg.order_unit)
+
+
 def channel_costs(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig,
                   row_weight: torch.Tensor | None = None) -> bitalloc.ChannelCosts:
     """The mixed-precision costs of one Linear's channels, with the run's solve settings."""
-    order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order)
+    order = column_order(solver, cfg)
     return bitalloc.channel_costs(weight, solver, cfg.prune, cfg.wbits, cfg.sym, cfg.groupsize, cfg.blocksize,
                                   cfg.percdamp, order, cfg.mixed_precision, row_weight, not cfg.no_fused)
 
@@ -526,7 +539,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
     elif cfg.quantize and cfg.clipped and solver is not None:
         shrink = bitalloc.range_factors(W, solver, cfg.prune, [cfg.wbits], bitalloc.clip_factors(cfg.clip_min),
                                         cfg.clip_objective, cfg.sym, cfg.groupsize, cfg.blocksize, cfg.percdamp,
-                                        solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order),
+                                        column_order(solver, cfg),
                                         fused=not cfg.no_fused)
     error, damping = 0.0, cfg.percdamp
     grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink, cfg.scale_dtype) if cfg.quantize else None
@@ -537,7 +550,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
             grid = QuantGrid.rounding(Q, cfg.sym, cfg.groupsize, scale_dtype=cfg.scale_dtype)
             Q = grid.round(Q, bits)
     else:
-        order = solve_order(solver.xtx.diagonal(), cfg.solve_in_act_order, bits)
+        order = column_order(solver, cfg, bits)
         if cfg.row_ranges == "search":
             grid = row_ranges.search_row_ranges(W, solver, cfg.prune, bits, cfg.sym, cfg.blocksize, cfg.percdamp,
                                                 order, shrink, cfg.scale_dtype, not cfg.no_fused)
@@ -687,6 +700,7 @@ def run(cfg: RunConfig, startup: float | None = None) -> dict[str, Any]:
         "peak_gpu_gib": stage.peak_gib,
         "summary": None if summary is None else asdict(summary),
         "bit_scope": done.bit_scope,
+        "solve_order": cfg.column_order,  # as run: auto resolved
         "mixed_precision": asdict(done.mixed_precision) if done.mixed_precision else None,  # as run: defaults resolved
         "layers": [asdict(s) for s in stats],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -914,9 +928,12 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError("--nearest rounds weights: add --wbits 4 (or another width)")
     if cfg.nearest and cfg.prune.active and not cfg.gmp:
         raise UsageError("--nearest does not prune; add --gmp for magnitude pruning or drop --nearest")
-    if cfg.act_order and (cfg.prunen or cfg.groupsize > 0 or cfg.gmp or cfg.nearest):
+    if cfg.solve_order == "act" and (cfg.prunen or cfg.groupsize > 0 or cfg.gmp or cfg.nearest):
         raise UsageError("--act-order works with unstructured sparsity and per-row grids only; drop it or "
                          "--prunen/--prunem/--groupsize/--gmp/--nearest")
+    if cfg.solve_order == "narrow_first" and (not cfg.mixed or cfg.groupsize > 0 or cfg.gmp or cfg.nearest):
+        raise UsageError("--solve_order narrow_first orders the columns of a mixed run by width, with per-row grids: "
+                         "add --target_avg_bits, drop --groupsize/--gmp/--nearest, or choose another order")
     if cfg.gmp and not cfg.prune.active:
         raise UsageError("--gmp needs --sparsity (or --prunen/--prunem)")
     if cfg.gmp and cfg.quantize and not cfg.nearest:
@@ -1020,11 +1037,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--maxlayer", type=int, help="compress layers with index < this")
     p.add_argument("--prune_only", type=str, help="compress only Linear layers whose name contains this")
     p.add_argument("--invert", action="store_true", help="invert the layer selection")
-    p.add_argument("--act-order", "--act_order", dest="act_order", action="store_true",
-                   help="solve columns in order of decreasing activation energy (GPTQ's --act-order); default: on "
-                        "for mixed precision without sparsity or groups, off otherwise")
-    p.add_argument("--no-act-order", "--no_act_order", dest="act_order", action="store_false",
-                   help="solve columns in stored order, also in mixed runs without sparsity")
+    p.add_argument("--solve_order", choices=("auto", *SOLVE_ORDERS),
+                   help="the order the solver takes each Linear's columns in: stored; act (GPTQ's act order); "
+                        "narrow_first (mixed runs: narrower widths first within each mask block or N:M group). "
+                        "Default auto: act for mixed runs without sparsity or groups, stored otherwise")
+    p.add_argument("--act-order", "--act_order", dest="solve_order", action="store_const", const="act",
+                   help="GPTQ's flag: --solve_order act, columns by decreasing activation energy")
+    p.add_argument("--no-act-order", "--no_act_order", dest="solve_order", action="store_const", const="stored",
+                   help="--solve_order stored, also in mixed runs")
     p.add_argument("--save", type=str, help="write a from_pretrained checkpoint to this (new) directory")
     p.add_argument("--export", type=str, help="write the packed form (bit-packed codes, bit map, ranges, mask) to this (new) directory")
     p.add_argument("--export_format", choices=("packed", "compressed-tensors"), help="--export's format: our packed one (export.load_compressed reads it), or compressed-tensors "

@@ -371,17 +371,36 @@ def predicted_mask(W: torch.Tensor, d: torch.Tensor, prune: PruneSpec, blocksize
     return mask
 
 
-def solve_order(hessian_diag: torch.Tensor, act_order: bool, bits: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The column order for the solver: GPTQ's act-order solves the columns whose rounding would cost
-    most if nothing compensated it first, so that the most columns are left to absorb it. That cost is
-    H_jj times the grid's squared step, 4^-b_j: the loudest channels (largest H_jj) first at one width,
-    and with mixed widths a coarse channel before a fine one of the same energy. None keeps the stored order."""
-    if not act_order:
+SOLVE_ORDERS = ("stored", "act", "narrow_first")
+
+
+def solve_order(hessian_diag: torch.Tensor, mode: str, bits: torch.Tensor | None = None,
+                unit: int = 128) -> torch.Tensor | None:
+    """The column order for the solver (None: as stored).
+
+    "act": GPTQ's act order solves the columns whose rounding would cost most if nothing compensated it
+    first, so that the most columns are left to absorb it. That cost is H_jj times the grid's squared
+    step, 4^-b_j: the loudest channels (largest H_jj) first at one width, and with mixed widths a coarse
+    channel before a fine one of the same energy.
+    "narrow_first": within each run of `unit` consecutive columns (a block of the unstructured mask, an
+    N:M group), the narrower widths first, in stored order otherwise. Each unit keeps its columns, so the
+    mask chooses among the same weights as in stored order (act order moves them, which loses with
+    sparsity), while a coarse column's error lands on the finer columns of its own unit before the later
+    units. As stored when every column has one width."""
+    if mode not in SOLVE_ORDERS:
+        raise ValueError(f"unknown solve order {mode!r}; one of {SOLVE_ORDERS}")
+    if mode == "stored":
         return None
-    key = hessian_diag.float()
-    if bits is not None:
-        key = key * torch.pow(4.0, -bits.to(key.device, torch.float32))
-    return torch.argsort(key, descending=True, stable=True)
+    if mode == "act":
+        key = hessian_diag.float()
+        if bits is not None:
+            key = key * torch.pow(4.0, -bits.to(key.device, torch.float32))
+        return torch.argsort(key, descending=True, stable=True)
+    if bits is None or bool((bits == bits[0]).all()):
+        return None
+    bits = bits.to(hessian_diag.device, torch.int64)
+    unit_index = torch.arange(bits.numel(), device=bits.device) // unit
+    return torch.argsort(unit_index * (int(bits.max()) + 1) + bits, stable=True)
 
 
 def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, row_groups: int = 1) -> torch.Tensor:

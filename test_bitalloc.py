@@ -428,27 +428,40 @@ def test_mask_drift_is_reported_and_zero_without_sparsity(monkeypatch):
 def test_act_order_with_mixed_widths_solves_a_coarse_channel_before_a_fine_one_of_the_same_energy():
     from sparsegpt_enhanced import solve_order
     energy = torch.tensor([1.0, 8.0, 8.0, 2.0, 64.0])
-    assert solve_order(energy, False) is None
-    assert solve_order(energy, True).tolist() == [4, 1, 2, 3, 0]
-    assert solve_order(energy, True, torch.full((5,), 3)).tolist() == [4, 1, 2, 3, 0]  # one width: act order
+    assert solve_order(energy, "stored") is None
+    assert solve_order(energy, "act").tolist() == [4, 1, 2, 3, 0]
+    assert solve_order(energy, "act", torch.full((5,), 3)).tolist() == [4, 1, 2, 3, 0]  # one width: act order
     # keys H_jj 4^-b: 1/16, 8/256, 8/16, 2/16, 64/4096: the loud 2-bit channel first, the 6-bit one last
     bits = torch.tensor([2, 4, 2, 2, 6])
-    assert solve_order(energy, True, bits).tolist() == [2, 3, 0, 1, 4]
+    assert solve_order(energy, "act", bits).tolist() == [2, 3, 0, 1, 4]
+
+
+def test_narrow_first_sorts_widths_within_each_unit_and_keeps_the_units():
+    from sparsegpt_enhanced import solve_order
+    energy = torch.rand(10)
+    bits = torch.tensor([4, 2, 8, 3, 4, 6, 2, 2, 4, 3])
+    # units of 4 columns: [0..3], [4..7], [8, 9]; by width within each, ties in stored order
+    assert solve_order(energy, "narrow_first", bits, unit=4).tolist() == [1, 3, 0, 2, 6, 7, 4, 5, 9, 8]
+    assert solve_order(energy, "narrow_first", torch.full((10,), 4), unit=4) is None  # one width: as stored
+    assert solve_order(energy, "narrow_first", None, unit=4) is None
 
 
 @pytest.mark.parametrize("flags, expected", [
-    (["--wbits", "4", "--target_avg_bits", "4"], True),  # mixed without sparsity or groups: on
-    (["--wbits", "4", "--target_avg_bits", "4", "--no-act-order"], False),
-    (["--wbits", "4", "--target_avg_bits", "4", "--sparsity", "0.5"], False),
-    (["--wbits", "4", "--target_avg_bits", "4", "--groupsize", "16"], False),
-    (["--wbits", "4"], False),  # uniform runs keep the reference order
-    (["--wbits", "4", "--act-order"], True),
-    (["--wbits", "4", "--sparsity", "0.5", "--act-order"], True),
+    (["--wbits", "4", "--target_avg_bits", "4"], "act"),  # mixed without sparsity or groups
+    (["--wbits", "4", "--target_avg_bits", "4", "--no-act-order"], "stored"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--sparsity", "0.5"], "stored"),  # act order would move the masks
+    (["--wbits", "4", "--target_avg_bits", "4", "--prunen", "2", "--prunem", "4"], "stored"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--sparsity", "0.5", "--solve_order", "narrow_first"], "narrow_first"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--groupsize", "16"], "stored"),
+    (["--wbits", "4"], "stored"),  # uniform runs keep the reference order
+    (["--wbits", "4", "--sparsity", "0.5"], "stored"),
+    (["--wbits", "4", "--act-order"], "act"),
+    (["--wbits", "4", "--sparsity", "0.5", "--act-order"], "act"),
 ])
-def test_act_order_default_is_on_only_for_mixed_runs_without_sparsity_or_groups(flags, expected):
+def test_solve_order_default_is_act_order_only_for_mixed_runs_without_sparsity_or_groups(flags, expected):
     cfg = oe.parse_args(["model", "c4", *flags])
     oe.validate(cfg)
-    assert cfg.solve_in_act_order is expected
+    assert cfg.column_order == expected
 
 
 def output_error(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor) -> float:

@@ -137,8 +137,10 @@ def test_damping_retry_on_singular_hessian(capsys):
 
 def test_solve_order():
     h = torch.tensor([1.0, 5.0, 3.0, 4.0])
-    assert solve_order(h, False) is None
-    assert solve_order(h, True).tolist() == [1, 3, 2, 0]
+    assert solve_order(h, "stored") is None
+    assert solve_order(h, "act").tolist() == [1, 3, 2, 0]
+    with pytest.raises(ValueError):
+        solve_order(h, "loudest")
 
 
 def test_reordered_solve_keeps_grid_sparsity_and_column_identity():
@@ -146,13 +148,35 @@ def test_reordered_solve_keeps_grid_sparsity_and_column_identity():
     x = correlated_inputs(512, 48)
     bits = torch.tensor([2, 3, 4, 6, 8, 4] * 8)
     s = solver_for(x)
-    order = solve_order(s.xtx.diagonal(), True)
+    order = solve_order(s.xtx.diagonal(), "act")
     res = s.fasterprune(W, PruneSpec(sparsity=0.5), QuantGrid.for_weight(W, False), bits, blocksize=16, order=order)
     q, maxq = grid_codes(res.weight, W, bits)
     assert torch.allclose(q, q.round(), atol=1e-3) and torch.all(q.round() <= maxq)
     assert int(res.mask.sum()) == 16 * 48 // 2 and torch.all(res.weight[res.mask] == 0)
     with pytest.raises(ValueError):
         s.fasterprune(W, PruneSpec(), QuantGrid.for_weight(W, False, groupsize=16), bits, order=order)
+
+
+def test_narrow_first_keeps_each_blocks_sparsity_and_each_nm_group():
+    """Reordered within a block, a block keeps its columns: exactly half of each block's weights pruned
+    (unstructured), 2 of every stored group of 4 (2:4), every weight on its own column's grid."""
+    torch.manual_seed(0)
+    X = correlated_inputs(2048, 64)
+    W = torch.randn(32, 64)
+    bits = torch.tensor([2, 6, 4, 3] * 16)
+    s = solver_for(X)
+    grid = QuantGrid.for_weight(W, False)
+    order = solve_order(s.xtx.diagonal(), "narrow_first", bits, unit=16)
+    assert sorted(order[:16].tolist()) == list(range(16)) and order[:16].tolist() != list(range(16))
+    res = s.fasterprune(W, PruneSpec(sparsity=0.5), grid, bits, blocksize=16, order=order, fused=False)
+    assert [int(res.mask[:, i:i + 16].sum()) for i in range(0, 64, 16)] == [32 * 8] * 4
+    stored = s.fasterprune(W, PruneSpec(sparsity=0.5), grid, bits, blocksize=16, fused=False)
+    assert not torch.equal(res.weight, stored.weight)
+    q, maxq = grid_codes(res.weight, W, bits)
+    assert torch.allclose(q, q.round(), atol=1e-3) and torch.all(q.round() <= maxq)
+    nm_order = solve_order(s.xtx.diagonal(), "narrow_first", bits, unit=4)
+    res = s.fasterprune(W, PruneSpec(prunen=2, prunem=4), grid, bits, blocksize=16, order=nm_order, fused=False)
+    assert (res.mask.view(32, 16, 4).sum(-1) == 2).all()
 
 
 def test_dead_input_channels_are_zeroed():
@@ -346,6 +370,7 @@ def test_cli_mixed_run_reports_statistics(tiny_dir, tmp_path, capsys):
     assert s["effective_bits"] > s["stored_bits"] / 2  # codes of half the weights, plus ranges, mask and bit map
     assert all(math.isfinite(v) for v in res["perplexity"].values())
     assert res["bit_scope"] == "model"  # the layers are on the device
+    assert res["solve_order"] == "stored" and res["config"]["solve_order"] == "auto"
     assert res["config"]["error_shrinkage"] is None  # as asked; what ran is recorded beside it
     assert res["mixed_precision"]["error_shrinkage"] == bitalloc.ERROR_SHRINKAGE["budget"]
     assert res["mixed_precision"]["method"] == "budget" and res["mixed_precision"]["target"] == 3.0
@@ -391,6 +416,7 @@ BAD_INPUTS = [
     (["--eval", "wikitext2,lambada"], "unknown dataset"),
     (["--seqlen", "4096"], "exceeds the model's 128 positions"),
     (["--wbits", "4", "--act-order", "--groupsize", "16"], "--act-order works with"),
+    (["--wbits", "4", "--sparsity", "0.5", "--solve_order", "narrow_first"], "add --target_avg_bits"),
     (["--wbits", "4", "--target_avg_bits", "4", "--bit_scope", "model", "--offload"], "drop --offload"),
     (["--wbits", "4", "--target_avg_bits", "4", "--bit_granularity", "linear", "--offload"], "drop --offload"),
     (["--wbits", "4", "--target_avg_bits", "4", "--bit_granularity", "linear", "--bit_scope", "layer"],
