@@ -73,3 +73,23 @@ def test_process_seconds_counts_from_the_start_of_the_process():
     code = "import time; time.sleep(1.0); import runtime; print(runtime.process_seconds())"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert 1.0 <= float(done.stdout) < 60.0
+
+
+def test_transformers_is_imported_without_scikit_learn_which_stays_importable():
+    """modelutils.import_transformers keeps transformers from importing scikit-learn (seconds of start-up, unused),
+    leaves it importable afterwards, and falls back to an ordinary import when a hidden package is one transformers
+    needs (safetensors)."""
+    pytest.importorskip("sklearn")
+    root = Path(__file__).resolve().parent
+    checks = {
+        "hidden": "import sys, modelutils; modelutils.import_transformers(); "
+                  "assert 'transformers.generation' in sys.modules and 'sklearn' not in sys.modules; "
+                  "import sklearn.metrics",
+        "needed": "import sys, modelutils; modelutils.import_transformers(('safetensors',)); "
+                  "import transformers; assert sys.modules['safetensors'] is not None",
+    }
+    procs = {k: subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for k, code in checks.items()}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"{name}: {out[-2000:]}"
