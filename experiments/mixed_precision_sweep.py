@@ -116,26 +116,40 @@ def table(paths: list[str]) -> None:
         print(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
 
 
-def score(paths: list[str]) -> None:
+def score(paths: list[str], validation: tuple[str, ...] = VALIDATION, against: str = "") -> None:
     """Each variant (the part of a run's name after `PREFIX-METHODWIDTH`) against uniform at the same width and
     prefix: the mean relative change of perplexity over its runs and seeds, on validation and on test text.
-    Variants are chosen on the validation column."""
+    Variants are chosen on the validation column (`validation`: which texts it averages). `against`: a variant
+    that every other one is paired with, each counted only over the runs (prefix, method, width, seed) that both
+    have; a later file's run replaces an earlier one of the same name and seed."""
     rows = [r for p in paths for r in json.load(open(p))]
     by = {(r["name"], r["seed"]): r for r in rows}
-    cells: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
+    cells: dict[str, dict[tuple, tuple[float, float]]] = {}
+    for r in by.values():
         prefix, method, *rest = r["name"].split("-")
         width = method.lstrip("quantilebudget")
         base = by.get((f"{prefix}-uniform{width}", r["seed"]))
         if method.startswith("uniform") or base is None:
             continue
         rel = lambda cols: sum(r[c] / base[c] - 1 for c in cols) / len(cols)
-        cells.setdefault("-".join(rest) or "(default of the run list)", []).append((rel(VALIDATION), rel(TEST)))
-    print("| variant | runs | validation | test |")
-    print("|---|---|---|---|")
-    for variant, v in sorted(cells.items(), key=lambda kv: sum(x for x, _ in kv[1]) / len(kv[1])):
-        print(f"| {variant} | {len(v)} | {100 * sum(x for x, _ in v) / len(v):+.2f}% | "
-              f"{100 * sum(y for _, y in v) / len(v):+.2f}% |")
+        variant = "-".join(rest) or "(default of the run list)"
+        cells.setdefault(variant, {})[(prefix, method, r["seed"])] = (rel(validation), rel(TEST))
+    mean = lambda values, i: 100 * sum(v[i] for v in values) / len(values)
+    if against:
+        print(f"| variant | runs | validation ({', '.join(validation)}) | test | {against} on the same runs: validation | test |")
+        print("|---|---|---|---|---|---|")
+    else:
+        print(f"| variant | runs | validation ({', '.join(validation)}) | test |")
+        print("|---|---|---|---|")
+    for variant, v in sorted(cells.items(), key=lambda kv: mean(kv[1].values(), 0)):
+        if not against:
+            print(f"| {variant} | {len(v)} | {mean(v.values(), 0):+.2f}% | {mean(v.values(), 1):+.2f}% |")
+        elif variant != against:
+            keys = [k for k in v if k in cells.get(against, {})]
+            if keys:
+                mine, theirs = [v[k] for k in keys], [cells[against][k] for k in keys]
+                print(f"| {variant} | {len(keys)} | {mean(mine, 0):+.2f}% | {mean(mine, 1):+.2f}% | "
+                      f"{mean(theirs, 0):+.2f}% | {mean(theirs, 1):+.2f}% |")
 
 
 def main() -> None:
@@ -150,10 +164,16 @@ def main() -> None:
     r.add_argument("--cache_dir", default="/tmp/opt-enhanced-cache")
     r.add_argument("--seqlen", type=int, default=2048)
     r.add_argument("--only", default="", help="comma-separated run names")
-    for name in ("table", "score"):
-        sub.add_parser(name).add_argument("paths", nargs="+")
+    sub.add_parser("table").add_argument("paths", nargs="+")
+    sc = sub.add_parser("score")
+    sc.add_argument("paths", nargs="+")
+    sc.add_argument("--validation", default=",".join(VALIDATION),
+                    help="the validation texts averaged (opt-mini was trained on WikiText-2 valid: ptb-valid,c4-heldout "
+                         "leaves it out)")
+    sc.add_argument("--against", default="", help="pair every variant with this one, over the runs both have")
     args = p.parse_args()
-    {"run": lambda: run(args), "table": lambda: table(args.paths), "score": lambda: score(args.paths)}[args.command]()
+    {"run": lambda: run(args), "table": lambda: table(args.paths),
+     "score": lambda: score(args.paths, tuple(args.validation.split(",")), args.against)}[args.command]()
 
 
 if __name__ == "__main__":
