@@ -55,6 +55,7 @@ CHOICES = {
     "row_ranges": ("dense", "search"),
     "shrinkage_mean": ("per_channel", "per_weight"),
     "channel_cost": ("weighted", "error"),
+    "solve_order": ("auto", *SOLVE_ORDERS),
 }
 
 
@@ -1037,7 +1038,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--maxlayer", type=int, help="compress layers with index < this")
     p.add_argument("--prune_only", type=str, help="compress only Linear layers whose name contains this")
     p.add_argument("--invert", action="store_true", help="invert the layer selection")
-    p.add_argument("--solve_order", choices=("auto", *SOLVE_ORDERS),
+    p.add_argument("--solve_order", choices=CHOICES["solve_order"],
                    help="the order the solver takes each Linear's columns in: stored; act (GPTQ's act order); "
                         "narrow_first (mixed runs: narrower widths first within each mask block or N:M group). "
                         "Default auto: act for mixed runs without sparsity or groups, stored otherwise")
