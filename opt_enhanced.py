@@ -78,7 +78,7 @@ class RunConfig:
     maxlayer: int = 1000
     prune_only: str = ""
     invert: bool = False
-    solve_order: str = "auto"  # auto: by the run (column_order)
+    solve_order: str = "auto"  # auto: by the run (solve_order_as_run)
     save: str = ""
     export: str = ""
     export_format: str = "packed"
@@ -134,7 +134,7 @@ class RunConfig:
         return torch.float16 if self.export and self.export_format == "compressed-tensors" else None
 
     @property
-    def column_order(self) -> str:
+    def solve_order_as_run(self) -> str:
         """The order the solver takes a Linear's columns in (sparsegpt_enhanced.solve_order): as asked, else act
         order in mixed runs without sparsity or groups and the stored order otherwise (the reference's). With
         sparsity act order moves the masks, and narrow widths first within each mask block lowers the layer
@@ -296,7 +296,7 @@ def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, k
 
 def column_order(solver: SparseGPT, cfg: RunConfig, bits: torch.Tensor | None = None) -> torch.Tensor | None:
     """The run's solve order for one Linear (None: as stored); `bits`: its widths, where they are known."""
-    return solve_order(solver.xtx.diagonal(), cfg.column_order, bits, cfg.order_unit)
+    return solve_order(solver.xtx.diagonal(), cfg.solve_order_as_run, bits, cfg.order_unit)
 
 
 def channel_costs(weight: torch.Tensor, solver: SparseGPT, cfg: RunConfig,
@@ -701,7 +701,7 @@ def run(cfg: RunConfig, startup: float | None = None) -> dict[str, Any]:
         "peak_gpu_gib": stage.peak_gib,
         "summary": None if summary is None else asdict(summary),
         "bit_scope": done.bit_scope,
-        "solve_order": cfg.column_order,  # as run: auto resolved
+        "solve_order": cfg.solve_order_as_run,  # auto resolved
         "mixed_precision": asdict(done.mixed_precision) if done.mixed_precision else None,  # as run: defaults resolved
         "layers": [asdict(s) for s in stats],
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

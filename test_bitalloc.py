@@ -461,7 +461,7 @@ def test_narrow_first_sorts_widths_within_each_unit_and_keeps_the_units():
 def test_solve_order_default_is_act_order_only_for_mixed_runs_without_sparsity_or_groups(flags, expected):
     cfg = oe.parse_args(["model", "c4", *flags])
     oe.validate(cfg)
-    assert cfg.column_order == expected
+    assert cfg.solve_order_as_run == expected
 
 
 def output_error(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor) -> float:
