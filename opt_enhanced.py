@@ -858,7 +858,7 @@ def validate(cfg: RunConfig) -> None:
     if len(weights) != 5 or any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) == 0:
         raise UsageError(f"--importance_weights takes five non-negative numbers, not all zero, e.g. 1,1,1,1,1 "
                          f"(got {','.join(map(str, weights))})")
-    options = cfg.bit_options if cfg.bit_options is not None else list(bitalloc.BIT_OPTIONS)
+    options = cfg.allowed_widths
     if cfg.mixed and len(set(options)) == 1:
         raise UsageError(f"--bit_options {options[0]} with --target_avg_bits is uniform quantization: drop "
                          f"--target_avg_bits (--wbits {options[0]} alone does that) or give several widths, "
