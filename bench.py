@@ -308,6 +308,7 @@ def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.R
     layers = decoder_layers(model)
     home = home_of(layers)
     shared = decoder_of(model).shared_input
+    graphs = oe.solve_graphs(cfg, dev)
     tick = time.perf_counter()
     with clock("capture"):
         hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
@@ -318,7 +319,7 @@ def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.R
             layer.to(dev)
         linears = find_linears(layer)
         keys = sorted({shared.get(n, n) for n in linears})
-        solvers = {k: SparseGPT(linears[k].in_features, dev) for k in keys}
+        solvers = {k: SparseGPT(linears[k].in_features, dev, graphs=graphs) for k in keys}
         accumulate = KernelTimer(dev)
 
         def add(key: str, x: torch.Tensor) -> None:

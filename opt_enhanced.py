@@ -42,7 +42,7 @@ from modelutils import (capture_layer_inputs, check_finite, check_weights_finite
 from quant import QuantGrid
 from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path,
                      process_seconds, set_stage, sigterm_interrupts, write_json)
-from sparsegpt_enhanced import SOLVE_ORDERS, PruneSpec, SparseGPT, magnitude_prune, solve_order
+from sparsegpt_enhanced import SOLVE_ORDERS, PruneSpec, SolveGraphs, SparseGPT, magnitude_prune, solve_order
 
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
 # The values each enumerated setting takes: the flags' choices, and what validate() holds a RunConfig to.
@@ -280,14 +280,21 @@ def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dic
 # ---------------------------------------------------------------- compression
 
 
+def solve_graphs(cfg: RunConfig, dev: torch.device) -> SolveGraphs | None:
+    """Where a compression's small solves are captured and replayed (`SolveGraphs`): CUDA with the fused kernel;
+    --no_fused keeps the reference loop, launch by launch."""
+    return SolveGraphs() if dev.type == "cuda" and not cfg.no_fused else None
+
+
 def collect_hessians(layer: nn.Module, names: list[str], hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
-                     dev: torch.device, shared: dict[str, str], prefix: str = "") -> dict[str, SparseGPT]:
+                     dev: torch.device, shared: dict[str, str], prefix: str = "",
+                     graphs: SolveGraphs | None = None) -> dict[str, SparseGPT]:
     """The SparseGPT (Hessian) of each of `names`, filled by a forward pass: one per distinct input, so
     Linears that read the same activations (`shared`: q/k/v, gate/up) share one. `prefix` + name names
-    each in messages (`model.decoder.layers.3.`)."""
+    each in messages (`model.decoder.layers.3.`); `graphs`: where their small solves are replayed."""
     linears = find_linears(layer)
     keys = sorted({shared.get(n, n) for n in names})
-    solvers = {k: SparseGPT(linears[k].in_features, dev, name=prefix + k) for k in keys}
+    solvers = {k: SparseGPT(linears[k].in_features, dev, name=prefix + k, graphs=graphs) for k in keys}
     feed_inputs(layer, {k: linears[k] for k in keys}, lambda k, x: solvers[k].add_batch(x), hidden, kwargs,
                 cfg.batch_size)
     distributed.reduce_hessians(solvers)  # under torchrun `hidden` is this rank's shard of the windows
@@ -404,7 +411,7 @@ class BitPlan:
 
 
 def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.Tensor, kwargs: dict, cfg: RunConfig,
-                    dev: torch.device, log: Log) -> BitPlan:
+                    dev: torch.device, log: Log, graphs: SolveGraphs | None = None) -> BitPlan:
     """--bit_scope model: cost every channel on the dense model (`hidden`: the inputs of its first
     layer, left as they are), errors in units of loss, then one allocation for all."""
     shared = decoder_of(model).shared_input
@@ -417,7 +424,7 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, hidden: torch.T
     for i, layer in walk_layers(model, dev, hidden, kwargs, cfg.batch_size):
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
-        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared, linear_name(model, i, ""))
+        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared, linear_name(model, i, ""), graphs)
         groups: dict[str, list[str]] = {}
         for n in chosen:
             name = linear_name(model, i, n)
@@ -474,6 +481,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     hidden = kwargs = None
     if calibrated:
         hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
+    graphs = solve_graphs(cfg, dev)
     plan = BitPlan()
     if cfg.mixed:
         out.bit_scope = allocation_scope(cfg, model, dev)
@@ -482,7 +490,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
         cfg = replace(cfg, bit_scope=out.bit_scope)  # the default widths depend on it (RunConfig.allowed_widths)
         out.mixed_precision = cfg.mixed_precision
         if out.bit_scope == "model":
-            plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log)
+            plan = plan_model_bits(model, calibration, hidden, kwargs, cfg, dev, log, graphs)
     budget = bitalloc.StoredBits(cfg.mixed_precision.drift_correction if cfg.mixed else False)
     parallel, rank = distributed.size() > 1, distributed.rank()
     progress = lambda items: log.bar(items, nlayers, "compress layers")
@@ -491,8 +499,8 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
         tick = time.time()
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
-        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared, linear_name(model, i, "")) \
-            if calibrated and chosen else {}
+        solvers = collect_hessians(layer, chosen, hidden, kwargs, cfg, dev, shared, linear_name(model, i, ""),
+                                   graphs) if calibrated and chosen else {}
         owners = distributed.assign(chosen, linears, shared) if parallel else {}
         solvers = {k: s for k, s in solvers.items() if owners.get(k, rank) == rank}
         solved: dict[str, tuple[LinearStats, QuantGrid | None, torch.Tensor | None, float]] = {}
@@ -1105,7 +1113,8 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
                    help="read each decoder layer from the local safetensors checkpoint when it is needed and write it "
                         "back compressed (host memory: a few layers, not the model); implies --offload")
     p.add_argument("--no_fused", action="store_true",
-                   help="plain PyTorch column loop even on CUDA (the fused Triton kernel is the default there)")
+                   help="plain PyTorch column loop even on CUDA, launched one by one (the default there: the fused "
+                        "Triton kernel, small solves replayed as CUDA graphs)")
     p.add_argument("--quiet", action="store_true", help="only errors and the final results")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error (main() reads it)")
     args = vars(p.parse_args(argv))

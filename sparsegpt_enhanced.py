@@ -9,6 +9,7 @@ import functools
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -65,16 +66,19 @@ HESSIAN_STRIP = 4096  # rows of X^T X that add_batch fills per product (wider in
 # Blocks whose grid parameters an ungrouped grid computes at once: a block's own would be a dozen small launches,
 # as many as the rest of its solve; the span holds (rows x span columns) scales and zeros (0.4 GB at OPT-175B's fc1).
 GRID_SPAN_BLOCKS = 8
+GRAPH_MAX_WEIGHTS = 1 << 25  # SolveGraphs: the largest solves it captures (OPT-2.7B's fc2: 26 M weights)
+GRAPH_MAX_COLUMNS = 16384  # ... and the widest: its copy of the factor U is columns^2 fp32 (1 GiB here)
 
 
 class SparseGPT:
     """Accumulates H for one input and solves every weight matrix that reads that input."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu", name: str = "",
-                 strip: int = HESSIAN_STRIP) -> None:
+                 strip: int = HESSIAN_STRIP, graphs: SolveGraphs | None = None) -> None:
         self.columns = columns
         self.name = name  # the Linear whose input this is, for messages
         self.strip = strip
+        self.graphs = graphs  # where small solves are replayed as CUDA graphs (None: launched one by one)
         self._xtx = torch.zeros(columns, columns, device=device)
         self._lower_missing = False  # add_batch has filled only the upper triangle's strips since the last read
         self.peak = torch.zeros(columns, device=device)
@@ -202,27 +206,16 @@ class SparseGPT:
             W = W[:, order]
             bits_per_column = None if bits_per_column is None else bits_per_column[order.to(bits_per_column.device)]
         W[:, factor.dead] = 0
-        U = factor.upper
-        columns = W.shape[1]
-        mask = torch.zeros_like(W, dtype=torch.bool)
-        error = torch.zeros((), dtype=torch.float64, device=W.device)
-        span = None  # (start, stop, params) of an ungrouped grid over several blocks: fewer launches per block
-        for i1 in range(0, columns, blocksize):
-            i2 = min(i1 + blocksize, columns)
-            params = None
-            if grid is not None and grid.grouped:  # each group's range comes from the weights as they are now
-                grid.fill_groups(W, i1, i2)
-                params = grid.column_params(i1, i2, bits_per_column[i1:i2])
-            elif grid is not None:
-                if span is None or i2 > span[1]:
-                    stop = min(i1 + GRID_SPAN_BLOCKS * blocksize, columns)
-                    span = (i1, stop, grid.column_params(i1, stop, bits_per_column[i1:stop]))
-                params = tuple(p[..., i1 - span[0]:i2 - span[0]] for p in span[2])
-            Q1, Err1, mask[:, i1:i2], block_error = solve_block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], prune, params,
-                                                                fused, row_groups)
-            W[:, i1:i2] = Q1
-            W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
-            error += block_error
+        if self.graphs is not None and self.graphs.covers(W) and not (grid is not None and grid.grouped):
+            params = () if grid is None else grid.column_params(0, W.shape[1], bits_per_column)
+            W, mask, error = self.graphs.run(
+                (W.shape, W.device, prune.sparsity, prune.prunen, prune.prunem, grid is None, blocksize, fused,
+                 row_groups),
+                lambda W, U, *p: block_loop(W, U, prune, blocksize, fused, row_groups, sliced_params(p)),
+                W, factor.upper, *params)
+        else:
+            W, mask, error = block_loop(W, factor.upper, prune, blocksize, fused, row_groups,
+                                        grid_params(grid, bits_per_column, blocksize))
         if order is not None:
             restore = torch.argsort(order)
             W, mask = W[:, restore], mask[:, restore]
@@ -401,6 +394,121 @@ def solve_order(hessian_diag: torch.Tensor, mode: str, bits: torch.Tensor | None
     bits = bits.to(hessian_diag.device, torch.int64)
     unit_index = torch.arange(bits.numel(), device=bits.device) // unit
     return torch.argsort(unit_index * (int(bits.max()) + 1) + bits, stable=True)
+
+
+BlockParams = Callable[[torch.Tensor, int, int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
+
+
+def block_loop(W: torch.Tensor, U: torch.Tensor, prune: PruneSpec, blocksize: int, fused: bool, row_groups: int,
+               block_params: BlockParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The lazy-block sweep over W's columns (in place; W is also returned) with the upper factor U of H^-1, both in
+    solve order: each block solved (`solve_block`), its error pushed onto the columns after it. `block_params(W,
+    i1, i2)` gives the grid of columns [i1, i2) (None: no quantization). Returns (W, mask, error as a 0-d
+    tensor): nothing here waits for the device."""
+    columns = W.shape[1]
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    error = torch.zeros((), dtype=torch.float64, device=W.device)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        Q1, Err1, mask[:, i1:i2], block_error = solve_block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], prune,
+                                                            block_params(W, i1, i2), fused, row_groups)
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+        error += block_error
+    return W, mask, error
+
+
+def grid_params(grid: QuantGrid | None, bits: torch.Tensor | None, blocksize: int) -> BlockParams:
+    """`block_loop`'s grid for a solve: a grouped grid's ranges come from the weights as the solve has left them
+    when the block starts; an ungrouped grid's parameters are made for GRID_SPAN_BLOCKS blocks at once."""
+    if grid is None:
+        return lambda W, i1, i2: None
+    if grid.grouped:
+        def grouped(W: torch.Tensor, i1: int, i2: int):
+            grid.fill_groups(W, i1, i2)
+            return grid.column_params(i1, i2, bits[i1:i2])
+        return grouped
+    span: list = []  # [start, stop, params] of the span the current block lies in
+
+    def ungrouped(W: torch.Tensor, i1: int, i2: int):
+        if not span or i2 > span[1]:
+            stop = min(i1 + GRID_SPAN_BLOCKS * blocksize, W.shape[1])
+            span[:] = [i1, stop, grid.column_params(i1, stop, bits[i1:stop])]
+        return tuple(p[..., i1 - span[0]:i2 - span[0]] for p in span[2])
+    return ungrouped
+
+
+def sliced_params(params: tuple[torch.Tensor, ...]) -> BlockParams:
+    """`block_loop`'s grid from (scale, zero, maxq) made for every column at once; () for no quantization."""
+    if not params:
+        return lambda W, i1, i2: None
+    return lambda W, i1, i2: tuple(p[..., i1:i2] for p in params)
+
+
+@dataclass
+class CapturedLoop:
+    graph: torch.cuda.CUDAGraph
+    inputs: tuple[torch.Tensor, ...]  # copied into before each replay
+    outputs: tuple[torch.Tensor, ...]  # overwritten by each replay
+
+
+class SolveGraphs:
+    """A compression's block loops, captured as CUDA graphs and replayed.
+
+    Why: below a few million weights a solve is bound by the host issuing its launches (about 35 per block),
+    not by the GPU running them: at OPT-1.3B's shapes 12 ms of wall time for 5 ms of GPU work per 2048 x 2048
+    Linear (`experiments/solve_overhead.py`). The Linears of one shape and settings recur in every layer, so
+    the loop is captured the second time a key is seen and replayed from then on: the same kernels with the
+    same arguments on the same values, so the same results. Each captured loop holds its inputs (W, the
+    factor U, the grid), outputs and scratch until this object goes: the walk owns one per compression.
+    Wider matrices keep the launch-by-launch loop, which their GPU time hides and whose factor would be
+    held twice."""
+
+    def __init__(self, max_weights: int = GRAPH_MAX_WEIGHTS, max_columns: int = GRAPH_MAX_COLUMNS) -> None:
+        self.max_weights = max_weights
+        self.max_columns = max_columns
+        self._seen: set = set()
+        self._captured: dict[tuple, CapturedLoop] = {}
+
+    def covers(self, W: torch.Tensor) -> bool:
+        return W.is_cuda and W.numel() <= self.max_weights and W.shape[1] <= self.max_columns
+
+    @property
+    def captured(self) -> int:
+        return len(self._captured)
+
+    def run(self, key: tuple, loop: Callable[..., tuple[torch.Tensor, ...]], *inputs: torch.Tensor
+            ) -> tuple[torch.Tensor, ...]:
+        """loop(*inputs), which may modify its inputs and must depend on nothing but them and `key`: run as it
+        is the first time `key` is seen, captured the second, replayed after that."""
+        entry = self._captured.get(key)
+        if entry is None:
+            if key not in self._seen:
+                self._seen.add(key)
+                return loop(*inputs)
+            entry = self._captured[key] = self._capture(loop, tuple(x.clone() for x in inputs))
+        else:
+            for held, x in zip(entry.inputs, inputs):
+                held.copy_(x)
+        entry.graph.replay()
+        return tuple(x.clone() for x in entry.outputs)
+
+    @staticmethod
+    def _capture(loop: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Tensor, ...]) -> CapturedLoop:
+        """Capture loop(*inputs) on a side stream. Not `torch.cuda.graph`, which empties the allocator's caches
+        (the device's and pinned host memory) before each capture; thread_local: a layer mover's thread may use
+        the GPU meanwhile (its work is not captured)."""
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(inputs[0].device)
+        side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                outputs = loop(*inputs)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+        return CapturedLoop(graph, inputs, tuple(outputs))
 
 
 def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, row_groups: int = 1) -> torch.Tensor:
