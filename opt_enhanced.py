@@ -968,12 +968,12 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError("--export packs the whole model in host memory; with --stream use --save (then export "
                          "from the saved directory)")
     if cfg.lm_eval:
+        if cfg.offload or cfg.stream:  # before the installation: no install would make this combination work
+            raise UsageError("--lm_eval runs the whole model on the device; drop --offload/--stream")
         if not lm_eval_tasks.available():
             raise UsageError("--lm_eval needs lm-evaluation-harness: pip install lm-eval accelerate")
         if cfg.lm_eval_include and not os.path.isdir(cfg.lm_eval_include):
             raise UsageError(f"--lm_eval_include {cfg.lm_eval_include} is not a directory of task definitions")
-        if cfg.offload or cfg.stream:
-            raise UsageError("--lm_eval runs the whole model on the device; drop --offload/--stream")
         unknown = lm_eval_tasks.unknown_tasks(cfg.lm_eval, cfg.lm_eval_include or None)
         if unknown:
             raise UsageError(f"--lm_eval: unknown task(s) {', '.join(unknown)}; give lm-eval task names, or local "

@@ -167,3 +167,11 @@ def test_a_layer_written_twice_is_read_whole_each_time(tmp_path):
     for (i, layer), (_, original) in zip(walk_layers(model, CPU), walk_layers(again, CPU)):
         assert torch.equal(layer.fc1.weight, original.fc1.weight + 1.0 + 2.0)
         assert torch.equal(layer.fc2.weight, original.fc2.weight)
+
+
+def test_stream_refusal_comes_before_the_lm_eval_installation(monkeypatch):
+    """No installation makes --lm_eval work with --stream, so that is said first, where lm-eval is missing too."""
+    monkeypatch.setattr(oe.lm_eval_tasks, "available", lambda: False)
+    cfg = oe.parse_args(["m", "c4", "--wbits", "4", "--stream", "--lm_eval", "hellaswag"])
+    with pytest.raises(oe.UsageError, match="drop --offload/--stream"):
+        oe.validate(cfg)
