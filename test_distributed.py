@@ -55,9 +55,15 @@ def _rank_main(rank: int, port: int, out: Path, argvs: list[list[str]], patch: C
 def two_processes(out: Path, argvs: list[list[str]], patch: Callable[[int], None] | None = None,
                   timeout: float = 60, entry: Callable[[list[str]], int] = oe.main
                   ) -> tuple[list[list[int]], list[str]]:
-    """Run the command lines as two processes; (exit codes, stderr) per rank. Fails instead of hanging."""
+    """Run the command lines as two processes; (exit codes, stderr) per rank. Fails instead of hanging.
+
+    Forked where there is no GPU; spawned where there is: once a process has run a backward pass with CUDA
+    present, autograd has started a thread per device, and a forked child cannot run backward (the mixed runs'
+    loss sensitivities), so each process then imports torch and transformers afresh."""
+    method = "spawn" if torch.cuda.is_available() else "fork"
+    timeout += 60 if method == "spawn" else 0
     context = mp.start_processes(_rank_main, (free_port(), out, argvs, patch, entry), nprocs=2, join=False,
-                                 start_method="fork")
+                                 start_method=method)
     deadline = time.time() + timeout
     while not context.join(timeout=0.2):
         if time.time() > deadline:

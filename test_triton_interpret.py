@@ -1,5 +1,7 @@
 """The fused Triton kernel (kernels.py) on the CPU, through Triton's interpreter, against the PyTorch
-column loop bit for bit: the kernel's logic is checked on every machine with Triton installed, GPU or not.
+column loop bit for bit: the kernel's logic is checked on machines without a GPU (CI). Where there is one,
+test_kernels.py checks the compiled kernel itself and this is skipped (the lent H200 image's Triton 3.6
+interpreter fails on the kernel).
 
 The interpreter has to be chosen before Triton is first imported (Triton's own @jit helpers, such as
 the ones behind tl.sum, are compiled or interpreted from then on), so a normal run has one test here
@@ -30,6 +32,8 @@ if not INTERPRETING:
         """This file's comparisons, in a process that imports Triton with TRITON_INTERPRET=1."""
         if importlib.util.find_spec("triton") is None:
             pytest.skip("Triton is not installed")
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is here: test_kernels.py and test_solve_graphs.py check the compiled kernel itself")
         env = dict(os.environ, TRITON_INTERPRET="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")  # no plugin needed there
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
                                os.path.basename(__file__)], cwd=os.path.dirname(os.path.abspath(__file__)),
