@@ -479,14 +479,24 @@ class SolveGraphs:
 
     def run(self, key: tuple, loop: Callable[..., tuple[torch.Tensor, ...]], *inputs: torch.Tensor
             ) -> tuple[torch.Tensor, ...]:
-        """loop(*inputs), which may modify its inputs and must depend on nothing but them and `key`: run as it
-        is the first time `key` is seen, captured the second, replayed after that."""
+        """loop(*inputs), which may modify its inputs and must depend on nothing but them (their shapes, dtypes and
+        values) and `key`: run as it is the first time it is seen, captured the second, replayed after that. If
+        the device has no memory left to capture it, nothing is captured from then on (the loops are launched:
+        the same results, slower)."""
+        key = (key, *((x.shape, x.dtype, x.device) for x in inputs))
         entry = self._captured.get(key)
         if entry is None:
             if key not in self._seen:
                 self._seen.add(key)
                 return loop(*inputs)
-            entry = self._captured[key] = self._capture(loop, tuple(x.clone() for x in inputs))
+            try:
+                entry = self._capture(loop, tuple(x.clone() for x in inputs))
+            except torch.cuda.OutOfMemoryError:
+                self.max_weights = 0
+                self._captured.clear()
+                torch.cuda.empty_cache()
+                return loop(*inputs)
+            self._captured[key] = entry
         else:
             for held, x in zip(entry.inputs, inputs):
                 held.copy_(x)
@@ -505,8 +515,13 @@ class SolveGraphs:
             graph.capture_begin(capture_error_mode="thread_local")
             try:
                 outputs = loop(*inputs)
-            finally:
-                graph.capture_end()
+            except BaseException:
+                try:
+                    graph.capture_end()  # ends the (invalidated) capture; its own error would hide the cause
+                except RuntimeError:
+                    pass
+                raise
+            graph.capture_end()
         torch.cuda.current_stream(inputs[0].device).wait_stream(side)
         return CapturedLoop(graph, inputs, tuple(outputs))
 

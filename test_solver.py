@@ -400,3 +400,24 @@ def test_a_nan_in_the_hessian_leaves_no_factor():
     solver.xtx[3, 5] = solver.xtx[5, 3] = float("nan")
     with pytest.raises(RuntimeError, match="singular"):
         solver.inverse_factor(0.01, log=lambda msg: None)
+
+
+def test_solve_graphs_capture_the_second_sighting_and_launch_once_memory_runs_out(monkeypatch):
+    """SolveGraphs' policy without a GPU (test_solve_graphs.py checks the replays on one): the first sighting of
+    a key (with its inputs' shapes and dtypes) is launched, the second captured; a capture that runs out of device
+    memory is launched instead, and nothing is captured after it."""
+    captures = []
+
+    def out_of_memory(loop, inputs):
+        captures.append([x.dtype for x in inputs])
+        raise torch.cuda.OutOfMemoryError("no memory")
+
+    monkeypatch.setattr(sparsegpt_enhanced.SolveGraphs, "_capture", staticmethod(out_of_memory))
+    graphs = sparsegpt_enhanced.SolveGraphs()
+    x = torch.arange(4.0)
+    assert torch.equal(graphs.run("solve", lambda v: (v * 2,), x)[0], x * 2)
+    graphs.run("solve", lambda v: (v * 2,), x.double())  # other dtype: another first sighting
+    assert captures == []
+    assert torch.equal(graphs.run("solve", lambda v: (v * 2,), x)[0], x * 2)
+    assert captures == [[torch.float32]]
+    assert graphs.max_weights == 0 and graphs.captured == 0
