@@ -209,8 +209,7 @@ class SparseGPT:
         if self.graphs is not None and self.graphs.covers(W) and not (grid is not None and grid.grouped):
             params = () if grid is None else grid.column_params(0, W.shape[1], bits_per_column)
             W, mask, error = self.graphs.run(
-                (W.shape, W.device, prune.sparsity, prune.prunen, prune.prunem, grid is None, blocksize, fused,
-                 row_groups),
+                (prune.sparsity, prune.prunen, prune.prunem, blocksize, fused, row_groups),
                 lambda W, U, *p: block_loop(W, U, prune, blocksize, fused, row_groups, sliced_params(p)),
                 W, factor.upper, *params)
         else:
