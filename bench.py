@@ -340,7 +340,7 @@ def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.R
             with clock("solve", entry):
                 grid = bits = None
                 if cfg.quantize:
-                    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, None, cfg.scale_dtype)
+                    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize)
                     bits = torch.full((W.shape[1],), cfg.wbits, dtype=torch.int64)
                 result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order,
                                             not cfg.no_fused)

@@ -9,9 +9,13 @@ packed by compressed-tensors' own `pack_to_int32`), `weight_scale` (fp16, per ro
 it is, and the tokenizer.
 
 The format has one width per Linear and no sparse compressor: pruned weights are stored as exact zeros
-(a code like any other), so a pruned model takes as much space as a dense one at the same width. Its
-scales are fp16: a run that exports to it rounds its scales to fp16 while solving (`QuantGrid.scale_dtype`),
-so the reloaded model has exactly the weights that were evaluated.
+(a code like any other), so a pruned model takes as much space as a dense one at the same width.
+
+Its scales are fp16, where the run's grids (like the reference's) have fp32 scales. The scales are rounded
+here, when writing, never while solving: an output flag must not change the model a run computes. The codes
+are the run's own, so a reloaded weight s16 * (q - z) differs from the evaluated s32 * (q - z) by
+|q - z| * |s16 - s32| <= |w| * 2^-11 (fp16's relative rounding of a normal scale; below fp16's smallest normal,
+6.1e-5, the absolute spacing 2^-24 of its subnormals), before the reloaded weight's own rounding to its dtype.
 """
 from __future__ import annotations
 
@@ -69,15 +73,16 @@ def predicted_bytes(rows: int, columns: int, width: int, groups: int, sym: bool)
 def linear_tensors(name: str, weight: torch.Tensor, grid: QuantGrid, width: int) -> dict[str, torch.Tensor]:
     """The compressed-tensors entries of one Linear quantized at one width on `grid`.
 
-    Codes are recomputed from the final weights and checked to rebuild them exactly."""
+    Codes are recomputed from the final weights and checked to rebuild them exactly on the run's grid; the
+    scales are then stored at fp16 (the module docstring gives the bound)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     W = weight.detach().float()
     rows, columns = W.shape
     q, scale, zero = grid.codes_of(W, torch.full((columns,), width, dtype=torch.int64))
     if not torch.equal(dequantize(q, scale, zero).to(weight.dtype), weight.detach()):
-        raise ValueError(f"{name}: weights are not on their fp16-scale grid (was the run made with "
-                         "--export_format compressed-tensors?)")
+        raise ValueError(f"{name}: weights are not on their quantization grid (the model changed after "
+                         "compress(), or wrong grids?)")
     step = grid.groupsize
     offset = 2 ** (width - 1)  # compressed-tensors' codes are signed: q - 2^(b-1)
     tensors = {

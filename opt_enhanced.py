@@ -129,11 +129,6 @@ class RunConfig:
         return self.target_avg_bits is not None
 
     @property
-    def scale_dtype(self) -> torch.dtype | None:
-        """compressed-tensors stores fp16 scales: the solver rounds on those, so the file holds what was evaluated."""
-        return torch.float16 if self.export and self.export_format == "compressed-tensors" else None
-
-    @property
     def solve_order_as_run(self) -> str:
         """The order the solver takes a Linear's columns in (sparsegpt_enhanced.solve_order): as asked, else act
         order in mixed runs without sparsity or groups and the stored order otherwise (the reference's). With
@@ -551,18 +546,18 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
                                         column_order(solver, cfg),
                                         fused=not cfg.no_fused)
     error, damping = 0.0, cfg.percdamp
-    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink, cfg.scale_dtype) if cfg.quantize else None
+    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink) if cfg.quantize else None
     if solver is None:  # the baselines: magnitude pruning and/or round-to-nearest
         Q = magnitude_prune(W.float(), cfg.prune) if cfg.gmp else W.float()
         mask = (Q == 0) if cfg.gmp else torch.zeros_like(Q, dtype=torch.bool)
         if cfg.nearest:
-            grid = QuantGrid.rounding(Q, cfg.sym, cfg.groupsize, scale_dtype=cfg.scale_dtype)
+            grid = QuantGrid.rounding(Q, cfg.sym, cfg.groupsize)
             Q = grid.round(Q, bits)
     else:
         order = column_order(solver, cfg, bits)
         if cfg.row_ranges == "search":
             grid = row_ranges.search_row_ranges(W, solver, cfg.prune, bits, cfg.sym, cfg.blocksize, cfg.percdamp,
-                                                order, shrink, cfg.scale_dtype, not cfg.no_fused)
+                                                order, shrink, not cfg.no_fused)
         result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order, not cfg.no_fused)
         Q, mask, error, damping = result.weight, result.mask, result.error, solver.inverse_factor(cfg.percdamp, order).percdamp
     linear.weight.data = Q.to(W.dtype)

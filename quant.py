@@ -50,15 +50,10 @@ def weight_range(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor
     return xmin, xmax
 
 
-def grid_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool,
-                scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of a (2**bits)-level grid over [xmin, xmax]; broadcasts over maxq.
-
-    `scale_dtype` rounds the scale to the precision a checkpoint format stores it in (fp16 for
-    compressed-tensors), so that the weights evaluated are the weights a reloaded model has."""
+def grid_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: torch.Tensor, sym: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp32) and zero point of a (2**bits)-level grid over [xmin, xmax]; broadcasts over maxq."""
     scale = (xmax - xmin) / maxq
-    if scale_dtype is not None:
-        scale = scale.to(scale_dtype).clamp_min(torch.finfo(scale_dtype).smallest_normal).float()
     if sym:
         zero = torch.zeros_like(scale) + (maxq + 1) / 2
     else:
@@ -81,20 +76,19 @@ class QuantGrid:
     xmin: torch.Tensor
     xmax: torch.Tensor
     shrink: dict[int, float] = field(default_factory=dict)  # width -> factor on the range; absent = 1
-    scale_dtype: torch.dtype | None = None  # precision the scales are stored in; None = fp32
     row_scale: torch.Tensor | None = None  # (rows, 1) factor on each row's ranges: copies of rows on scaled grids
 
     @classmethod
-    def for_weight(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None,
-                   scale_dtype: torch.dtype | None = None) -> "QuantGrid":
+    def for_weight(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None
+                   ) -> "QuantGrid":
         rows, columns = w.shape
         shrink = dict(shrink or {})
         if groupsize <= 0 or groupsize >= columns:
             xmin, xmax = weight_range(w, sym)
-            return cls(sym, columns, xmin[:, None], xmax[:, None], shrink, scale_dtype)
+            return cls(sym, columns, xmin[:, None], xmax[:, None], shrink)
         ngroups = -(-columns // groupsize)
         empty = torch.zeros(rows, ngroups, device=w.device)
-        return cls(sym, groupsize, empty, empty.clone(), shrink, scale_dtype)
+        return cls(sym, groupsize, empty, empty.clone(), shrink)
 
     @property
     def grouped(self) -> bool:
@@ -120,7 +114,7 @@ class QuantGrid:
             xmin, xmax = xmin * factor[bits], xmax * factor[bits]
         if self.row_scale is not None:
             xmin, xmax = xmin * self.row_scale, xmax * self.row_scale
-        scale, zero = grid_params(xmin, xmax, maxq, self.sym, self.scale_dtype)
+        scale, zero = grid_params(xmin, xmax, maxq, self.sym)
         return scale, zero, maxq
 
     def round_at(self, w: torch.Tensor, width: int, shrink: float = 1.0) -> torch.Tensor:
@@ -128,7 +122,7 @@ class QuantGrid:
         `round` with the grid parameters computed per group instead of per column, for the error model,
         which rounds whole matrices at one width many times."""
         maxq = torch.tensor(float(2 ** width - 1), device=self.xmin.device)
-        scale, zero = grid_params(self.xmin * shrink, self.xmax * shrink, maxq, self.sym, self.scale_dtype)
+        scale, zero = grid_params(self.xmin * shrink, self.xmax * shrink, maxq, self.sym)
         if self.grouped:
             group = torch.arange(w.shape[1], device=self.xmin.device) // self.groupsize
             scale, zero = scale[:, group], zero[:, group]
@@ -142,10 +136,10 @@ class QuantGrid:
         return codes(w, scale, zero, maxq), scale, zero
 
     @classmethod
-    def rounding(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None,
-                 scale_dtype: torch.dtype | None = None) -> "QuantGrid":
+    def rounding(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None
+                 ) -> "QuantGrid":
         """The grid that round-to-nearest uses: every range (groups too) from `w` itself."""
-        grid = cls.for_weight(w, sym, groupsize, shrink, scale_dtype)
+        grid = cls.for_weight(w, sym, groupsize, shrink)
         grid.fill_groups(w, 0, w.shape[1])
         return grid
 

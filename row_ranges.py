@@ -28,18 +28,18 @@ RANGE_FACTORS = (1.0, 0.9, 0.8)  # each candidate range is also tried scaled by 
 
 
 def candidate_grids(weight: torch.Tensor, sources: list[torch.Tensor], sym: bool, shrink: dict[int, float],
-                    scale_dtype: torch.dtype | None, factors: tuple[float, ...]) -> list[QuantGrid]:
+                    factors: tuple[float, ...]) -> list[QuantGrid]:
     """One per-row grid per source matrix and factor, each width's `shrink` on top."""
     grids = []
     for source in sources:
-        base = QuantGrid.for_weight(source, sym, 0, shrink, scale_dtype)
+        base = QuantGrid.for_weight(source, sym, 0, shrink)
         grids += [replace(base, xmin=base.xmin * f, xmax=base.xmax * f) for f in factors]
     return grids
 
 
 def search_row_ranges(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec, bits: torch.Tensor, sym: bool,
                       blocksize: int, percdamp: float, order: torch.Tensor | None, shrink: dict[int, float],
-                      scale_dtype: torch.dtype | None = None, fused: bool = True,
+                      fused: bool = True,
                       factors: tuple[float, ...] = RANGE_FACTORS) -> QuantGrid:
     """The per-row grid (no groups) whose row i has the candidate range after which a solve at `bits` left
     row i the least output error. Costs one solve per candidate, and a prune-only solve with pruning.
@@ -50,7 +50,7 @@ def search_row_ranges(weight: torch.Tensor, solver: SparseGPT, prune: PruneSpec,
     sources = [W]
     if prune.active:
         sources.append(solver.fasterprune(W, prune, None, None, blocksize, percdamp, order, fused).weight)
-    grids = candidate_grids(W, sources, sym, shrink, scale_dtype, factors)
+    grids = candidate_grids(W, sources, sym, shrink, factors)
     errors = []
     for grid in grids:
         D = W - solver.fasterprune(W, prune, grid, bits, blocksize, percdamp, order, fused).weight

@@ -1,4 +1,5 @@
-"""compressed-tensors export: transformers' own loader rebuilds exactly the model that was evaluated."""
+"""compressed-tensors export: transformers' own loader rebuilds the model that was evaluated, up to the format's
+fp16 scales, and asking for the export does not change the compression."""
 from __future__ import annotations
 
 import json
@@ -20,13 +21,21 @@ pytestmark = pytest.mark.skipif(not available(), reason="compressed-tensors is n
 
 
 def compressed_fp16_model(**flags):
-    """A 1-layer fp16 OPT (64 columns: groups of 32 tile it) compressed in-process for compressed-tensors."""
+    """A 1-layer fp16 OPT (64 columns: groups of 32 tile it) compressed in-process."""
     model = tiny_model(layers=1, hidden=64, ffn=128).half()
-    cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=4, blocksize=32, export="unused",
-                       export_format="compressed-tensors", **flags)
+    cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=4, blocksize=32, **flags)
     oe.validate(cfg)
     calib = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(1))
     return model, oe.compress(model, calib, cfg, torch.device("cpu"), Log(True))
+
+
+def assert_within_scale_rounding(reloaded: torch.Tensor, evaluated: torch.Tensor, name: str) -> None:
+    """The format stores fp16 scales: |s16 - s32| <= 2^-11 s (2^-24 absolute below fp16's normals), so a reloaded
+    weight is within 2^-11 |w| of the evaluated one before its own rounding to fp16, another 2^-11 |w|."""
+    r, e = reloaded.float(), evaluated.float()
+    bound = 2.0 ** -10 * e.abs() + 2.0 ** -20
+    assert bool(((r - e).abs() <= bound).all()), f"{name}: {float(((r - e).abs() - bound).max())} over the bound"
+    assert bool(((r == 0) == (e == 0)).all()), f"{name}: zeros moved"
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5], ids=["dense", "50%"])
@@ -40,18 +49,17 @@ def test_from_pretrained_reloads_the_evaluated_model_exactly(tmp_path, wbits, sy
     assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
     assert config["ignore"] == ["lm_head"] and len(config["config_groups"]) == 1
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float16).eval()
-    # Same fp16 weights, so the same logits bit for bit (tolerance zero): the format's scales are the fp16
-    # scales the solver used, and it dequantizes in fp16 as the run did. The first forward decompresses.
     ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, reloaded(ids).logits)
+        reloaded(ids)  # the first forward decompresses
     for name in done.grids:
-        assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight), name
+        assert_within_scale_rounding(reloaded.get_submodule(name).weight, model.get_submodule(name).weight, name)
     if sparsity:  # pruned weights travel as exact zeros
         fc1 = reloaded.model.decoder.layers[0].fc1.weight
         assert int((fc1 == 0).sum()) >= fc1.numel() // 2
     dev = torch.device("cpu")
-    assert oe.perplexity(model, ids.reshape(1, -1), 32, dev, 4) == oe.perplexity(reloaded, ids.reshape(1, -1), 32, dev, 4)
+    ppl = oe.perplexity(model, ids.reshape(1, -1), 32, dev, 4)
+    assert oe.perplexity(reloaded, ids.reshape(1, -1), 32, dev, 4) == pytest.approx(ppl, rel=1e-3)
 
 
 def test_per_linear_widths_become_one_config_group_per_width(tmp_path):
@@ -69,7 +77,7 @@ def test_per_linear_widths_become_one_config_group_per_width(tmp_path):
     with torch.no_grad():
         reloaded(torch.zeros(1, 4, dtype=torch.long))  # the first forward decompresses
     for name in done.grids:
-        assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight), name
+        assert_within_scale_rounding(reloaded.get_submodule(name).weight, model.get_submodule(name).weight, name)
 
 
 def test_size_on_disk_matches_the_prediction(tmp_path):
@@ -96,4 +104,22 @@ def test_cli_export_then_evaluate_the_directory(tmp_path, tiny_dir):
                                 "--export", str(tmp_path / "ct"), "--export_format", "compressed-tensors"]))
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= set(os.listdir(tmp_path / "ct"))
     again = oe.run(oe.parse_args([str(tmp_path / "ct"), *common]))  # our perplexity protocol on the saved directory
-    assert again["perplexity"] == run["perplexity"]
+    assert again["perplexity"]["ptb"] == pytest.approx(run["perplexity"]["ptb"], rel=1e-3)
+
+
+def test_the_export_flag_does_not_change_the_compression(tmp_path, tiny_dir):
+    """The same flags with --save alone and with the compressed-tensors export alone: one compression, so the
+    same perplexities, and reloaded (fp32) logits as close as the format's fp16 scales allow."""
+    model_dir, data_dir = tiny_dir
+    common = [str(model_dir), "c4", "--data_dir", str(data_dir), "--nsamples", "4", "--seqlen", "32", "--device",
+              "cpu", "--eval", "ptb,wikitext2", "--quiet", "--sparsity", "0.5", "--wbits", "3", "--sym"]
+    saved = oe.run(oe.parse_args([*common, "--save", str(tmp_path / "save")]))
+    exported = oe.run(oe.parse_args([*common, "--export", str(tmp_path / "ct"), "--export_format",
+                                     "compressed-tensors"]))
+    assert exported["perplexity"] == saved["perplexity"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "save", dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        gap = (a(ids).logits - b(ids).logits).abs().max().item()
+    assert gap <= 5e-2
