@@ -9,26 +9,24 @@ FILE has one configuration per line, `name|flags` (the flags of opt_enhanced.py,
 `tokenize` is only paid by the first configuration (and by none with a warm --cache_dir).
 
 --synthetic builds a random-weight fp16 OPT with the named model's shapes (no download) and times
-the full compression path (opt_enhanced.compress) on random calibration tokens (default 128 x 2048,
-50% + 4-bit); FLAGS are opt_enhanced's (`-- --device cpu --nsamples 4 --seqlen 32` for a CPU smoke
-test at the opt-tiny shape). --repeat K builds and compresses K times in one process: the first is
-the cold one (CUDA and cuBLAS start, Triton compiles or loads its kernels), the others are warm. It
-prints each layer's wall time inside compress (from when the walk takes the layer to when it takes
-the next) and the median of the inner layers, the steady per-layer time: with --offload the next
-layer comes in and the last one goes home behind the computation (offload.py), which neither the
-first layer's arrival nor the last one's return can be; --no-overlap moves them in line, to measure
-what the overlap saves. --stream makes each layer's weights when the walk reaches it (a copy of one
-random template layer) and drops them after, as opt_enhanced --stream reads them from safetensors: the
-peak host RSS is then that of a few layers, not of the model. --stages times the same work stage by stage instead (uniform settings only):
-per layer, moving it to the GPU, the forward pass that accumulates the Hessians (and, inside it, the
-X^T X updates alone), per Linear its inverse factor and its solve, the forward pass that feeds the
-next layer, and moving it back (in line, so that each move is timed alone); each stage synchronises
-the GPU, so the stages add up to a little more than compress takes. Both report peak GPU memory (per
-stage with --stages) and the process's peak host RSS.
+the full compression path (pipeline.compress) on random calibration tokens (default 128 x 2048,
+50% + 4-bit; any opt_enhanced flags after --, mixed precision too: `-- --device cpu --nsamples 4 --seqlen 32`
+for a CPU smoke test at the opt-tiny shape). --repeat K builds and compresses K times in one process: the
+first is the cold one (CUDA and cuBLAS start, Triton compiles or loads its kernels), the others are warm. It
+prints each layer's wall time inside compress (from when the walk takes the layer to when it takes the
+next) and the median of the inner layers, the steady per-layer time: with --offload the next layer comes in
+and the last one goes home behind the computation (systems/offload.py), which neither the first layer's
+arrival nor the last one's return can be; --no-overlap moves them in line, to measure what the overlap saves.
+--stream makes each layer's weights when the walk reaches it (a copy of one random template layer) and drops
+them after, as opt_enhanced --stream reads them from safetensors: the peak host RSS is then that of a few
+layers, not of the model. --stages also times compress's named stages in each layer (hessians, costs,
+clip, allocate, factor, solve; the layer's forward and moves are the `rest`) and, before the first layer,
+model scope's sensitivity pass and planning, synchronising the GPU around each stage, so the stages add up to
+a little more than compress takes. Both report peak GPU memory and the process's peak host RSS.
 
 Under torchrun (`torchrun --standalone --nproc_per_node 2 bench.py --synthetic opt-1.3b`), --synthetic
-compresses on every process as opt_enhanced does there (distributed.py): each builds the same model on
-its own GPU; rank 0 prints, with every process's peak GPU and host memory. --stages times one process.
+compresses on every process as opt_enhanced does there (systems/distributed.py): each builds the same model on
+its own GPU; rank 0 prints, with every process's peak GPU and host memory.
 
 --factor times SparseGPT.inverse_factor against the published three-step factor (Cholesky,
 cholesky_inverse, Cholesky of the inverse) on a random Hessian of each size, with peak GPU memory
@@ -43,20 +41,25 @@ import shlex
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-import distributed
-import offload as offload_module
-import opt_enhanced as oe
-import streaming
+import opt_enhanced
 import sparsegpt_enhanced
-from modelutils import (capture_layer_inputs, decoder_layers, decoder_of, find_linears, forward_layer, home_of,
-                        feed_inputs, submodule)
-from quant import QuantGrid
-from runtime import Log, Stages, write_json
+from families import decoder_of
+from modelutils import decoder_layers, home_of, submodule
+from pipeline.checks import validate
+from pipeline.compress import compress
+from pipeline.config import EVAL_DATASETS
+from pipeline.placement import place
+from pipeline.run import run
 from sparsegpt_enhanced import SparseGPT
+from systems import distributed, streaming
+from systems import offload as offload_module
+from systems.atomic_io import write_json
+from systems.progress import Log, Stages
 
 # hidden, layers, heads, ffn of the published OPT models, and opt-tiny (no such model) for smoke tests on the CPU
 SHAPES = {"opt-125m": (768, 12, 12, 3072), "opt-1.3b": (2048, 24, 32, 8192), "opt-6.7b": (4096, 32, 32, 16384),
@@ -81,7 +84,7 @@ def row(name: str, res: dict) -> str:
     s = res["summary"] or {}
     t = res["timings"]
     mem = max(res["peak_gpu_gib"].values(), default=0.0)
-    cells = [f"{ppl.get(d, float('nan')):8.2f}" for d in oe.EVAL_DATASETS]
+    cells = [f"{ppl.get(d, float('nan')):8.2f}" for d in EVAL_DATASETS]
     cells += [f"{s.get(k, 16):5.3f}" for k in ("avg_bits_weighted", "stored_bits", "effective_bits")]
     cells += [f"{t.get(k, 0):7.2f}" for k in STAGES] + [f"{mem:6.2f}"]
     return f"| {name:18s} | " + " | ".join(cells) + " |"
@@ -112,7 +115,7 @@ def build_synthetic(name: str, layers: int | None, dev: torch.device, offload: b
             SyntheticStore.attach(model, layers or nlayers)
     finally:
         torch.set_default_dtype(torch.float32)
-    oe.place(model, dev, offload)
+    place(model, dev, offload)
     return model, time.time() - tick
 
 
@@ -151,16 +154,39 @@ class LayerClock(Log):
     """A quiet Log whose progress bar notes when the walk takes each layer, for per-layer wall times of
     compress itself: a layer's time runs from when the walk takes it to when it takes the next (its
     arrival, the solves, the forward, and handing it back; with overlap, what of the moves the
-    computation did not hide), the last layer's to the end of compress (its copy home included)."""
+    computation did not hide), the last layer's to the end of compress (its copy home included).
 
-    def __init__(self) -> None:
+    With `timed_stages` on a device, it also times compress's named stages (Log.stage: hessians, costs,
+    allocate, factor, solve, ...; model scope's sensitivity pass and planning before the first layer),
+    synchronising the device around each, per layer: the stages then add up to a little more than compress
+    takes without them."""
+
+    def __init__(self, timed_stages: torch.device | None = None) -> None:
         super().__init__(True)
         self.starts: list[float] = []
         self.end = 0.0
+        self.device = timed_stages
+        self.per_layer: list[dict[str, float]] = [{}]  # [0]: before the first layer (model scope's planning)
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        sync = (lambda: torch.cuda.synchronize(self.device)) if self.device.type == "cuda" else (lambda: None)
+        sync()
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            record = self.per_layer[-1]
+            record[name] = record.get(name, 0.0) + time.perf_counter() - tick
+
+    def stage(self, name: str):
+        return self._timed(name) if self.device is not None else super().stage(name)
 
     def bar(self, iterable, total: int, desc: str):
         for item in iterable:
             self.starts.append(time.perf_counter())
+            self.per_layer.append({})
             yield item
         self.end = time.perf_counter()
 
@@ -169,7 +195,15 @@ class LayerClock(Log):
         walls = [b - a for a, b in zip(self.starts, ends)]
         inner = sorted(walls[1:-1])  # neither the first layer's unhidden fetch nor the last one's copy home
         steady = inner[len(inner) // 2] if inner else None
-        return {"per_layer_wall_s": walls, "steady_layer_s": steady}
+        res: dict[str, Any] = {"per_layer_wall_s": walls, "steady_layer_s": steady}
+        if self.device is not None:
+            totals: dict[str, float] = {}
+            for record in self.per_layer:
+                for name, seconds in record.items():
+                    totals[name] = totals.get(name, 0.0) + seconds
+            res.update(stage_s=totals, before_layers_s=self.per_layer[0] if self.starts else {},
+                       per_layer_stage_s=self.per_layer[1:] if self.starts else [])
+        return res
 
 
 def layer_wall_line(res: dict[str, Any]) -> str:
@@ -181,43 +215,46 @@ def layer_wall_line(res: dict[str, Any]) -> str:
     return f"per-layer wall s (overlap {'on' if res['overlap'] else 'off'}): {walls}{tail}"
 
 
-def synthetic(name: str, layers: int | None, offload: bool, flags: list[str], stages: bool = False,
-              repeat: int = 1, overlap: bool = True, stream: bool = False) -> dict:
-    """Compression of a random-weight OPT of the given shape: seconds, peak GPU and host memory;
-    with `stages`, stage by stage (`staged_compress`, layers moved in line so each move is timed
-    alone); otherwise through opt_enhanced.compress, offloaded layers moved behind the computation
-    unless `overlap` is False, with each layer's wall time. With `stream` the layers are made when
-    the walk reaches them and dropped after (SyntheticStore), as --stream reads them from files."""
-    if stream and stages:
-        raise SystemExit("bench.py --stages moves whole layers in line; time --stream without --stages")
-    flags = [*(flags or ["--sparsity", "0.5", "--wbits", "4"]), *([] if overlap else ["--no-overlap"])]
-    return _synthetic(name, layers, offload, flags, stages, repeat, stream) | {"stream": stream}
+@dataclass(frozen=True)
+class SyntheticRun:
+    """What `synthetic` compresses and how: a random-weight OPT of a published shape (SHAPES), `layers` of its
+    decoder layers (None: all), offloaded (the layers on the CPU), streamed (each layer made when reached and
+    dropped after), with opt_enhanced `flags` (default 50% + 4-bit), `repeat` times in one process."""
+
+    shape: str
+    layers: int | None = None
+    offload: bool = False
+    stream: bool = False
+    stages: bool = False  # time compress's named stages per layer (LayerClock)
+    overlap: bool = True  # offloaded layers move behind the computation
+    repeat: int = 1
+    flags: tuple[str, ...] = ("--sparsity", "0.5", "--wbits", "4")
 
 
-def _synthetic(name: str, layers: int | None, offload: bool, flags: list[str], stages: bool, repeat: int,
-               stream: bool) -> dict:
-    nlayers = SHAPES[name][1]
-    cfg = oe.parse_args(["synthetic", "c4", "--quiet", *(flags or ["--sparsity", "0.5", "--wbits", "4"])])
+def synthetic(spec: SyntheticRun) -> dict:
+    """Compression of a random-weight OPT of the given shape through pipeline.compress: seconds, peak GPU and host
+    memory, each layer's wall time, and with `stages` the time of each named stage per layer. The first of
+    `repeat` runs is the cold one (CUDA and cuBLAS start, Triton compiles or loads its kernels)."""
+    nlayers = SHAPES[spec.shape][1]
+    flags = [*spec.flags, *([] if spec.overlap else ["--no-overlap"])]
+    cfg = opt_enhanced.parse_args(["synthetic", "c4", "--quiet", *flags])
     dev = distributed.local_device(torch.device(cfg.device or "cuda"))
-    torch.set_float32_matmul_precision("highest")  # as opt_enhanced.run sets it
+    torch.set_float32_matmul_precision("highest")  # as pipeline.run.run sets it
     seqlen = cfg.seqlen or 2048
     runs = []
-    for _ in range(repeat):
-        model, built = build_synthetic(name, layers, dev, offload, stream)
+    for _ in range(spec.repeat):
+        model, built = build_synthetic(spec.shape, spec.layers, dev, spec.offload or spec.stream, spec.stream)
         calibration = torch.randint(0, model.config.vocab_size, (cfg.nsamples, seqlen),
                                     generator=torch.Generator().manual_seed(0))
         run: dict[str, Any] = {"build_s": built, "host_peak_after_build_gib": host_peak_gib()}
-        if stages:
-            run.update(staged_compress(model, calibration, cfg, dev))
-        else:
-            stage = Stages(dev)
-            clock, moves = LayerClock(), offload_module.MoveStats()
-            with stage("compress"):
-                done = oe.compress(model, calibration, cfg, dev, clock, moves)
-            run.update(compress_s=stage.seconds["compress"], solver_s=sum(s.seconds for s in done.stats),
-                       peak_gpu_gib=stage.peak_gib.get("compress", 0.0), **clock.report(),
-                       overlap=cfg.overlap and offload_module.streams_for(home_of(decoder_layers(model)), dev) is not None,
-                       moves=[(event, i, round(t - clock.starts[0], 3)) for (event, i), t in zip(moves.log, moves.times)])
+        stage = Stages(dev)
+        clock, moves = LayerClock(dev if spec.stages else None), offload_module.MoveStats()
+        with stage("compress"):
+            done = compress(model, calibration, cfg, dev, clock, moves)
+        run.update(compress_s=stage.seconds["compress"], solver_s=sum(s.seconds for s in done.stats),
+                   peak_gpu_gib=stage.peak_gib.get("compress", 0.0), **clock.report(),
+                   overlap=cfg.overlap and offload_module.streams_for(home_of(decoder_layers(model)), dev) is not None,
+                   moves=[(event, i, round(t - clock.starts[0], 3)) for (event, i), t in zip(moves.log, moves.times)])
         run["per_layer_s"] = run["compress_s"] / model.config.num_hidden_layers
         run["host_peak_gib"] = host_peak_gib()
         if distributed.size() > 1:
@@ -229,8 +266,9 @@ def _synthetic(name: str, layers: int | None, offload: bool, flags: list[str], s
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     first = runs[0]
-    return {"shape": name, "layers": layers or nlayers, "of": nlayers, "offload": offload, "stages": stages,
-            "flags": flags, "processes": distributed.size(), **first, "runs": runs if repeat > 1 else None, "params": params,
+    return {"shape": spec.shape, "layers": spec.layers or nlayers, "of": nlayers, "offload": spec.offload or spec.stream,
+            "stream": spec.stream, "stages": spec.stages, "flags": flags, "processes": distributed.size(), **first,
+            "runs": runs if spec.repeat > 1 else None, "params": params,
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
 
 
@@ -249,7 +287,7 @@ class StageClock:
 
     @contextmanager
     def __call__(self, name: str, into: dict[str, float] | None = None) -> Iterator[None]:
-        """Time a stage; its seconds are also added to `into[name]` (a per-layer or per-Linear record)."""
+        """Time a stage; its seconds are also added to `into[name]` (a per-size record)."""
         self.sync()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.dev)
@@ -265,115 +303,18 @@ class StageClock:
             self.peak_gib[name] = max(self.peak_gib.get(name, 0.0), peak)
 
 
-class KernelTimer:
-    """Total device time of many short spans (the X^T X updates inside a forward pass) without a
-    synchronisation per span: CUDA events, read once at the end; wall time on the CPU."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.cuda = dev.type == "cuda"
-        self.events: list[tuple[Any, Any]] = []
-        self.cpu_seconds = 0.0
-
-    @contextmanager
-    def span(self) -> Iterator[None]:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((start, end))
-        else:
-            tick = time.perf_counter()
-            yield
-            self.cpu_seconds += time.perf_counter() - tick
-
-    def seconds(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return sum(start.elapsed_time(end) for start, end in self.events) / 1000
-        return self.cpu_seconds
-
-
-@torch.no_grad()
-def staged_compress(model: torch.nn.Module, calibration: torch.Tensor, cfg: oe.RunConfig, dev: torch.device
-                    ) -> dict[str, Any]:
-    """opt_enhanced.compress for uniform settings (every Linear, no mixed precision), stage by stage.
-
-    Same solver calls in the same order (one SparseGPT per distinct input, act-order if asked,
-    the grid from the dense weight), so the same weights come out; the statistics compress keeps
-    per Linear are left out."""
-    if cfg.mixed or cfg.gmp or cfg.nearest or cfg.clipped:
-        raise SystemExit("bench.py --stages: uniform settings only (no --target_avg_bits, --gmp, --nearest, --clip)")
-    clock = StageClock(dev)
-    layers = decoder_layers(model)
-    home = home_of(layers)
-    shared = decoder_of(model).shared_input
-    graphs = oe.solve_graphs(cfg, dev)
-    tick = time.perf_counter()
-    with clock("capture"):
-        hidden, kwargs = capture_layer_inputs(model, calibration, dev, cfg.batch_size)
-    per_layer: list[dict[str, Any]] = []
-    for i, layer in enumerate(layers):
-        record: dict[str, Any] = {"layer": i}
-        with clock("to_device", record):
-            layer.to(dev)
-        linears = find_linears(layer)
-        keys = sorted({shared.get(n, n) for n in linears})
-        solvers = {k: SparseGPT(linears[k].in_features, dev, graphs=graphs) for k in keys}
-        accumulate = KernelTimer(dev)
-
-        def add(key: str, x: torch.Tensor) -> None:
-            with accumulate.span():
-                solvers[key].add_batch(x)
-
-        with clock("hessian_forward", record):
-            feed_inputs(layer, {k: linears[k] for k in keys}, add, hidden, kwargs, cfg.batch_size)
-        record["hessian_accumulate"] = accumulate.seconds()
-        record["linears"] = []
-        for name, linear in linears.items():
-            solver = solvers[shared.get(name, name)]
-            W = linear.weight.data
-            entry: dict[str, Any] = {"name": name, "rows": W.shape[0], "columns": W.shape[1]}
-            order = oe.column_order(solver, cfg)
-            with clock("factor", entry):
-                damping = solver.inverse_factor(cfg.percdamp, order).percdamp
-            with clock("solve", entry):
-                grid = bits = None
-                if cfg.quantize:
-                    grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize)
-                    bits = torch.full((W.shape[1],), cfg.wbits, dtype=torch.int64)
-                result = solver.fasterprune(W, cfg.prune, grid, bits, cfg.blocksize, cfg.percdamp, order,
-                                            not cfg.no_fused)
-                linear.weight.data = result.weight.to(W.dtype)
-            entry["damping"] = damping
-            record["linears"].append(entry)
-        solvers.clear()  # this layer's X^T X and factors go before the forward and the next layer, as in compress
-        solver = result = None
-        with clock("forward", record):
-            forward_layer(layer, hidden, kwargs, cfg.batch_size, hidden)
-        with clock("to_home", record):
-            layer.to(home)
-        per_layer.append(record)
-    return {"compress_s": time.perf_counter() - tick, "stage_s": clock.seconds,
-            "stage_peak_gpu_gib": clock.peak_gib,
-            "peak_gpu_gib": max(clock.peak_gib.values(), default=0.0), "per_layer": per_layer}
-
-
 def stage_table(res: dict[str, Any]) -> str:
-    """The per-layer stage seconds of a --stages run as a Markdown table, each Linear's factor and
-    solve seconds in its row, then peak GPU memory per stage (the JSON has the same numbers)."""
-    stages = ("to_device", "hessian_forward", "hessian_accumulate", "factor", "solve", "forward", "to_home")
-    lines = ["| layer | " + " | ".join(stages) + " | total | per Linear: factor + solve |",
-             "|---" * (len(stages) + 3) + "|"]
-    for layer in res["per_layer"]:
-        layer = dict(layer, factor=sum(e["factor"] for e in layer["linears"]),
-                     solve=sum(e["solve"] for e in layer["linears"]))
-        total = sum(layer[s] for s in stages if s != "hessian_accumulate")
-        linears = ", ".join(f"{e['name'].split('.')[-1]} {e['factor']:.2f}+{e['solve']:.2f}" for e in layer["linears"])
-        lines.append(f"| {layer['layer']} | " + " | ".join(f"{layer[s]:.2f}" for s in stages)
-                     + f" | {total:.2f} | {linears} |")
-    peaks = ", ".join(f"{k} {v:.1f}" for k, v in res["stage_peak_gpu_gib"].items())
-    lines.append(f"peak GPU GiB by stage: {peaks or 'n/a (CPU)'}; peak host RSS {res['host_peak_gib']:.1f} GiB")
+    """The per-layer stage seconds of a --stages run as a Markdown table (`rest`: the layer's wall time outside
+    the named stages: its forward for the next layer and its moves), then the stages before the first layer
+    (model scope's sensitivity pass and planning)."""
+    names = sorted({n for layer in res["per_layer_stage_s"] for n in layer})
+    lines = ["| layer | " + " | ".join(names) + " | rest | wall |", "|---" * (len(names) + 3) + "|"]
+    for i, (layer, wall) in enumerate(zip(res["per_layer_stage_s"], res["per_layer_wall_s"])):
+        rest = wall - sum(layer.values())
+        lines.append(f"| {i} | " + " | ".join(f"{layer.get(n, 0.0):.3f}" for n in names) + f" | {rest:.3f} | {wall:.3f} |")
+    before = ", ".join(f"{k} {v:.2f} s" for k, v in res["before_layers_s"].items())
+    lines.append(f"before the first layer: {before or 'nothing'}; compress {res['compress_s']:.2f} s; peak GPU "
+                 f"{res['peak_gpu_gib']:.1f} GiB; peak host RSS {res['host_peak_gib']:.1f} GiB")
     return "\n".join(lines)
 
 
@@ -469,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None, help="--synthetic: build only this many decoder layers")
     p.add_argument("--offload", action="store_true", help="--synthetic: keep the model on the CPU")
     p.add_argument("--stages", action="store_true",
-                   help="--synthetic: time each stage of each layer (layers moved in line, each move timed)")
+                   help="--synthetic: time each named stage of compress per layer (the GPU synchronised around each)")
     p.add_argument("--stream", action="store_true",
                    help="--synthetic: make each layer's weights when it is reached and drop them after (host "
                         "memory: a few layers; implies --offload)")
@@ -492,12 +433,12 @@ def main(argv: list[str] | None = None) -> int:
             write_json(res, args.json)
         return 0
     if args.synthetic:
-        if args.stages and distributed.launched_size() > 1:
-            p.error("--stages times one process: run it without torchrun")
-        dev = distributed.local_device(torch.device(oe.parse_args(["synthetic", "c4", *flags]).device or "cuda"))
+        dev = distributed.local_device(torch.device(opt_enhanced.parse_args(["synthetic", "c4", *flags]).device
+                                                    or "cuda"))
+        spec = SyntheticRun(args.synthetic, args.layers, args.offload, args.stream, args.stages, args.overlap,
+                            args.repeat, tuple(flags) or SyntheticRun.flags)
         with distributed.session(dev):
-            res = synthetic(args.synthetic, args.layers, args.offload or args.stream, flags, args.stages, args.repeat,
-                            args.overlap, args.stream)
+            res = synthetic(spec)
         if distributed.launched_rank() != 0:
             return 0
         print(stage_table(res) if args.stages else layer_wall_line(res), flush=True)
@@ -516,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (len(header) + 1) + "|", flush=True)
     results = {}
     for name, flags in read_configs(args.configs):
-        cfg = oe.parse_args(common + flags)
-        oe.validate(cfg)
-        results[name] = oe.run(cfg)
+        cfg = opt_enhanced.parse_args(common + flags)
+        validate(cfg)
+        results[name] = run(cfg)
         print(row(name, results[name]), flush=True)
     if args.json:
         write_json(results, args.json)

@@ -30,13 +30,15 @@ import pytest
 if TYPE_CHECKING:
     from transformers import OPTForCausalLM
 
+ROOT = Path(__file__).resolve().parent  # the repository: the CLI, its modules and scripts
+
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported; inherited by every subprocess a test starts
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 # End-to-end tests in modules this file does not own, marked here by node id or file (the rest carry
 # @pytest.mark.slow): the comparison script (nine runs in one bench.py process) and lm-evaluation-harness (its import alone
 # takes seconds).
-SLOW_ELSEWHERE = ("test_enhanced.py::test_comparison_script_runs_and_checks_targets", "test_lm_eval.py::")
+SLOW_ELSEWHERE = ("test_enhanced.py::test_comparison_script_runs_and_checks_targets", "tests/test_lm_eval.py::")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,9 +55,9 @@ def pytest_configure(config: pytest.Config) -> None:
 # run before the other slow tests, which run before the rest, so that no worker is left with a long test
 # at the end while the other one waits.
 COSTLIEST = ("test_enhanced.py::test_comparison_script_runs_and_checks_targets",
-             "test_triton_interpret.py::test_kernel_under_the_triton_interpreter",
-             "test_datautils.py::test_cache_is_shared_with_another_process",
-             "test_datautils.py::test_text_windows_match_the_reference_draw")
+             "tests/test_triton_interpret.py::test_kernel_under_the_triton_interpreter",
+             "tests/test_datautils.py::test_cache_is_shared_with_another_process",
+             "tests/test_datautils.py::test_text_windows_match_the_reference_draw")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

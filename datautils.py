@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # transformers is imported when a run needs it (modelutils.im
     from transformers import PreTrainedTokenizerBase
 
 from modelutils import model_source
-from runtime import atomic_file
+from systems.atomic_io import atomic_file
 
 DATASETS = ("wikitext2", "ptb", "c4")
 
@@ -296,7 +296,7 @@ _CUT = re.compile(r"[ \n](?=[A-Za-z0-9])")
 _PIECE_CHARS = 32768
 
 
-def _tokenize_long(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+def tokenize_long(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
     """The ids of one long text, as `tokenizer(text)` gives them, but encoded in pieces on every core.
 
     A Rust tokenizer encodes one string on one thread: the evaluation texts (1-2 M characters)
@@ -322,7 +322,7 @@ def _tokenize_long(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tenso
 
 def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int] | None:
     """The special ids a byte-level BPE tokenizer puts before a text (OPT: `</s>`), or None if the
-    tokenizer is not one whose pieces can be encoded separately (see _tokenize_long)."""
+    tokenizer is not one whose pieces can be encoded separately (see tokenize_long)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
@@ -354,7 +354,7 @@ def get_eval_ids(name: str, tokenizer: PreTrainedTokenizerBase, seqlen: int,
     source = _source(name, split, data_dir)
     limit = _C4_EVAL_DOCS if name == "c4" else None
     (ids,) = _cached(_cache_key(f"{name}-eval", tokenizer, source), cache_dir,
-                     lambda: [_tokenize_long(tokenizer, sep.join(source.rows(limit)))], len(tokenizer))
+                     lambda: [tokenize_long(tokenizer, sep.join(source.rows(limit)))], len(tokenizer))
     if name == "c4":
         ids = ids[:_C4_EVAL_WINDOWS * seqlen]
     if len(ids) < seqlen:
@@ -376,7 +376,7 @@ def get_calibration(name: str, tokenizer: PreTrainedTokenizerBase, nsamples: int
     source = _source(name, "train", data_dir)
     if name != "c4":
         (ids,) = _cached(_cache_key(f"{name}-calib", tokenizer, source), cache_dir,
-                         lambda: [_tokenize_long(tokenizer, " ".join(source.rows()))], len(tokenizer))
+                         lambda: [tokenize_long(tokenizer, " ".join(source.rows()))], len(tokenizer))
         return _text_windows(ids, rng, nsamples, seqlen, f"{name} calibration text ({source.path or 'hub'})")
     if data_dir is not None:  # ~1k documents: tokenize them all at once, then the draw is cheap
         docs = _cached(_cache_key("c4-calib", tokenizer, source), cache_dir,

@@ -1,8 +1,8 @@
-"""Model plumbing: each family's layout, loading, finding Linear layers, running decoder layers one at a time.
+"""Model plumbing: loading a causal LM of a supported family (families.py), finding its Linear layers, and the
+walk over its decoder layers that compression, planning and evaluation share.
 
 Layers are processed one at a time so the model itself can stay on the CPU; only the layer at
-hand (and the activations of the calibration or evaluation windows) live on the GPU. Everything
-family-specific is one row of `FAMILIES`: adding a family is a row (and tests), not a copy of the loop.
+hand (and the activations of the calibration or evaluation windows, `LayerInputs`) live on the GPU.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-import offload
+from families import SUPPORTED_MODEL_TYPES, decoder_of
+from systems import offload
 
 
 def is_local_path(model: str) -> bool:
@@ -35,39 +36,6 @@ def model_source(model: str) -> str:
     return path
 
 
-@dataclass(frozen=True)
-class Decoder:
-    """Where a causal-LM family keeps its decoder layers and what surrounds them."""
-
-    model_types: tuple[str, ...]
-    layers: str  # attribute path of the layer list from the CausalLM; a Linear's name is f"{layers}.{i}.{name}"
-    before: tuple[str, ...]  # modules that make layer 0's inputs (absent ones are skipped)
-    after: tuple[str, ...]  # modules from the last layer's output to the logits, in order
-    shared_input: dict[str, str]  # Linear -> the Linear whose input (and so Hessian) it shares
-
-
-FAMILIES = (
-    Decoder(("opt",), "model.decoder.layers",
-            ("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
-            ("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
-            {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj"}),
-    Decoder(("llama", "mistral", "qwen2"), "model.layers", ("model.embed_tokens", "model.rotary_emb"),
-            ("model.norm", "lm_head"),
-            {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
-             "mlp.up_proj": "mlp.gate_proj"}),
-)
-SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
-
-
-def decoder_of(model_or_config) -> Decoder:
-    """The family row of a model (or its config)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    for family in FAMILIES:
-        if config.model_type in family.model_types:
-            return family
-    raise ValueError(f"unsupported model_type {config.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-
-
 def submodule(model: nn.Module, path: str) -> nn.Module | None:
     """The module at a dotted attribute path, or None where the family leaves it out (OPT's project_in)."""
     for part in path.split("."):
@@ -75,6 +43,17 @@ def submodule(model: nn.Module, path: str) -> nn.Module | None:
         if model is None:
             return None
     return model
+
+
+@dataclass
+class LayerInputs:
+    """Every window's input to the decoder layer at hand (`hidden`, updated in place as the walk goes on), the
+    other arguments the decoder passes its layers (attention mask, positions, rotary tables: one row, which
+    broadcasts over any batch), and how many windows go through a layer at once."""
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any]
+    batch_size: int
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -92,14 +71,13 @@ def resident(layers: nn.ModuleList, dev: torch.device) -> bool:
     return home_of(layers).type == dev.type
 
 
-def walk_layers(model: nn.Module, dev: torch.device, hidden: torch.Tensor | None = None,
-                kwargs: dict[str, Any] | None = None, batch_size: int = 8,
+def walk_layers(model: nn.Module, dev: torch.device, inputs: LayerInputs | None = None,
                 progress: Callable[[Any], Any] | None = None, check: bool = False,
                 overlap: bool | offload.Streams | None = None, moves: offload.MoveStats | None = None):
     """The walk that compression, model-scope planning and layer-by-layer evaluation share: each decoder
     layer in turn is moved to `dev` and handed to the caller (`for i, layer in walk_layers(...)`); when the
-    caller is done with it, `hidden` (every window's input to this layer) is run through the layer as the
-    caller left it, in place, optionally checked for NaN/Inf, and the layer goes back where it lives.
+    caller is done with it, `inputs.hidden` (every window's input to this layer) is run through the layer as
+    the caller left it, in place, optionally checked for NaN/Inf, and the layer goes back where it lives.
 
     Offloaded layers on CUDA move behind the computation (offload.py: the next layer comes in and the
     previous one goes home while the caller works); `overlap` False moves them in line, a Streams object
@@ -114,10 +92,10 @@ def walk_layers(model: nn.Module, dev: torch.device, hidden: torch.Tensor | None
     items = enumerate(layers) if progress is None else progress(enumerate(layers))
 
     def after(i: int, layer: nn.Module) -> None:
-        if hidden is not None:
-            forward_layer(layer, hidden, kwargs, batch_size, hidden)
+        if inputs is not None:
+            forward_layer(layer, inputs, inputs.hidden)
             if check:
-                check_finite(hidden, f"output of decoder layer {i}")
+                check_finite(inputs.hidden, f"output of decoder layer {i}")
 
     streams = offload.streams_for(home, dev, overlap)
     if streams is not None:
@@ -149,7 +127,7 @@ class ModelError(ValueError):
     """A model the tool cannot use as given (wrong family, missing or broken files): one line naming it."""
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
@@ -240,7 +218,7 @@ def load_config(model: str):
         raise
     except Exception as e:  # unknown id, truncated or non-JSON config.json, unknown model_type, ...
         where = os.path.join(source, "config.json") if local else f"hub id {model!r}"
-        raise ModelError(f"cannot read the model config from {where} ({_first_line(e)}): give a local OPT "
+        raise ModelError(f"cannot read the model config from {where} ({first_line(e)}): give a local "
                          f"model directory (e.g. ../shared/models/opt-mini) or a reachable hub id") from e
     finally:
         logging.set_verbosity(verbosity)
@@ -271,9 +249,16 @@ def linear_names(config) -> list[list[str]]:
     return [list(find_linears(layer)) for layer in decoder_layers(skeleton)]
 
 
-def load_opt(model: str, quiet: bool = False, check_values: bool = True) -> nn.Module:
-    """The causal LM (a family of FAMILIES) from a local directory or the hub, in the checkpoint's dtype, eval mode: a
-    from_pretrained directory (a compressed-tensors export too) or our packed export.
+def is_packed_export(model: str) -> bool:
+    """Whether `model` is a local directory holding our packed export (formats/packed.py) rather than a
+    from_pretrained checkpoint."""
+    return is_local_path(model) and os.path.isfile(os.path.join(os.path.expanduser(model), "packed.safetensors"))
+
+
+def load_model(model: str, quiet: bool = False, check_values: bool = True) -> nn.Module:
+    """The causal LM (a family of families.FAMILIES) from a local directory or the hub, in the checkpoint's dtype,
+    eval mode: any from_pretrained directory (a compressed-tensors export too). Our packed export is loaded by
+    formats.packed.load_compressed (pipeline.placement chooses).
 
     Refused with ModelError (one line naming the model): a config of another family, weights missing
     from the checkpoint (transformers would initialise them at random), unexpected or mis-shaped
@@ -286,16 +271,6 @@ def load_opt(model: str, quiet: bool = False, check_values: bool = True) -> nn.M
     if quiet:
         logging.disable_progress_bar()
     load_config(model)
-    source = model_source(model)
-    if os.path.isfile(os.path.join(source, "packed.safetensors")):  # our packed export (--export_format packed)
-        from export import load_compressed
-
-        try:
-            net = load_compressed(source)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ModelError(f"cannot load the packed export in {model} ({_first_line(e)})") from e
-        net.config.use_cache = False
-        return net.eval()
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the load report is replaced by our own message below
     try:
@@ -304,7 +279,7 @@ def load_opt(model: str, quiet: bool = False, check_values: bool = True) -> nn.M
         net, info = AutoModelForCausalLM.from_pretrained(model_source(model), dtype="auto", output_loading_info=True,
                                                          ignore_mismatched_sizes=True)
     except Exception as e:
-        raise ModelError(f"cannot load the weights of {model} ({_first_line(e)}): the checkpoint files are "
+        raise ModelError(f"cannot load the weights of {model} ({first_line(e)}): the checkpoint files are "
                          f"missing or damaged; write them again with save_pretrained") from e
     finally:
         logging.set_verbosity(verbosity)
@@ -356,9 +331,7 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def capture_layer_inputs(
-    model: nn.Module, ids: torch.Tensor, device: torch.device, batch_size: int
-) -> tuple[torch.Tensor, dict[str, Any]]:
+def capture_layer_inputs(model: nn.Module, ids: torch.Tensor, device: torch.device, batch_size: int) -> LayerInputs:
     """Hidden states entering decoder layer 0 for every window, plus the keyword arguments the
     decoder passes to its layers (attention mask, positions, ...), whatever this transformers
     version computes. The windows all have one length, so one set of kwargs serves every batch."""
@@ -385,7 +358,7 @@ def capture_layer_inputs(
                 pass
     finally:
         handle.remove()
-    return hidden, _batch_free(kwargs)
+    return LayerInputs(hidden, _batch_free(kwargs), batch_size)
 
 
 def _batch_free(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -401,14 +374,14 @@ def _batch_free(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def forward_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
-                  out: torch.Tensor | None = None) -> None:
-    """Run one decoder layer over all windows in batches, writing into `out` (may be `hidden`
+def forward_layer(layer: nn.Module, inputs: LayerInputs, out: torch.Tensor | None = None) -> None:
+    """Run one decoder layer over all windows in batches, writing into `out` (may be `inputs.hidden`
     itself: each batch is read before its slice is overwritten) or, if None, only for the hooks."""
-    for start in range(0, hidden.shape[0], batch_size):
-        y = layer(hidden[start:start + batch_size], **kwargs)
+    hidden, step = inputs.hidden, inputs.batch_size
+    for start in range(0, hidden.shape[0], step):
+        y = layer(hidden[start:start + step], **inputs.kwargs)
         if out is not None:
-            out[start:start + batch_size] = layer_output(y)
+            out[start:start + step] = layer_output(y)
 
 
 def layer_output(y: Any) -> torch.Tensor:
@@ -434,7 +407,7 @@ class _InputsSeen(Exception):
 
 
 def feed_inputs(layer: nn.Module, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None],
-                hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int) -> None:
+                inputs: LayerInputs) -> None:
     """Run every window through `layer` in batches, passing each of `modules`' inputs to sink(name, x), and
     stop each batch's forward once every module has had all the inputs it gets per batch.
 
@@ -455,10 +428,11 @@ def feed_inputs(layer: nn.Module, modules: dict[str, nn.Module], sink: Callable[
         return pre
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+    hidden, step = inputs.hidden, inputs.batch_size
     try:
-        for start in range(0, hidden.shape[0], batch_size):
+        for start in range(0, hidden.shape[0], step):
             try:
-                layer(hidden[start:start + batch_size], **kwargs)
+                layer(hidden[start:start + step], **inputs.kwargs)
             except _InputsSeen:
                 pass
             if expected is None:

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-import kernels
+from systems import kernels
+from systems.solve_graphs import SolveGraphs
 from quant import QuantGrid, quantize
 
 
@@ -31,7 +32,7 @@ def _has_mixed_mm() -> bool:
         return False
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneSpec:
     """What to remove: an unstructured fraction, or N of every M consecutive weights in a row."""
 
@@ -42,6 +43,29 @@ class PruneSpec:
     @property
     def active(self) -> bool:
         return self.sparsity > 0 or self.prunen > 0
+
+
+SOLVE_ORDERS = ("stored", "act", "narrow_first")
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """How every Linear of a run is solved: the settings that the solve itself, the cost model, the clip search
+    and the row-range search must agree on, made once from the run's settings and passed down whole, so that no
+    part of the method can price or search with settings other than those the solve uses."""
+
+    prune: PruneSpec = PruneSpec()
+    sym: bool = False
+    groupsize: int = -1  # columns per quantization group; <= 0: one grid per row
+    blocksize: int = 128  # columns per lazy-update block (and unstructured mask block)
+    percdamp: float = 0.01
+    order: str = "stored"  # the column order's rule (SOLVE_ORDERS; `solve_order`)
+    fused: bool = True  # the fused Triton block kernel (and CUDA-graph replay) on CUDA
+
+    @property
+    def order_unit(self) -> int:
+        """The columns `narrow_first` reorders within: an N:M group, else a block (the unstructured mask's)."""
+        return self.prune.prunem if self.prune.prunen else self.blocksize
 
 
 @dataclass
@@ -66,8 +90,6 @@ HESSIAN_STRIP = 4096  # rows of X^T X that add_batch fills per product (wider in
 # Blocks whose grid parameters an ungrouped grid computes at once: a block's own would be a dozen small launches,
 # as many as the rest of its solve; the span holds (rows x span columns) scales and zeros (0.4 GB at OPT-175B's fc1).
 GRID_SPAN_BLOCKS = 8
-GRAPH_MAX_WEIGHTS = 1 << 25  # SolveGraphs: the largest solves it captures (OPT-2.7B's fc2: 26 M weights)
-GRAPH_MAX_COLUMNS = 16384  # ... and the widest: its copy of the factor U is columns^2 fp32 (1 GiB here)
 
 
 class SparseGPT:
@@ -179,26 +201,29 @@ class SparseGPT:
     def _of(self) -> str:
         return f" of the input to {self.name}" if self.name else ""
 
+    def column_order(self, settings: SolveSettings, bits: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The order `settings` solve this input's Linears in (None: as stored); `bits`: the widths, where known."""
+        return solve_order(self.xtx.diagonal(), settings.order, bits, settings.order_unit)
+
     def fasterprune(
         self,
         weight: torch.Tensor,
-        prune: PruneSpec,
+        settings: SolveSettings,
         grid: QuantGrid | None = None,
         bits_per_column: torch.Tensor | None = None,
-        blocksize: int = 128,
-        percdamp: float = 0.01,
         order: torch.Tensor | None = None,
-        fused: bool = True,
         row_groups: int = 1,
     ) -> SolveResult:
         """Prune and/or quantize `weight` column by column (in `order`, default as stored), pushing
         each column's error onto the columns not yet processed through H^-1 (OBS update), in lazy
-        blocks of `blocksize`.
+        blocks of `settings.blocksize`. `order` is passed rather than taken from `settings`: the widths it
+        may depend on (`column_order`) are known only to the caller.
 
         `row_groups` > 1 solves that many equal slices of the rows as separate matrices in one pass (the
         unstructured mask is chosen within each slice; everything else is per row already): stacked copies
         of one matrix, e.g. on different grids, cost one solve instead of one each."""
-        factor = self.inverse_factor(percdamp, order)
+        prune, blocksize, fused = settings.prune, settings.blocksize, settings.fused
+        factor = self.inverse_factor(settings.percdamp, order)
         W = weight.float().clone()
         if order is not None:
             if grid is not None and grid.grouped:
@@ -219,71 +244,6 @@ class SparseGPT:
             restore = torch.argsort(order)
             W, mask = W[:, restore], mask[:, restore]
         return SolveResult(W, mask, error.item())
-
-    def rounding_model(self, weight: torch.Tensor, prune: PruneSpec, sym: bool, groupsize: int, blocksize: int = 128,
-                       percdamp: float = 0.01, order: torch.Tensor | None = None,
-                       row_weight: torch.Tensor | None = None) -> "RoundingModel":
-        """The solver's loss for rounding each column at any width, estimated before solving.
-
-        The solver pushes each column's rounding error onto the columns after it; what it cannot
-        push costs 1/U_jj^2 per unit (U in solve order). That lies between 1/[H^-1]_jj (the first
-        column: all of it can be compensated) and H_jj (the last: none can), so it ranks channels
-        far better than H_jj alone. Pruned weights cost the same at every width, so only the
-        weights that the mask rule keeps on the dense weights are counted; the same prediction
-        gives each column's count of stored weights, which the bit budget is spent on."""
-        factor = self.inverse_factor(percdamp, order)
-        W = weight.float().clone() if order is None else weight.float()[:, order]
-        W[:, factor.dead] = 0
-        d = torch.diag(factor.upper)
-        kept = ~predicted_mask(W, d, prune, blocksize)
-        cost = 1 / d ** 2
-        cost[factor.dead] = 0
-        uncompensated = self.hessian_diag.float() if order is None else self.hessian_diag.float()[order]
-        uncompensated[factor.dead] = 0
-        r = torch.ones_like(W[:, :1]) if row_weight is None else row_weight.float()[:, None]
-        return RoundingModel(W, kept, cost, uncompensated, r, sym, groupsize,
-                             None if order is None else torch.argsort(order))
-
-
-@dataclass
-class RoundingModel:
-    """Estimated solver loss of rounding a matrix's columns (`SparseGPT.rounding_model`).
-
-    loss_j(b) = sum_i r_i kept_ij (w_ij - Q_b(w_ij))^2 / U_jj^2, with r_i = row_weight (default 1),
-    what an error in output i costs downstream. Everything is held in solve order; results come
-    back in stored order."""
-
-    weight: torch.Tensor  # solve order, dead columns zeroed
-    kept: torch.Tensor  # bool: weights the mask rule keeps on the dense weights
-    cost: torch.Tensor  # (columns,) 1 / U_jj^2, 0 for dead columns
-    uncompensated: torch.Tensor  # (columns,) H_jj: the cost if no later column absorbed the error
-    row_weight: torch.Tensor  # (rows, 1)
-    sym: bool
-    groupsize: int
-    restore: torch.Tensor | None  # argsort of the solve order; None = stored order
-    grid: QuantGrid | None = None  # the round-to-nearest ranges of `weight`, made on first use
-
-    def _stored(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.restore is None else x[..., self.restore]
-
-    def kept_per_column(self) -> torch.Tensor:
-        """Predicted count of stored (kept) weights in each column."""
-        return self._stored(self.kept.sum(0))
-
-    def rounding_error(self, width: int, shrink: float = 1.0) -> torch.Tensor:
-        """(columns,) in solve order: sum_i r_i kept_ij (w_ij - Q_b(w_ij))^2, before any per-column cost."""
-        if self.grid is None:
-            self.grid = QuantGrid.rounding(self.weight, self.sym, self.groupsize)
-        return (self.row_weight * (self.weight - self.grid.round_at(self.weight, width, shrink)) ** 2 * self.kept).sum(0)
-
-    def priced(self, error: torch.Tensor, compensated: bool = True) -> torch.Tensor:
-        """`rounding_error` at each column's cost, in stored order: 1/U_jj^2 (what the solver cannot push
-        onto later columns) or, with `compensated` False, H_jj (as if nothing absorbed it)."""
-        return self._stored(error * (self.cost if compensated else self.uncompensated))
-
-    def loss(self, width: int, shrink: float = 1.0, compensated: bool = True) -> torch.Tensor:
-        """(columns,) estimated loss of rounding every column at `width`, its range scaled by `shrink`."""
-        return self.priced(self.rounding_error(width, shrink), compensated)
 
 
 TRIANGULAR_LEAF = 1024  # below this, a triangular inverse is one solve against the identity
@@ -342,28 +302,6 @@ def invert_lower_triangular_(L: torch.Tensor, leaf: int | None = None) -> torch.
     invert_lower_triangular_(A, leaf)
     invert_lower_triangular_(B, leaf)
     return L
-
-
-def predicted_mask(W: torch.Tensor, d: torch.Tensor, prune: PruneSpec, blocksize: int) -> torch.Tensor:
-    """The solver's mask rule applied to the weights as given (True = pruned): exact for the first
-    block, a prediction for the later ones, whose weights the solver changes before it masks them.
-    Each block (unstructured) or row group (N:M) keeps exactly what the solver's keeps."""
-    mask = torch.zeros_like(W, dtype=torch.bool)
-    if prune.prunen > 0:
-        for i1 in range(0, W.shape[1], blocksize):
-            i2 = min(i1 + blocksize, W.shape[1])
-            for g in range(i1, i2, prune.prunem):
-                score = W[:, g:min(g + prune.prunem, i2)] ** 2 / d[None, g:min(g + prune.prunem, i2)] ** 2
-                n = min(prune.prunen, score.shape[1])
-                mask[:, g:g + score.shape[1]].scatter_(1, torch.topk(score, n, dim=1, largest=False).indices, True)
-    elif prune.sparsity > 0:
-        for i1 in range(0, W.shape[1], blocksize):
-            i2 = min(i1 + blocksize, W.shape[1])
-            mask[:, i1:i2] = unstructured_mask(W[:, i1:i2], d[i1:i2], prune.sparsity)
-    return mask
-
-
-SOLVE_ORDERS = ("stored", "act", "narrow_first")
 
 
 def solve_order(hessian_diag: torch.Tensor, mode: str, bits: torch.Tensor | None = None,
@@ -444,87 +382,6 @@ def sliced_params(params: tuple[torch.Tensor, ...]) -> BlockParams:
     return lambda W, i1, i2: tuple(p[..., i1:i2] for p in params)
 
 
-@dataclass
-class CapturedLoop:
-    graph: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, ...]  # copied into before each replay
-    outputs: tuple[torch.Tensor, ...]  # overwritten by each replay
-
-
-class SolveGraphs:
-    """A compression's block loops, captured as CUDA graphs and replayed.
-
-    Why: below a few million weights a solve is bound by the host issuing its launches (about 35 per block),
-    not by the GPU running them: at OPT-1.3B's shapes 12 ms of wall time for 5 ms of GPU work per 2048 x 2048
-    Linear (`experiments/solve_overhead.py`). The Linears of one shape and settings recur in every layer, so
-    the loop is captured the second time a key is seen and replayed from then on: the same kernels with the
-    same arguments on the same values, so the same results. Each captured loop holds its inputs (W, the
-    factor U, the grid), outputs and scratch until this object goes: the walk owns one per compression.
-    Wider matrices keep the launch-by-launch loop, which their GPU time hides and whose factor would be
-    held twice."""
-
-    def __init__(self, max_weights: int = GRAPH_MAX_WEIGHTS, max_columns: int = GRAPH_MAX_COLUMNS) -> None:
-        self.max_weights = max_weights
-        self.max_columns = max_columns
-        self._seen: set = set()
-        self._captured: dict[tuple, CapturedLoop] = {}
-
-    def covers(self, W: torch.Tensor) -> bool:
-        return W.is_cuda and W.numel() <= self.max_weights and W.shape[1] <= self.max_columns
-
-    @property
-    def captured(self) -> int:
-        return len(self._captured)
-
-    def run(self, key: tuple, loop: Callable[..., tuple[torch.Tensor, ...]], *inputs: torch.Tensor
-            ) -> tuple[torch.Tensor, ...]:
-        """loop(*inputs), which may modify its inputs and must depend on nothing but them (their shapes, dtypes and
-        values) and `key`: run as it is the first time it is seen, captured the second, replayed after that. If
-        the device has no memory left to capture it, nothing is captured from then on (the loops are launched:
-        the same results, slower)."""
-        key = (key, *((x.shape, x.dtype, x.device) for x in inputs))
-        entry = self._captured.get(key)
-        if entry is None:
-            if key not in self._seen:
-                self._seen.add(key)
-                return loop(*inputs)
-            try:
-                entry = self._capture(loop, tuple(x.clone() for x in inputs))
-            except torch.cuda.OutOfMemoryError:
-                self.max_weights = 0
-                self._captured.clear()
-                torch.cuda.empty_cache()
-                return loop(*inputs)
-            self._captured[key] = entry
-        else:
-            for held, x in zip(entry.inputs, inputs):
-                held.copy_(x)
-        entry.graph.replay()
-        return tuple(x.clone() for x in entry.outputs)
-
-    @staticmethod
-    def _capture(loop: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Tensor, ...]) -> CapturedLoop:
-        """Capture loop(*inputs) on a side stream. Not `torch.cuda.graph`, which empties the allocator's caches
-        (the device's and pinned host memory) before each capture; thread_local: a layer mover's thread may use
-        the GPU meanwhile (its work is not captured)."""
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream(inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream(inputs[0].device))
-        with torch.cuda.stream(side):
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                outputs = loop(*inputs)
-            except BaseException:
-                try:
-                    graph.capture_end()  # ends the (invalidated) capture; its own error would hide the cause
-                except RuntimeError:
-                    pass
-                raise
-            graph.capture_end()
-        torch.cuda.current_stream(inputs[0].device).wait_stream(side)
-        return CapturedLoop(graph, inputs, tuple(outputs))
-
-
 def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, row_groups: int = 1) -> torch.Tensor:
     """Exactly floor(numel * sparsity) weights of the block with the smallest OBS score w^2 / d^2 (of each of
     `row_groups` equal slices of its rows, with more than one)."""
@@ -554,8 +411,7 @@ def solve_block(
     else:
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
     if fused and W1.is_cuda and kernels.is_available() and kernels.supports(W1.shape[1], prune.prunen, prune.prunem):
-        scale, zero, maxq = params if params is not None else (None, None, None)
-        return kernels.solve_block_fused(W1, U1, mask1, prune.prunen, prune.prunem, scale, zero, maxq)
+        return kernels.solve_block_fused(W1, U1, mask1, prune.prunen, prune.prunem, params)
     return column_loop(W1, d, U1, mask1, prune, params)
 
 

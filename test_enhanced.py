@@ -10,13 +10,19 @@ import pytest
 import torch
 from transformers import OPTForCausalLM
 
-import bitalloc
+from mixed import precision
 import opt_enhanced as oe
+from pipeline.checks import validate
+from pipeline.compress import compress
+from pipeline.config import RunConfig
+from pipeline.evaluate import eval_windows, perplexity
+from pipeline.model_scope import output_sensitivity
 from conftest import tiny_model, write_data
 from modelutils import capture_layer_inputs, find_linears, resident
 from quant import QuantGrid, round_to_nearest
-from runtime import Background, Log
-from sparsegpt_enhanced import PruneSpec, SparseGPT, magnitude_prune, solve_order
+from systems.interrupts import Background
+from systems.progress import Log
+from sparsegpt_enhanced import PruneSpec, SolveSettings, SparseGPT, magnitude_prune, solve_order
 
 OPTIONS = [2, 3, 4, 6, 8]
 
@@ -44,9 +50,9 @@ def grid_codes(Q: torch.Tensor, W: torch.Tensor, bits: torch.Tensor, sym: bool =
 
 
 def run_cfg(model, calib, **kw) -> list:
-    cfg = oe.RunConfig(model="tiny", dataset="c4", nsamples=calib.shape[0], blocksize=16, **kw)
-    oe.validate(cfg)
-    return oe.compress(model, calib, cfg, torch.device("cpu"), Log(True)).stats
+    cfg = RunConfig(model="tiny", dataset="c4", nsamples=calib.shape[0], blocksize=16, **kw)
+    validate(cfg)
+    return compress(model, calib, cfg, torch.device("cpu"), Log(True)).stats
 
 
 # ---------------------------------------------------------------- solver
@@ -54,7 +60,7 @@ def run_cfg(model, calib, **kw) -> list:
 
 def test_unstructured_sparsity_is_exact_per_block():
     W = torch.randn(24, 40)
-    res = solver_for(correlated_inputs(256, 40)).fasterprune(W, PruneSpec(sparsity=0.5), blocksize=16)
+    res = solver_for(correlated_inputs(256, 40)).fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16))
     # blocks of 16, 16 and 8 columns: floor(24*16*0.5) + floor(24*16*0.5) + floor(24*8*0.5)
     assert int(res.mask.sum()) == 192 + 192 + 96
     assert torch.all(res.weight[res.mask] == 0)
@@ -63,7 +69,7 @@ def test_unstructured_sparsity_is_exact_per_block():
 
 def test_nm_pattern_holds_in_every_group():
     W = torch.randn(16, 32)
-    res = solver_for(correlated_inputs(256, 32)).fasterprune(W, PruneSpec(prunen=2, prunem=4), blocksize=16)
+    res = solver_for(correlated_inputs(256, 32)).fasterprune(W, SolveSettings(PruneSpec(prunen=2, prunem=4), blocksize=16))
     zeros = (res.weight == 0).view(16, 8, 4).sum(2)
     assert torch.all(zeros == 2)
     assert torch.equal(res.mask, res.weight == 0)
@@ -73,7 +79,7 @@ def test_joint_quantization_keeps_pruned_zero_and_values_on_grid():
     W = torch.randn(16, 48)
     bits = torch.full((48,), 4)
     grid = QuantGrid.for_weight(W, sym=False)
-    res = solver_for(correlated_inputs(256, 48)).fasterprune(W, PruneSpec(sparsity=0.5), grid, bits, blocksize=16)
+    res = solver_for(correlated_inputs(256, 48)).fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16), grid, bits)
     assert torch.all(res.weight[res.mask] == 0)
     assert int(res.mask.sum()) == 16 * 48 // 2
     q, maxq = grid_codes(res.weight, W, bits)
@@ -87,15 +93,15 @@ def test_lazy_blocks_are_an_exact_reformulation():
     x = correlated_inputs(512, 64)
     bits = torch.full((64,), 3)
     s = solver_for(x)
-    a = s.fasterprune(W, PruneSpec(), QuantGrid.for_weight(W, False), bits, blocksize=64).weight
-    b = s.fasterprune(W, PruneSpec(), QuantGrid.for_weight(W, False), bits, blocksize=8).weight
+    a = s.fasterprune(W, SolveSettings(PruneSpec(), blocksize=64), QuantGrid.for_weight(W, False), bits).weight
+    b = s.fasterprune(W, SolveSettings(PruneSpec(), blocksize=8), QuantGrid.for_weight(W, False), bits).weight
     assert (a != b).float().mean() < 0.01  # only rounding ties may flip
 
 
 def test_gptq_beats_round_to_nearest_on_the_layer_output():
     W = torch.randn(32, 64)
     x = correlated_inputs(1024, 64, seed=1)
-    q = solver_for(x).fasterprune(W, PruneSpec(), QuantGrid.for_weight(W, False), torch.full((64,), 3)).weight
+    q = solver_for(x).fasterprune(W, SolveSettings(PruneSpec()), QuantGrid.for_weight(W, False), torch.full((64,), 3)).weight
     rtn = round_to_nearest(W, 3, sym=False)
     err = lambda Q: ((x @ (W - Q).t()) ** 2).sum()
     assert err(q) < 0.7 * err(rtn)
@@ -104,8 +110,7 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output():
 def test_groups_give_each_group_its_own_grid():
     W = torch.randn(8, 64)
     W[:, 32:] *= 10
-    res = solver_for(correlated_inputs(256, 64)).fasterprune(
-        W, PruneSpec(), grid := QuantGrid.for_weight(W, False, groupsize=32), torch.full((64,), 4), blocksize=32)
+    res = solver_for(correlated_inputs(256, 64)).fasterprune(W, SolveSettings(PruneSpec(), blocksize=32), grid := QuantGrid.for_weight(W, False, groupsize=32), torch.full((64,), 4))
     assert grid.xmin.shape == (8, 2)
     assert torch.all(grid.xmax[:, 1] > 3 * grid.xmax[:, 0])
     scale, zero, maxq = grid.column_params(0, 64, torch.full((64,), 4))
@@ -117,7 +122,7 @@ def test_mixed_bits_each_column_on_its_own_grid():
     W = torch.randn(16, 40)
     bits = torch.tensor(OPTIONS * 8)
     grid = QuantGrid.for_weight(W, sym=False)
-    res = solver_for(correlated_inputs(256, 40)).fasterprune(W, PruneSpec(sparsity=0.5), grid, bits, blocksize=16)
+    res = solver_for(correlated_inputs(256, 40)).fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16), grid, bits)
     q, maxq = grid_codes(res.weight, W, bits)
     assert torch.allclose(q, q.round(), atol=1e-3)
     assert torch.all(q.round() <= maxq) and torch.all(q.round() >= 0)
@@ -131,7 +136,7 @@ def test_damping_retry_on_singular_hessian(capsys):
     logs = []
     factor = s.inverse_factor(0.0, log=logs.append)
     assert factor.percdamp > 0 and len(logs) >= 1 and "not positive definite" in logs[0]
-    res = s.fasterprune(torch.randn(8, 32), PruneSpec(sparsity=0.5), percdamp=0.0)
+    res = s.fasterprune(torch.randn(8, 32), SolveSettings(PruneSpec(sparsity=0.5), percdamp=0.0))
     assert torch.isfinite(res.weight).all()
 
 
@@ -149,12 +154,12 @@ def test_reordered_solve_keeps_grid_sparsity_and_column_identity():
     bits = torch.tensor([2, 3, 4, 6, 8, 4] * 8)
     s = solver_for(x)
     order = solve_order(s.xtx.diagonal(), "act")
-    res = s.fasterprune(W, PruneSpec(sparsity=0.5), QuantGrid.for_weight(W, False), bits, blocksize=16, order=order)
+    res = s.fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16), QuantGrid.for_weight(W, False), bits, order=order)
     q, maxq = grid_codes(res.weight, W, bits)
     assert torch.allclose(q, q.round(), atol=1e-3) and torch.all(q.round() <= maxq)
     assert int(res.mask.sum()) == 16 * 48 // 2 and torch.all(res.weight[res.mask] == 0)
     with pytest.raises(ValueError):
-        s.fasterprune(W, PruneSpec(), QuantGrid.for_weight(W, False, groupsize=16), bits, order=order)
+        s.fasterprune(W, SolveSettings(PruneSpec()), QuantGrid.for_weight(W, False, groupsize=16), bits, order=order)
 
 
 def test_narrow_first_keeps_each_blocks_sparsity_and_each_nm_group():
@@ -168,22 +173,21 @@ def test_narrow_first_keeps_each_blocks_sparsity_and_each_nm_group():
     grid = QuantGrid.for_weight(W, False)
     order = solve_order(s.xtx.diagonal(), "narrow_first", bits, unit=16)
     assert sorted(order[:16].tolist()) == list(range(16)) and order[:16].tolist() != list(range(16))
-    res = s.fasterprune(W, PruneSpec(sparsity=0.5), grid, bits, blocksize=16, order=order, fused=False)
+    res = s.fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16, fused=False), grid, bits, order=order)
     assert [int(res.mask[:, i:i + 16].sum()) for i in range(0, 64, 16)] == [32 * 8] * 4
-    stored = s.fasterprune(W, PruneSpec(sparsity=0.5), grid, bits, blocksize=16, fused=False)
+    stored = s.fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16, fused=False), grid, bits)
     assert not torch.equal(res.weight, stored.weight)
     q, maxq = grid_codes(res.weight, W, bits)
     assert torch.allclose(q, q.round(), atol=1e-3) and torch.all(q.round() <= maxq)
     nm_order = solve_order(s.xtx.diagonal(), "narrow_first", bits, unit=4)
-    res = s.fasterprune(W, PruneSpec(prunen=2, prunem=4), grid, bits, blocksize=16, order=nm_order, fused=False)
+    res = s.fasterprune(W, SolveSettings(PruneSpec(prunen=2, prunem=4), blocksize=16, fused=False), grid, bits, order=nm_order)
     assert (res.mask.view(32, 16, 4).sum(-1) == 2).all()
 
 
 def test_dead_input_channels_are_zeroed():
     x = correlated_inputs(128, 16)
     x[:, 5] = 0
-    res = solver_for(x).fasterprune(torch.randn(4, 16), PruneSpec(), QuantGrid.for_weight(torch.randn(4, 16), False),
-                                    torch.full((16,), 4))
+    res = solver_for(x).fasterprune(torch.randn(4, 16), SolveSettings(PruneSpec()), QuantGrid.for_weight(torch.randn(4, 16), False), torch.full((16,), 4))
     assert torch.all(res.weight[:, 5] == 0)
 
 
@@ -263,8 +267,8 @@ def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
     model = loud_tiny_model()
     ids = torch.randint(0, 64, (6, 32))
     before = {n: p.clone() for n, p in model.named_parameters()}
-    hidden, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=4)
-    fisher = oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("cpu"), batch_size=4)
+    inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=4)
+    fisher = output_sensitivity(model, ids, inputs, torch.device("cpu"))
     assert len(fisher) == 12 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     # independently: autograd of the summed next-token loss w.r.t. layer 1's fc2 output, all windows at once
@@ -281,12 +285,12 @@ def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
 def test_output_sensitivity_of_a_half_precision_model_runs_in_fp32_and_restores_the_weights():
     model = loud_tiny_model().half().float()  # the reference has the fp16 model's weights
     ids = torch.randint(0, 64, (6, 32))
-    hidden, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
-    reference = oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("cpu"), batch_size=3)
+    inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
+    reference = output_sensitivity(model, ids, inputs, torch.device("cpu"))
     model.half()
     before = {n: p.clone() for n, p in model.named_parameters()}
-    hidden, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
-    fisher = oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("cpu"), batch_size=3)
+    inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
+    fisher = output_sensitivity(model, ids, inputs, torch.device("cpu"))
     assert all(p.dtype == torch.float16 and torch.equal(p, before[n]) for n, p in model.named_parameters())
     for name, f in reference.items():  # only the layer-0 inputs are rounded to fp16
         assert fisher[name].dtype == torch.float32 and torch.allclose(fisher[name], f, rtol=0.02, atol=0)
@@ -296,9 +300,9 @@ def test_output_sensitivity_refuses_layers_away_from_the_device():
     """With --offload the layers live on the CPU while the run's device is the GPU (here: meta)."""
     model = tiny_model()
     ids = torch.randint(0, 64, (2, 16))
-    hidden, kwargs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=2)
+    inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=2)
     with pytest.raises(RuntimeError, match="drop --offload"):
-        oe.output_sensitivity(model, ids, hidden, kwargs, torch.device("meta"), batch_size=2)
+        output_sensitivity(model, ids, inputs, torch.device("meta"))
 
 
 def test_resident_ignores_the_device_index():
@@ -314,22 +318,22 @@ def test_known_tiny_perplexity_uniform_logits():
     with torch.no_grad():
         model.lm_head.weight.zero_()
     ids = torch.randint(0, 50, (1, 64 * 3 + 5))
-    assert abs(oe.perplexity(model, ids, 64, torch.device("cpu"), 2) - 50) < 1e-3
+    assert abs(perplexity(model, eval_windows(ids, 64), torch.device("cpu"), 2) - 50) < 1e-3
 
 
 def test_perplexity_batching_does_not_change_result():
     model = tiny_model()
     ids = torch.randint(0, 64, (1, 64 * 5))
-    a = oe.perplexity(model, ids, 64, torch.device("cpu"), 1)
-    b = oe.perplexity(model, ids, 64, torch.device("cpu"), 4)
+    a = perplexity(model, eval_windows(ids, 64), torch.device("cpu"), 1)
+    b = perplexity(model, eval_windows(ids, 64), torch.device("cpu"), 4)
     assert abs(a - b) / a < 1e-5
 
 
 def test_whole_model_and_layer_by_layer_evaluation_agree():
     model = tiny_model()
     ids = torch.randint(0, 64, (1, 64 * 5 + 7))
-    a = oe.perplexity(model, ids, 64, torch.device("cpu"), 2, whole_model=True)
-    b = oe.perplexity(model, ids, 64, torch.device("cpu"), 3, whole_model=False)
+    a = perplexity(model, eval_windows(ids, 64), torch.device("cpu"), 2, whole_model=True)
+    b = perplexity(model, eval_windows(ids, 64), torch.device("cpu"), 3, whole_model=False)
     assert abs(a - b) / a < 1e-4
 
 
@@ -372,7 +376,7 @@ def test_cli_mixed_run_reports_statistics(tiny_dir, tmp_path, capsys):
     assert res["bit_scope"] == "model"  # the layers are on the device
     assert res["solve_order"] == "stored" and res["config"]["solve_order"] == "auto"
     assert res["config"]["error_shrinkage"] is None  # as asked; what ran is recorded beside it
-    assert res["mixed_precision"]["error_shrinkage"] == bitalloc.ERROR_SHRINKAGE["budget"]
+    assert res["mixed_precision"]["error_shrinkage"] == precision.ERROR_SHRINKAGE["budget"]
     assert res["mixed_precision"]["method"] == "budget" and res["mixed_precision"]["target"] == 3.0
 
 
@@ -416,7 +420,6 @@ BAD_INPUTS = [
     (["--eval", "wikitext2,lambada"], "unknown dataset"),
     (["--seqlen", "4096"], "exceeds the model's 128 positions"),
     (["--wbits", "4", "--act-order", "--groupsize", "16"], "--act-order works with"),
-    (["--wbits", "4", "--sparsity", "0.5", "--solve_order", "narrow_first"], "add --target_avg_bits"),
     (["--wbits", "4", "--target_avg_bits", "4", "--bit_scope", "model", "--offload"], "drop --offload"),
     (["--wbits", "4", "--target_avg_bits", "4", "--bit_granularity", "linear", "--offload"], "drop --offload"),
     (["--wbits", "4", "--target_avg_bits", "4", "--bit_granularity", "linear", "--bit_scope", "layer"],
@@ -511,7 +514,7 @@ def test_save_reload_gives_same_perplexity(tiny_dir, tmp_path):
 
 
 def test_export_reloads_to_the_same_perplexity(tiny_dir, tmp_path):
-    from export import load_compressed
+    from formats.packed import load_compressed
     code, res = cli(tiny_dir, tmp_path, "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "3.5",
                     "--bit_method", "budget", "--export", str(tmp_path / "packed"), "--save", str(tmp_path / "s"))
     assert code == 0 and res["export"]["layers"] == 12
@@ -581,4 +584,4 @@ def test_comparison_script_runs_and_checks_targets(tiny_dir, tmp_path):
 def test_cli_defaults_are_run_config_defaults(monkeypatch):
     """One source of defaults: the flags given nothing produce RunConfig's own defaults."""
     monkeypatch.delenv("OPT_ENHANCED_CACHE", raising=False)
-    assert oe.parse_args(["m", "c4"]) == oe.RunConfig("m", "c4")
+    assert oe.parse_args(["m", "c4"]) == RunConfig("m", "c4")

@@ -6,11 +6,12 @@ scored on validation text (where settings are chosen) and on the test sets (what
     python experiments/mixed_precision_sweep.py table OUT.json [OUT2.json ...]
     python experiments/mixed_precision_sweep.py score OUT.json [OUT2.json ...]
 
-Run lists are `name|calibration dataset|flags` lines (configs/*.txt). One process runs them all: the
-model is reloaded for each run, tokenized data is cached. Validation texts: WikiText-2 valid (the
-tokenized split), PTB valid, and 32 C4 train windows drawn with seed 12345. `table` prints the seed
-means of each configuration with its nominal, stored and effective bits; `score` the mean change of each
-variant against uniform at the same width, the figure defaults are chosen on.
+Run lists are `name|calibration dataset|flags` lines (configs/, configs/ablations/). Flags are opt_enhanced's;
+a `field=value` word sets a RunConfig field that has no flag (the variants that lost, e.g. `channel_cost=error`,
+`solve_order=narrow_first`). One process runs them all: the model is reloaded for each run, tokenized data is
+cached. Validation texts: validation_texts.py. `table` prints the seed means of each configuration with its
+nominal, stored and effective bits; `score` the mean change of each variant against uniform at the same width,
+the figure defaults are chosen on.
 """
 from __future__ import annotations
 
@@ -24,16 +25,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import dataclasses  # noqa: E402
+
 import torch  # noqa: E402
 
 import datautils  # noqa: E402
-import opt_enhanced as oe  # noqa: E402
-from compression_stats import summarize  # noqa: E402
-from modelutils import load_opt  # noqa: E402
-from runtime import Log, write_json  # noqa: E402
+import opt_enhanced  # noqa: E402
+from mixed.stats import summarize  # noqa: E402
+from modelutils import load_model  # noqa: E402
+from pipeline.checks import validate  # noqa: E402
+from pipeline.compress import compress  # noqa: E402
+from pipeline.config import EVAL_DATASETS, RunConfig  # noqa: E402
+from pipeline.evaluate import eval_windows, perplexity  # noqa: E402
+from pipeline.placement import place  # noqa: E402
+from systems.atomic_io import write_json  # noqa: E402
+from systems.progress import Log  # noqa: E402
+from validation_texts import VALIDATION, validation_texts  # noqa: E402
 
-VALIDATION = ("wt2-valid", "ptb-valid", "c4-heldout")
-TEST = oe.EVAL_DATASETS
+TEST = EVAL_DATASETS
 
 
 def read_runs(path: str) -> list[tuple[str, str, list[str]]]:
@@ -46,32 +55,34 @@ def read_runs(path: str) -> list[tuple[str, str, list[str]]]:
     return runs
 
 
-def texts(tokenizer, data_dir: str, cache_dir: str, seqlen: int) -> dict[str, torch.Tensor]:
-    """Validation and test token ids, each (1, n)."""
-    d = Path(data_dir)
-    wt2 = "\n\n".join("" if line == " \n" else line for line in open(d / "wikitext-2/wiki.valid.tokens"))
-    ptb = " ".join(line.strip() for line in open(d / "ptb/ptb.valid.txt"))
-    out = {"wt2-valid": datautils._tokenize_long(tokenizer, wt2)[None],
-           "ptb-valid": datautils._tokenize_long(tokenizer, ptb)[None],
-           "c4-heldout": datautils.get_calibration("c4", tokenizer, 32, 12345, seqlen, data_dir, cache_dir).reshape(1, -1)}
-    out.update({name: datautils.get_eval_ids(name, tokenizer, seqlen, data_dir, cache_dir) for name in TEST})
-    return out
+def run_config(model_dir: str, dataset: str, words: list[str], seed: int, args: argparse.Namespace) -> RunConfig:
+    """A run list line's settings: its flags through the CLI's parser, then its `field=value` words (typed as the
+    field's default is) on the RunConfig, checked as the CLI checks a run."""
+    flags = [w for w in words if "=" not in w or w.startswith("-")]
+    cfg = opt_enhanced.parse_args([model_dir, dataset, "--data_dir", args.data_dir, "--cache_dir", args.cache_dir,
+                                   "--seed", str(seed), "--seqlen", str(args.seqlen), "--quiet", *flags])
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for word in (w for w in words if w not in flags):
+        name, value = word.split("=", 1)
+        kind = type(getattr(cfg, name)) if name in fields else None
+        if kind is None:
+            raise SystemExit(f"{word}: RunConfig has no field {name!r}")
+        cfg = dataclasses.replace(cfg, **{name: kind(value)})
+    validate(cfg)
+    return cfg
 
 
-def compressed_model(model_dir: str, dataset: str, flags: list[str], seed: int, seqlen: int, data_dir: str,
-                     cache_dir: str | None, dev: torch.device, tokenizer):
-    """One run's compression as the CLI does it: (its settings, the compressed model on `dev`, what compress
-    returned, the seconds compress took)."""
-    cfg = oe.parse_args([model_dir, dataset, "--data_dir", data_dir, "--cache_dir", cache_dir, "--seed", str(seed),
-                         "--seqlen", str(seqlen), "--quiet", *flags])
-    oe.validate(cfg)
-    torch.manual_seed(seed)
-    model = load_opt(model_dir, True)
-    oe.place(model, dev)
-    calibration = datautils.get_calibration(dataset, tokenizer, cfg.nsamples, seed, seqlen, data_dir, cache_dir)
+def compressed_model(cfg: RunConfig, dev: torch.device, tokenizer):
+    """One run's compression as the CLI does it: (the compressed model on `dev`, what compress returned, the
+    seconds compress took)."""
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, True)
+    place(model, dev)
+    calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, cfg.seqlen, cfg.data_dir,
+                                            cfg.cache_dir)
     tick = time.time()
-    compressed = oe.compress(model, calibration, cfg, dev, Log(True))
-    return cfg, model, compressed, time.time() - tick
+    compressed = compress(model, calibration, cfg, dev, Log(True))
+    return model, compressed, time.time() - tick
 
 
 def run(args: argparse.Namespace) -> None:
@@ -79,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
     cache = args.cache_dir
     tokenizer = datautils.get_tokenizer(args.model)
     seqlen = args.seqlen
-    scored = texts(tokenizer, args.data_dir, cache, seqlen)
+    scored = validation_texts(tokenizer, args.data_dir, cache, seqlen)
     rows = json.load(open(args.out)) if os.path.exists(args.out) else []
     done = {(r["name"], r["seed"]) for r in rows}
     only = set(args.only.split(",")) if args.only else None
@@ -87,13 +98,13 @@ def run(args: argparse.Namespace) -> None:
         for name, dataset, flags in read_runs(args.runs):
             if (only and name not in only) or (name, seed) in done:
                 continue
-            cfg, model, compressed, seconds = compressed_model(args.model, dataset, flags, seed, seqlen, args.data_dir,
-                                                               cache, dev, tokenizer)
+            cfg = run_config(args.model, dataset, flags, seed, args)
+            model, compressed, seconds = compressed_model(cfg, dev, tokenizer)
             summary = summarize(compressed.stats) if cfg.quantize else None
             row = {"name": name, "seed": seed, "dataset": dataset, "flags": flags, "compress_s": seconds,
                    "summary": None if summary is None else summary.__dict__,
                    "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
-            row.update({k: oe.perplexity(model, v, seqlen, dev, 8) for k, v in scored.items()})
+            row.update({k: perplexity(model, eval_windows(v, seqlen), dev, 8) for k, v in scored.items()})
             rows.append(row)
             write_json(rows, args.out)
             print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()

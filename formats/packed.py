@@ -1,0 +1,268 @@
+"""Packed export of a compressed OPT: the real on-disk form whose size `storage_bits` predicts.
+
+A directory written by `export_compressed` holds
+
+    config.json           model.config
+    packed.safetensors    per quantized Linear NAME (the header's metadata holds the format version and each
+                          layer's layout: shape, dtype, sym, groupsize, widths, code counts):
+        NAME.codes.B      uint8: codes of the kept weights of the columns of width B, B bits each, row-major
+        NAME.bitmap       uint8: each column's index into the layer's widths, `index_bits` each (mixed widths only)
+        NAME.mask         uint8: 1 bit per weight, set where the weight is nonzero (pruned models only)
+        NAME.xmin, .xmax  float32 (rows, groups): the ranges every width derives its scale and zero from
+        NAME.shrink       float32: the range factor of each clipped width (layout `shrink_widths`), if any
+    dense.safetensors     every other tensor at its own dtype (embeddings, norms, biases, unquantized Linears)
+    compression.json      the run's config and results, and the tokenizer's files (what `write_extras` writes)
+
+Streams are LSB first: value i occupies bits [i*B, (i+1)*B) of the stream, and bit k of byte j is bit 8*j + k.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from mixed.stats import storage_bits
+from quant import MAX_WIDTH, QuantGrid, dequantize
+from systems.atomic_io import atomic_directory
+
+if TYPE_CHECKING:
+    from transformers import OPTForCausalLM
+
+FORMAT = "opt-enhanced-packed"
+VERSION = 1
+PACKED, DENSE, CONFIG, EXTRA = "packed.safetensors", "dense.safetensors", "config.json", "compression.json"
+
+
+# ---------------------------------------------------------------- bit streams
+
+
+def pack_bits(values: torch.Tensor, width: int) -> torch.Tensor:
+    """The low `width` bits of each value of a 1-D tensor, LSB first, 8 to a byte, last byte zero-padded.
+
+    One (n, width) bit matrix instead of a loop over values; it stays uint8 while the width fits a byte,
+    so packing n values costs n * width bytes of scratch."""
+    dtype = torch.uint8 if width <= 8 else torch.int32
+    shifts = torch.arange(width, dtype=dtype, device=values.device)
+    bits = ((values.to(dtype)[:, None] >> shifts) & 1).to(torch.uint8).flatten()
+    bits = torch.nn.functional.pad(bits, (0, -bits.numel() % 8)).view(-1, 8)
+    return (bits << torch.arange(8, dtype=torch.uint8, device=bits.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(stream: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: the first `count` values of `width` bits each, as int64."""
+    if stream.numel() != -(-count * width // 8):
+        raise ValueError(f"packed stream has {stream.numel()} bytes, expected {-(-count * width // 8)} "
+                         f"for {count} values of {width} bits (corrupt file?)")
+    bits = (stream[:, None] >> torch.arange(8, dtype=torch.uint8, device=stream.device)) & 1
+    bits = bits.flatten()[: count * width].view(count, width).to(torch.int32)
+    return (bits << torch.arange(width, dtype=torch.int32, device=stream.device)).sum(1)
+
+
+# ---------------------------------------------------------------- one Linear
+
+
+def index_bits(n_options: int) -> int:
+    """Width of one bit-map entry, as `storage_bits` counts it."""
+    return max(1, math.ceil(math.log2(n_options)))
+
+
+def pack_linear(name: str, weight: torch.Tensor, grid: QuantGrid, bits: torch.Tensor, pruned: bool,
+                n_options: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The packed tensors of one quantized weight and its layout (JSON-able).
+
+    Codes are recomputed from the final weights rather than kept from the solver, then checked: the
+    file must rebuild exactly the weights that were evaluated, so a grid that disagrees with them is an error."""
+    W = weight.detach().float()
+    rows, columns = W.shape
+    bits = bits.to(W.device, torch.int64)
+    ngroups = -(-columns // grid.groupsize)
+    if bits.shape != (columns,) or grid.xmin.shape != (rows, ngroups) or grid.xmax.shape != (rows, ngroups):
+        raise ValueError(f"{name}: bits {tuple(bits.shape)} / grid {tuple(grid.xmin.shape)} do not fit weight "
+                         f"{rows}x{columns} with groupsize {grid.groupsize}")
+    widths = sorted(set(bits.tolist()))
+    if widths[0] < 1 or widths[-1] > MAX_WIDTH:
+        raise ValueError(f"{name}: widths {widths} outside 1..{MAX_WIDTH}")
+    q, scale, zero = grid.codes_of(W, bits)
+    keep = W != 0 if pruned else torch.ones_like(W, dtype=torch.bool)
+    rebuilt = torch.where(keep, dequantize(q, scale, zero), 0.0).to(weight.dtype)
+    if not torch.equal(rebuilt, weight.detach()):
+        bad = rebuilt != weight.detach()
+        raise ValueError(f"{name}: {int(bad.sum())} of {W.numel()} weights are not on their quantization grid "
+                         f"(the grid and the weights disagree: model changed after compress(), or wrong grids?)")
+    q = q.to(torch.int64)
+
+    tensors = {f"{name}.xmin": grid.xmin.cpu().contiguous(), f"{name}.xmax": grid.xmax.cpu().contiguous()}
+    if pruned:
+        tensors[f"{name}.mask"] = pack_bits(keep.flatten(), 1).cpu()
+    layout: dict[str, Any] = dict(rows=rows, columns=columns, dtype=str(weight.dtype).removeprefix("torch."),
+                                  sym=grid.sym, groupsize=grid.groupsize, pruned=pruned, widths=widths, counts=[],
+                                  shrink_widths=sorted(grid.shrink))
+    if grid.shrink:
+        tensors[f"{name}.shrink"] = torch.tensor([grid.shrink[b] for b in layout["shrink_widths"]], dtype=torch.float32)
+    if len(widths) > 1:
+        layout["index_bits"] = index_bits(n_options)
+        if len(widths) > 2 ** layout["index_bits"]:
+            raise ValueError(f"{name}: {len(widths)} distinct widths do not fit n_options={n_options}")
+        index = torch.searchsorted(torch.tensor(widths, device=bits.device), bits)
+        tensors[f"{name}.bitmap"] = pack_bits(index, layout["index_bits"]).cpu()
+    for b in widths:
+        cols = (bits == b).nonzero().squeeze(1)
+        kept = q[:, cols][keep[:, cols]]
+        tensors[f"{name}.codes.{b}"] = pack_bits(kept, b).cpu()
+        layout["counts"].append(kept.numel())
+    return tensors, layout
+
+
+def unpack_linear(f, name: str, layout: dict[str, Any]) -> torch.Tensor:
+    """The weight of one Linear from its packed tensors in the open file `f` (inverse of `pack_linear`)."""
+    rows, columns, widths = layout["rows"], layout["columns"], layout["widths"]
+    if len(widths) > 1:
+        index = unpack_bits(f.get_tensor(f"{name}.bitmap"), layout["index_bits"], columns)
+        bits = torch.tensor(widths)[index]
+    else:
+        bits = torch.full((columns,), widths[0])
+    if layout["pruned"]:
+        keep = unpack_bits(f.get_tensor(f"{name}.mask"), 1, rows * columns).view(rows, columns).bool()
+    else:
+        keep = torch.ones(rows, columns, dtype=torch.bool)
+    q = torch.zeros(rows, columns)
+    for b, count in zip(widths, layout["counts"]):
+        cols = (bits == b).nonzero().squeeze(1)
+        sub_keep = keep[:, cols]
+        if int(sub_keep.sum()) != count:
+            raise ValueError(f"{name}: mask keeps {int(sub_keep.sum())} weights of width {b}, stream holds {count}")
+        sub = torch.zeros(rows, len(cols))
+        sub[sub_keep] = unpack_bits(f.get_tensor(f"{name}.codes.{b}"), b, count).float()
+        q[:, cols] = sub
+    clipped = layout.get("shrink_widths", [])
+    shrink = dict(zip(clipped, f.get_tensor(f"{name}.shrink").tolist())) if clipped else {}
+    grid = QuantGrid(layout["sym"], layout["groupsize"], f.get_tensor(f"{name}.xmin"), f.get_tensor(f"{name}.xmax"),
+                     shrink)
+    scale, zero, _ = grid.column_params(0, columns, bits)
+    return torch.where(keep, dequantize(q, scale, zero), 0.0).to(getattr(torch, layout["dtype"]))
+
+
+# ---------------------------------------------------------------- the model
+
+
+@dataclass
+class ExportReport:
+    """Sizes in bytes of what `export_compressed` wrote, against the `storage_bits` prediction."""
+
+    packed_bytes: int  # packed.safetensors on disk: payload + safetensors header (names, offsets, layouts)
+    packed_payload_bytes: int  # its tensors alone: what storage_bits models, up to byte padding
+    other_bytes: int  # dense.safetensors on disk
+    total_bytes: int  # every file written, JSON included
+    fp16_bytes: int  # all parameters of the model at 2 bytes each (tied ones once)
+    predicted_bytes: float  # sum of storage_bits / 8 over the quantized Linears
+    layers: int  # quantized Linears packed
+
+    def summary(self) -> str:
+        mib, ratio = 2 ** 20, self.packed_bytes / max(self.predicted_bytes, 1)
+        return (f"packed Linears {self.packed_bytes / mib:.3f} MiB measured vs {self.predicted_bytes / mib:.3f} MiB "
+                f"predicted ({ratio:.4f}x); total {self.total_bytes / mib:.3f} MiB "
+                f"vs fp16 {self.fp16_bytes / mib:.3f} MiB ({self.fp16_bytes / self.total_bytes:.2f}x smaller)")
+
+
+def write_run_record(directory: str, record: dict[str, Any]) -> None:
+    """The run's config and results as compression.json in an export directory being written.
+    default=str: a stray tuple or Path in them must not lose the export."""
+    with open(os.path.join(directory, EXTRA), "w") as f:
+        json.dump(record, f, indent=1, default=str)
+
+
+def dense_tensors(model: nn.Module, packed: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every state_dict tensor but the packed weights. A tensor tied to another (OPT's lm_head and token
+    embedding) is stored once and its other name kept as an alias: safetensors refuses shared storage."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        ident = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+        if key in packed:
+            first.setdefault(ident, key)
+        elif t.numel() and ident in first:
+            aliases[key] = first[ident]
+        else:
+            first[ident] = key
+            tensors[key] = t.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[str, torch.Tensor], directory: str,
+                      pruned: bool, n_options: int, write_extras: Callable[[str], None] | None = None
+                      ) -> ExportReport:
+    """Write `model` (after `compress`) to a new `directory` in the packed format, atomically.
+
+    `grids`/`bits` are `Compressed.grids`/`.bits`, `pruned` whether sparsity was applied, `n_options` the
+    number of allowed widths (the bit-map entry width); `write_extras(tmp)` adds the caller's files (the
+    tokenizer, the run record). Everything lands in a temporary directory beside `directory` that is renamed
+    at the end, so a failure never leaves a partial export behind."""
+    if set(grids) != set(bits):
+        raise ValueError("grids and bits must name the same Linears")
+    with atomic_directory(directory, prefix=".export-") as tmp:
+        packed: dict[str, torch.Tensor] = {}
+        layouts: dict[str, Any] = {}
+        predicted = 0
+        with torch.no_grad():
+            for name in sorted(grids):
+                weight = model.get_submodule(name).weight
+                tensors, layouts[name] = pack_linear(name, weight, grids[name], bits[name], pruned, n_options)
+                packed.update(tensors)
+                groups = grids[name].xmin.shape[1]
+                kept = (weight != 0).sum(0) if pruned else torch.full((weight.shape[1],), weight.shape[0])
+                predicted += storage_bits(weight.shape[0], kept, bits[name], groups, pruned, n_options,
+                                          len(grids[name].shrink))
+        dense, aliases = dense_tensors(model, {f"{name}.weight" for name in grids})
+        header = {"format": FORMAT, "version": str(VERSION), "layers": json.dumps(layouts)}
+        safetensors.torch.save_file(packed, os.path.join(tmp, PACKED), metadata=header)
+        safetensors.torch.save_file(dense, os.path.join(tmp, DENSE),
+                                    metadata={"format": FORMAT, "version": str(VERSION), "aliases": json.dumps(aliases)})
+        model.config.save_pretrained(tmp)  # config.json
+        if write_extras is not None:  # inside the temporary directory, so the rename publishes them with the rest
+            write_extras(tmp)
+        size = lambda f: os.path.getsize(os.path.join(tmp, f))
+        report = ExportReport(
+            packed_bytes=size(PACKED),
+            packed_payload_bytes=sum(t.numel() * t.element_size() for t in packed.values()),
+            other_bytes=size(DENSE),
+            total_bytes=sum(size(f) for f in os.listdir(tmp)),
+            fp16_bytes=2 * sum(p.numel() for p in model.parameters()),
+            predicted_bytes=predicted / 8,
+            layers=len(grids),
+        )
+    return report
+
+
+def load_compressed(directory: str, dtype: torch.dtype | None = None) -> "OPTForCausalLM":
+    """Rebuild the model `export_compressed` wrote, with exactly the same weights (then cast to `dtype` if given)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(os.path.join(directory, PACKED), "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
+            raise ValueError(f"{directory}: not a {FORMAT} v{VERSION} export (format {meta.get('format')!r}, "
+                             f"version {meta.get('version')!r})")
+        for name, layout in json.loads(meta["layers"]).items():
+            state[f"{name}.weight"] = unpack_linear(f, name, layout)
+    with safe_open(os.path.join(directory, DENSE), "pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+        state.update({k: f.get_tensor(k) for k in f.keys()})
+    for alias, source in aliases.items():
+        state[alias] = state[source]
+    config = AutoConfig.from_pretrained(directory)
+    with torch.device("meta"):  # no random init: every tensor comes from the files
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()  # assign=True gives tied names separate Parameters; make them one again
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()

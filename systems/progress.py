@@ -1,0 +1,88 @@
+"""What a run reports while it works: progress lines and bars (`Log`, silenced by --quiet; its named stages
+are what a benchmark times), the name of the stage it is in (for the one-line message of an error or an
+interruption), per-stage wall time and peak GPU memory (`Stages`), and the process's age.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager
+
+import torch
+
+
+class Log:
+    """Progress lines and bars, silenced by --quiet; and the named stages of a long step (`stage`), which cost
+    nothing here and which a benchmark's Log times (bench.py --stages)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def stage(self, name: str) -> ContextManager[None]:
+        """A stage of the work inside a step (the solve, the cost model, ...): untimed here."""
+        return nullcontext()
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    def bar(self, iterable, total: int, desc: str):
+        """A progress bar over a long loop (layers, evaluation windows); the bare iterable when quiet."""
+        if self.quiet:
+            return iterable
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+_stage = ["checking the flags"]
+
+
+def set_stage(name: str) -> None:
+    """Name what the run does now, for the one-line message of an unexpected error or an interruption."""
+    _stage[0] = name
+
+
+def current_stage() -> str:
+    return _stage[0]
+
+
+class Stages:
+    """Wall time and peak GPU memory of each stage of a run (for --results_json and bench.py)."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev = dev
+        self.seconds: dict[str, float] = {}
+        self.peak_gib: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str, gpu: bool = True):
+        """Time a stage; `gpu=False` for CPU-only stages, which then neither wait for nor measure the GPU."""
+        cuda = gpu and self.dev.type == "cuda"
+        set_stage(name)
+        if cuda:
+            torch.cuda.synchronize(self.dev)
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        tick = time.time()
+        yield
+        if cuda:
+            torch.cuda.synchronize(self.dev)
+            self.peak_gib[name] = torch.cuda.max_memory_allocated(self.dev) / 2 ** 30
+        self.seconds[name] = time.time() - tick
+
+
+def process_seconds() -> float:
+    """Seconds since this process started, from the kernel's record of its start (Linux), so that the
+    interpreter's start and the imports before any of our code ran are counted; elsewhere, since this
+    module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED
+
+
+_IMPORTED = time.time()
