@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     code = main()
     # Every output is written and closed by now. The interpreter's own exit would tear down torch, CUDA and
-    # every module (1.5-2 s after an OPT-1.3B run, BENCHMARKS.md) and could be interrupted halfway by a
+    # every module (1.5-2 s after an OPT-1.3B run, benchmarks/speed.md) and could be interrupted halfway by a
     # second Ctrl-C; ending the process at once does neither.
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,6 +1,6 @@
 """The parameters of a mixed-precision allocation (`MixedPrecision`) and the defaults chosen for them.
 
-Every default here was chosen on validation text (BENCHMARKS.md, "How the mixed-precision defaults were
+Every default here was chosen on validation text (benchmarks/mixed_precision.md, "What was
 chosen"); experiments pass variants of `MixedPrecision`, never change these constants.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
-CLIP_MIN = 0.8  # the clip search's floor: chosen on validation text (BENCHMARKS.md)
+CLIP_MIN = 0.8  # the clip search's floor: chosen on validation text (benchmarks/mixed_precision.md)
 
-# Each allocator's error shrinkage (MixedPrecision.error_shrinkage), chosen on validation text (BENCHMARKS.md §3):
+# Each allocator's error shrinkage (MixedPrecision.error_shrinkage), chosen on validation text (benchmarks/mixed_precision.md):
 # budget, which prices every channel by its own error curve, did best trusting the curves more (0.25 and 0.5 tied).
 ERROR_SHRINKAGE = {"quantile": 0.75, "budget": 0.5}
 
@@ -26,7 +26,7 @@ def default_options(method: str, granularity: str, scope: str, target: float, sp
     per channel over the whole model (scope "model") with sparsity at 4 stored bits or more, which keeps the widths
     next to the target (those bracketing it and one more either side: 3,4,6 at 4.0) and the base width (--wbits).
 
-    Chosen on validation text (BENCHMARKS.md §3 "Which widths"): with 50% sparsity at 4.0, budget with all five
+    Chosen on validation text (benchmarks/mixed_precision.md "Which widths"): with 50% sparsity at 4.0, budget with all five
     widths lost to uniform 4-bit when calibrated on PTB, and 3,4,6 did better on validation in each calibration
     over seeds 0-6; at 3.0, without sparsity, in layer scope and for quantile the narrower sets lost (one width
     per Linear was not measured with them). At 3.5 the widths next to the target (2,3,4,6) were 0.16% better on

@@ -10,7 +10,7 @@ them, each scaled by a few factors; each row keeps the candidate after which an 
 least output error (w_i - q_i)^T X^T X (w_i - q_i) on the calibration inputs.
 
 It fits the calibration text closer, which is not always better elsewhere: measured on opt-mini it wins
-3-bit GPTQ by 2 perplexity on WikiText-2 and C4 and loses PTB at 50% sparsity (BENCHMARKS.md), so it is
+3-bit GPTQ by 2 perplexity on WikiText-2 and C4 and loses PTB at 50% sparsity (benchmarks/mixed_precision.md), so it is
 not a default.
 
 Model-agnostic like the solver: a weight matrix, its solver and the solve settings.

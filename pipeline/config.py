@@ -83,7 +83,7 @@ class RunConfig:
     overlap: bool = True  # offloaded layers move behind the computation (offload.py); False: in line
     no_fused: bool = False
     quiet: bool = False
-    # Settings of the variants that lost on validation text (BENCHMARKS.md): no flag; experiments set them
+    # Settings of the variants that lost on validation text (benchmarks/mixed_precision.md): no flag; experiments set them
     # (dataclasses.replace), e.g. solve_order "narrow_first".
     sensitivity_shrinkage: float = MixedPrecision.sensitivity_shrinkage
     shrinkage_mean: str = MixedPrecision.shrinkage_mean
@@ -106,7 +106,7 @@ class RunConfig:
         """The rule for the order the solver takes a Linear's columns in (sparsegpt_enhanced.solve_order): as asked, else act
         order in mixed runs without sparsity or groups and the stored order otherwise (the reference's). With
         sparsity act order moves the masks, and narrow widths first within each mask block lowers the layer
-        error yet loses on validation text (BENCHMARKS.md §3)."""
+        error yet loses on validation text (benchmarks/mixed_precision.md)."""
         if self.solve_order != "auto":
             return self.solve_order
         mixed_dense = self.mixed and not self.prune.active and self.groupsize <= 0 and not (self.gmp or self.nearest)

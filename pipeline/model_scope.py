@@ -152,7 +152,7 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, inputs: LayerIn
 
 def allocation_scope(cfg: RunConfig, model: nn.Module, dev: torch.device) -> str:
     """--bit_scope as run. auto is model, one allocation over every channel with errors in units of the loss,
-    which won on validation text (BENCHMARKS.md §3), when every decoder layer is on the device: the loss
+    which won on validation text (benchmarks/mixed_precision.md), when every decoder layer is on the device: the loss
     gradients it needs visit each layer twice per batch. An offloaded or streamed model gets layer scope
     (each Linear meets the target); one width per Linear always needs model scope."""
     if cfg.bit_scope != "auto":

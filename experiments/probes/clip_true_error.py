@@ -1,4 +1,4 @@
-"""How well the clip objectives predict what a range factor does to a Linear's output error (BENCHMARKS.md §3).
+"""How well the clip objectives predict what a range factor does to a Linear's output error (benchmarks/mixed_precision.md).
 
 For each Linear of opt-mini's first layers, at one width, every factor's ratio to the min-max range (1.0) of:
 the true output error after a solve (sum_i (w_i - q_i)^T X^T X (w_i - q_i), weights compressed by the solver

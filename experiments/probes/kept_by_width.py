@@ -1,4 +1,4 @@
-"""Which channels a mixed run puts at each width, by how many of their weights the mask kept (BENCHMARKS.md §3).
+"""Which channels a mixed run puts at each width, by how many of their weights the mask kept (benchmarks/mixed_precision.md).
 
 For every Linear: the share of its input channels at each width and their mean kept-weight count relative to
 the Linear's mean; then, for each kind of Linear (q_proj, fc2, ...), the mean share at each width and the mean

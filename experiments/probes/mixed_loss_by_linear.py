@@ -1,5 +1,5 @@
 """Where a mixed run loses to the uniform one: the uniform model with one group of Linears (a kind, or a range
-of layers) taken from the mixed model, scored on the validation texts (BENCHMARKS.md §3).
+of layers) taken from the mixed model, scored on the validation texts (benchmarks/mixed_precision.md).
 
 Both models are compressed from the same calibration; each hybrid replaces only the weights of its group, so
 the change it shows is that group's share of the difference (approximately: the later layers of each model

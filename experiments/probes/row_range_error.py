@@ -1,4 +1,4 @@
-"""How much of the output error quantization adds to pruning's a per-row range search removes (BENCHMARKS.md §3).
+"""How much of the output error quantization adds to pruning's a per-row range search removes (benchmarks/mixed_precision.md).
 
 For each Linear of opt-mini's first layers (fed the uncompressed model's activations), at 3 and 4 bits: the
 output error sum_i (w_i - q_i)^T X^T X (w_i - q_i) of a prune-only solve, of the joint solve on the reference

@@ -1,4 +1,4 @@
-"""What the solve order does to each Linear's output error in a mixed run (BENCHMARKS.md §3, "Solve order").
+"""What the solve order does to each Linear's output error in a mixed run (benchmarks/mixed_precision.md, "Solve order").
 
 For each Linear of opt-mini's first layers: widths allocated as a layer-scope run allocates them, then solved in
 the stored order and with `--solve_order narrow_first`; prints each Linear's width counts (2/3/4/6/8 bits) and the

@@ -1,6 +1,6 @@
 """Where a Linear's solve spends its time at OPT-1.3B's shapes (50% + 4-bit, 128-column blocks): the wall
 time of `SparseGPT.fasterprune` against the GPU's busy time, launched one by one (with the host-side cost of
-each operation, torch.profiler) and replayed as a CUDA graph (`SolveGraphs`). BENCHMARKS.md §2 "Big models". Needs a CUDA GPU:
+each operation, torch.profiler) and replayed as a CUDA graph (`SolveGraphs`). benchmarks/speed.md "Big models". Needs a CUDA GPU:
 
     python3 experiments/solve_overhead.py
 """

@@ -1,5 +1,5 @@
 """Does the GPU's start (CUDA, cuBLAS/cuSOLVER, the Triton kernel's compilation) overlap with importing
-transformers? BENCHMARKS.md, "Speed":
+transformers? benchmarks/speed.md, "Big models":
 
     TRITON_CACHE_DIR=/tmp/fresh python3 experiments/timings/startup_overlap.py seq|par
 
