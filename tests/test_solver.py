@@ -12,11 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from quant import QuantGrid
+from quant import QuantGrid, round_to_nearest
 import sparsegpt_enhanced
-from sparsegpt_enhanced import PruneSpec, SolveSettings, SparseGPT
+from sparsegpt_enhanced import PruneSpec, SolveSettings, SparseGPT, magnitude_prune, solve_order
 from systems import solve_graphs
-
 
 # ---------------------------------------------------------------- the textbook reference
 
@@ -423,3 +422,187 @@ def test_solve_graphs_capture_the_second_sighting_and_launch_once_memory_runs_ou
     assert torch.equal(graphs.run("solve", lambda v: (v * 2,), x)[0], x * 2)
     assert captures == [[torch.float32]]
     assert graphs.max_weights == 0 and graphs.captured == 0
+
+
+OPTIONS = [2, 3, 4, 6, 8]
+
+
+def loud_inputs(n: int, columns: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with correlated channels and a few loud ones, like real activations."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(columns, columns, generator=g) / math.sqrt(columns)
+    scale = torch.ones(columns)
+    scale[:3] = 8.0
+    return (torch.randn(n, columns, generator=g) @ mix + 0.3 * torch.randn(n, columns, generator=g)) * scale
+
+
+def solver_for(x: torch.Tensor) -> SparseGPT:
+    s = SparseGPT(x.shape[1])
+    s.add_batch(x)
+    return s
+
+
+def grid_codes(Q: torch.Tensor, W: torch.Tensor, bits: torch.Tensor, sym: bool = False) -> torch.Tensor:
+    """(Q / scale + zero) per column at its own width, using the dense weight's per-row ranges."""
+    grid = QuantGrid.for_weight(W, sym)
+    scale, zero, maxq = grid.column_params(0, W.shape[1], bits)
+    return Q / scale + zero, maxq
+
+
+def test_unstructured_sparsity_is_exact_per_block():
+    W = torch.randn(24, 40)
+    res = solver_for(loud_inputs(256, 40)).fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16))
+    # blocks of 16, 16 and 8 columns: floor(24*16*0.5) + floor(24*16*0.5) + floor(24*8*0.5)
+    assert int(res.mask.sum()) == 192 + 192 + 96
+    assert torch.all(res.weight[res.mask] == 0)
+    assert int((res.weight == 0).sum()) == 480
+
+
+def test_nm_pattern_holds_in_every_group():
+    W = torch.randn(16, 32)
+    res = solver_for(loud_inputs(256, 32)).fasterprune(W, SolveSettings(PruneSpec(prunen=2, prunem=4), blocksize=16))
+    zeros = (res.weight == 0).view(16, 8, 4).sum(2)
+    assert torch.all(zeros == 2)
+    assert torch.equal(res.mask, res.weight == 0)
+
+
+def test_joint_quantization_keeps_pruned_zero_and_values_on_grid():
+    W = torch.randn(16, 48)
+    bits = torch.full((48,), 4)
+    grid = QuantGrid.for_weight(W, sym=False)
+    res = solver_for(loud_inputs(256, 48)).fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16), grid, bits)
+    assert torch.all(res.weight[res.mask] == 0)
+    assert int(res.mask.sum()) == 16 * 48 // 2
+    q, maxq = grid_codes(res.weight, W, bits)
+    assert torch.allclose(q, q.round(), atol=1e-3)
+    assert q.round().min() >= 0 and q.round().max() <= 15
+
+
+def test_lazy_blocks_are_an_exact_reformulation():
+    """GPTQ with lazy updates gives the same result whatever the block size."""
+    W = torch.randn(12, 64)
+    x = loud_inputs(512, 64)
+    bits = torch.full((64,), 3)
+    s = solver_for(x)
+    a = s.fasterprune(W, SolveSettings(PruneSpec(), blocksize=64), QuantGrid.for_weight(W, False), bits).weight
+    b = s.fasterprune(W, SolveSettings(PruneSpec(), blocksize=8), QuantGrid.for_weight(W, False), bits).weight
+    assert (a != b).float().mean() < 0.01  # only rounding ties may flip
+
+
+def test_gptq_beats_round_to_nearest_on_the_layer_output():
+    W = torch.randn(32, 64)
+    x = loud_inputs(1024, 64, seed=1)
+    q = solver_for(x).fasterprune(W, SolveSettings(PruneSpec()), QuantGrid.for_weight(W, False), torch.full((64,), 3)).weight
+    rtn = round_to_nearest(W, 3, sym=False)
+    err = lambda Q: ((x @ (W - Q).t()) ** 2).sum()
+    assert err(q) < 0.7 * err(rtn)
+
+
+def test_groups_give_each_group_its_own_grid():
+    W = torch.randn(8, 64)
+    W[:, 32:] *= 10
+    res = solver_for(loud_inputs(256, 64)).fasterprune(W, SolveSettings(PruneSpec(), blocksize=32), grid := QuantGrid.for_weight(W, False, groupsize=32), torch.full((64,), 4))
+    assert grid.xmin.shape == (8, 2)
+    assert torch.all(grid.xmax[:, 1] > 3 * grid.xmax[:, 0])
+    scale, zero, maxq = grid.column_params(0, 64, torch.full((64,), 4))
+    q = res.weight / scale + zero
+    assert torch.allclose(q, q.round(), atol=1e-3)
+
+
+def test_mixed_bits_each_column_on_its_own_grid():
+    W = torch.randn(16, 40)
+    bits = torch.tensor(OPTIONS * 8)
+    grid = QuantGrid.for_weight(W, sym=False)
+    res = solver_for(loud_inputs(256, 40)).fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16), grid, bits)
+    q, maxq = grid_codes(res.weight, W, bits)
+    assert torch.allclose(q, q.round(), atol=1e-3)
+    assert torch.all(q.round() <= maxq) and torch.all(q.round() >= 0)
+    assert torch.all(res.weight[res.mask] == 0)
+
+
+def test_damping_retry_on_singular_hessian(capsys):
+    x = torch.randn(4, 16)
+    x = torch.cat([x, x], 1)  # duplicate channels and 4 samples: H is rank 4 of 32
+    s = solver_for(x)
+    logs = []
+    factor = s.inverse_factor(0.0, log=logs.append)
+    assert factor.percdamp > 0 and len(logs) >= 1 and "not positive definite" in logs[0]
+    res = s.fasterprune(torch.randn(8, 32), SolveSettings(PruneSpec(sparsity=0.5), percdamp=0.0))
+    assert torch.isfinite(res.weight).all()
+
+
+def test_solve_order():
+    h = torch.tensor([1.0, 5.0, 3.0, 4.0])
+    assert solve_order(h, "stored") is None
+    assert solve_order(h, "act").tolist() == [1, 3, 2, 0]
+    with pytest.raises(ValueError):
+        solve_order(h, "loudest")
+
+
+def test_reordered_solve_keeps_grid_sparsity_and_column_identity():
+    W = torch.randn(16, 48)
+    x = loud_inputs(512, 48)
+    bits = torch.tensor([2, 3, 4, 6, 8, 4] * 8)
+    s = solver_for(x)
+    order = solve_order(s.xtx.diagonal(), "act")
+    res = s.fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16), QuantGrid.for_weight(W, False), bits, order=order)
+    q, maxq = grid_codes(res.weight, W, bits)
+    assert torch.allclose(q, q.round(), atol=1e-3) and torch.all(q.round() <= maxq)
+    assert int(res.mask.sum()) == 16 * 48 // 2 and torch.all(res.weight[res.mask] == 0)
+    with pytest.raises(ValueError):
+        s.fasterprune(W, SolveSettings(PruneSpec()), QuantGrid.for_weight(W, False, groupsize=16), bits, order=order)
+
+
+def test_narrow_first_keeps_each_blocks_sparsity_and_each_nm_group():
+    """Reordered within a block, a block keeps its columns: exactly half of each block's weights pruned
+    (unstructured), 2 of every stored group of 4 (2:4), every weight on its own column's grid."""
+    torch.manual_seed(0)
+    X = loud_inputs(2048, 64)
+    W = torch.randn(32, 64)
+    bits = torch.tensor([2, 6, 4, 3] * 16)
+    s = solver_for(X)
+    grid = QuantGrid.for_weight(W, False)
+    order = solve_order(s.xtx.diagonal(), "narrow_first", bits, unit=16)
+    assert sorted(order[:16].tolist()) == list(range(16)) and order[:16].tolist() != list(range(16))
+    res = s.fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16, fused=False), grid, bits, order=order)
+    assert [int(res.mask[:, i:i + 16].sum()) for i in range(0, 64, 16)] == [32 * 8] * 4
+    stored = s.fasterprune(W, SolveSettings(PruneSpec(sparsity=0.5), blocksize=16, fused=False), grid, bits)
+    assert not torch.equal(res.weight, stored.weight)
+    q, maxq = grid_codes(res.weight, W, bits)
+    assert torch.allclose(q, q.round(), atol=1e-3) and torch.all(q.round() <= maxq)
+    nm_order = solve_order(s.xtx.diagonal(), "narrow_first", bits, unit=4)
+    res = s.fasterprune(W, SolveSettings(PruneSpec(prunen=2, prunem=4), blocksize=16, fused=False), grid, bits, order=nm_order)
+    assert (res.mask.view(32, 16, 4).sum(-1) == 2).all()
+
+
+def test_dead_input_channels_are_zeroed():
+    x = loud_inputs(128, 16)
+    x[:, 5] = 0
+    res = solver_for(x).fasterprune(torch.randn(4, 16), SolveSettings(PruneSpec()), QuantGrid.for_weight(torch.randn(4, 16), False), torch.full((16,), 4))
+    assert torch.all(res.weight[:, 5] == 0)
+
+
+def test_magnitude_prune_exact():
+    W = torch.randn(10, 20)
+    P = magnitude_prune(W, PruneSpec(sparsity=0.3))
+    assert int((P == 0).sum()) == 60
+    assert P[P != 0].abs().min() >= W.abs().flatten().sort().values[60 - 1]
+    P = magnitude_prune(W, PruneSpec(prunen=2, prunem=4))
+    assert torch.all((P == 0).view(10, 5, 4).sum(2) == 2)
+
+
+def test_hessian_diagonal_without_forming_h():
+    solver = SparseGPT(12)
+    solver.add_batch(torch.randn(50, 12))
+    assert torch.allclose(solver.hessian_diag, torch.diag(solver.hessian))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hessian_from_16bit_activations_on_gpu_is_the_fp32_hessian():
+    x = (loud_inputs(4096, 256) / 4).half().cuda()
+    fast, slow = SparseGPT(256, "cuda"), SparseGPT(256, "cuda")
+    for chunk in x.split(1024):
+        fast.add_batch(chunk)
+        slow.add_batch(chunk.float())
+    assert torch.allclose(fast.hessian, slow.hessian, rtol=1e-5, atol=1e-5 * slow.hessian.abs().max().item())
+    assert torch.equal(fast.peak, slow.peak)

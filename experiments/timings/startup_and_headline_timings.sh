@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4 headline timings on a fresh machine: interpreter start-up, then the headline command
+# The headline timings on a fresh machine: interpreter start-up, then the headline command
 # (50% + 4-bit, and 50% + mixed 4.0 budget) with a cold and a warm token cache.
 # Run from the repository root with copies of ../shared/models/opt-mini and ../shared/data in .local/.
 source experiments/timings/record.sh startup_and_headline_timings

@@ -13,16 +13,15 @@ import pytest
 import torch
 from transformers import OPTForCausalLM, PreTrainedModel
 
+from conftest import tiny_model
+from modelutils import find_linears
 import opt_enhanced as oe
-import pipeline.run
 from pipeline.checks import validate
 from pipeline.compress import compress
 from pipeline.config import RunConfig
-from pipeline.evaluate import eval_windows, perplexity
+import pipeline.run
 from pipeline.run import run
 from systems import atomic_io
-from conftest import tiny_model
-from modelutils import find_linears
 from systems.progress import Log
 
 CPU = torch.device("cpu")
@@ -103,70 +102,6 @@ def test_each_layer_is_calibrated_on_the_compressed_model_hidden_states(kw):
 
 
 # ---------------------------------------------------------------- perplexity
-
-
-def test_calibration_forward_stops_after_the_last_input_and_sees_what_a_whole_forward_does():
-    """feed_inputs against plain forward hooks over whole forwards: the same inputs reach every Linear, and
-    after the first batch no forward goes past the last Linear (fc2 never computes its output again)."""
-    from modelutils import capture_layer_inputs, decoder_layers, feed_inputs
-
-    model = loud(tiny_model())
-    ids = torch.randint(0, 64, (5, 16), generator=torch.Generator().manual_seed(0))
-    inputs = capture_layer_inputs(model, ids, CPU, 2)
-    layer = decoder_layers(model)[0]
-    linears = find_linears(layer)
-    whole: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-    handles = [m.register_forward_hook(lambda _m, inp, _out, n=n: whole[n].append(inp[0].clone()))
-               for n, m in linears.items()]
-    with torch.no_grad():
-        for start in range(0, 5, 2):
-            layer(inputs.hidden[start:start + 2], **inputs.kwargs)
-    for h in handles:
-        h.remove()
-    outputs = []
-    counter = linears["fc2"].register_forward_hook(lambda *_: outputs.append(1))
-    fed: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
-    with torch.no_grad():
-        feed_inputs(layer, linears, lambda n, x: fed[n].append(x.clone()), inputs)
-    counter.remove()
-    for n in linears:
-        assert len(fed[n]) == 3 and all(torch.equal(a, b) for a, b in zip(fed[n], whole[n])), n
-    assert len(outputs) == 1  # the first batch runs whole (it counts each Linear's calls); the others stop
-
-
-def peaked_model() -> OPTForCausalLM:
-    """Logits far from uniform: OPT ties the output embedding to the input one, so scaling it makes the
-    model confident (its residual stream still carries the current token). Eager attention, so that a
-    layer run without the decoder's attention mask sees later tokens (sdpa would fall back to causal)."""
-    model = tiny_model(attn="eager")
-    with torch.no_grad():
-        model.model.decoder.embed_tokens.weight.mul_(20)
-    return model
-
-
-def patterned_ids(seqlen: int, windows: int, tail: int) -> torch.Tensor:
-    """Windows alternately of one repeated token (cheap to predict for this model) and random tokens
-    (expensive), plus a ragged tail: overlapping or shifted windows give a clearly different mean."""
-    g = torch.Generator().manual_seed(4)
-    parts = [torch.full((seqlen,), 5 + k) if k % 2 == 0 else torch.randint(0, 64, (seqlen,), generator=g)
-             for k in range(windows)]
-    return torch.cat([*parts, torch.randint(0, 64, (tail,), generator=g)])[None]
-
-
-@pytest.mark.parametrize("whole_model", [True, False], ids=["whole-model", "layer-by-layer"])
-@pytest.mark.parametrize("batch_size", [1, 3])
-def test_perplexity_is_exp_of_the_mean_window_loss(whole_model, batch_size):
-    """exp of the mean over disjoint windows of the model's own loss (`labels=window`: transformers
-    shifts the labels), the remainder after the last whole window ignored."""
-    model = peaked_model()
-    seqlen = 16
-    ids = patterned_ids(seqlen, windows=5, tail=9)
-    with torch.no_grad():
-        losses = [model(w[None], labels=w[None]).loss.item() for w in ids[0, :5 * seqlen].split(seqlen)]
-    expected = math.exp(sum(losses) / len(losses))
-    assert max(losses) > 2 * min(losses)  # the windows differ, so a wrong window set shows
-    got = perplexity(model, eval_windows(ids, seqlen), CPU, batch_size, whole_model=whole_model)
-    assert got == pytest.approx(expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------- layer selection flags, end to end
@@ -324,3 +259,34 @@ def test_save_appears_whole_in_one_rename(tiny_dir, tmp_path, monkeypatch):
     assert {"config.json", "model.safetensors", "compression.json", "tokenizer_config.json"} <= files
     reloaded = OPTForCausalLM.from_pretrained(target)
     assert int((reloaded.model.decoder.layers[0].fc1.weight == 0).sum()) == 64 * 32 // 2
+
+
+def run_cfg(model, calib, **kw) -> list:
+    cfg = RunConfig(model="tiny", dataset="c4", nsamples=calib.shape[0], blocksize=16, **kw)
+    validate(cfg)
+    return compress(model, calib, cfg, torch.device("cpu"), Log(True)).stats
+
+
+def test_compress_tiny_model_exact_sparsity_every_layer():
+    model = tiny_model()
+    stats = run_cfg(model, torch.randint(0, 64, (8, 64)), sparsity=0.5)
+    assert len(stats) == 12  # 2 layers x (q, k, v, out, fc1, fc2)
+    for s in stats:
+        assert s.nonzero == s.rows * s.columns // 2, s.name
+
+
+def test_wbits_alone_runs_gptq():
+    model = tiny_model()
+    before = model.model.decoder.layers[0].fc1.weight.detach().clone()
+    stats = run_cfg(model, torch.randint(0, 64, (8, 64)), wbits=4)
+    after = model.model.decoder.layers[0].fc1.weight
+    assert not torch.equal(before, after)
+    assert len(torch.unique(after[0])) <= 16
+    assert all(s.bits_per_column == [4] * s.columns for s in stats)
+
+
+def test_reference_filter_minlayer_prune_only():
+    model = tiny_model()
+    stats = run_cfg(model, torch.randint(0, 64, (4, 64)), sparsity=0.5, minlayer=1, prune_only="fc")
+    assert [s.name for s in stats] == ["model.decoder.layers.1.fc1", "model.decoder.layers.1.fc2"]
+    assert not torch.any(model.model.decoder.layers[0].fc1.weight == 0)

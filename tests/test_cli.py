@@ -1,4 +1,4 @@
-"""Hostile inputs to the CLI (issue 16): each ends with its exit code (2 usage, 1 run failure, 130/143
+"""The command line's errors: hostile inputs, each ends with its exit code (2 usage, 1 run failure, 130/143
 interrupted), one line on stderr that names the fix or the file, no traceback, and nothing left behind
 under the output paths. Tiny models and data (conftest.py); most cases stop before any work."""
 from __future__ import annotations
@@ -7,6 +7,7 @@ import dataclasses
 import gzip
 import json
 import os
+from pathlib import Path
 import re
 import shutil
 import signal
@@ -14,24 +15,24 @@ import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
+import torch
+from transformers import OPTForCausalLM
 
+from conftest import ROOT, tiny_model, write_data, write_tokenizer
 import datautils
 import modelutils
 import opt_enhanced as oe
-import pipeline.run
-import pipeline.placement
-import pipeline.cli
 import pipeline.checks
 from pipeline.checks import check_model, validate
+import pipeline.cli
 from pipeline.config import CHOICES, UsageError
+import pipeline.placement
 from pipeline.placement import device_starting
-from conftest import ROOT, tiny_model, write_data, write_tokenizer
+import pipeline.run
 from systems.atomic_io import nonfinite_path, write_json
 
 QUICK = ["--nsamples", "2", "--seqlen", "32", "--quiet", "--device", "cpu", "--eval", "ptb"]
@@ -95,6 +96,26 @@ USAGE = [
     (["--wbits", "4", "--maxlayer", "0"], "widen the selection"),
     (["--device", "nonsense"], "is not a device"),
     (["--wbits", "4", "--target_avg_bits", "4", "--error_shrinkage", "1.5"], "--error_shrinkage 1.5 is outside [0, 1]"),
+    (["--sparsity", "1.0"], "outside [0, 1)"),
+    (["--sparsity", "-0.1"], "outside [0, 1)"),
+    (["--prunen", "2"], "give both --prunen and --prunem"),
+    (["--prunen", "4", "--prunem", "4"], "must be below --prunem"),
+    (["--wbits", "5"], "not among --bit_options"),
+    (["--target_avg_bits", "4.0"], "add --wbits 4"),
+    (["--wbits", "4", "--target_avg_bits", "9"], "outside [2, 8]"),
+    (["--wbits", "4", "--target_avg_bits", "1.5"], "outside [2, 8]"),
+    (["--wbits", "4", "--bit_options", "4,4,8"], "distinct widths"),
+    (["--wbits", "4", "--importance_weights", "1,1"], "five non-negative numbers"),
+    (["--wbits", "4", "--importance_weights", "0,0,0,0,0"], "five non-negative numbers"),
+    (["--gmp", "--sparsity", "0.5", "--wbits", "4"], "add --nearest"),
+    (["--nearest", "--sparsity", "0.5", "--wbits", "4"], "add --gmp"),
+    (["--eval", "wikitext2,lambada"], "unknown dataset"),
+    (["--seqlen", "4096"], "exceeds the model's 128 positions"),
+    (["--wbits", "4", "--act-order", "--groupsize", "16"], "--act-order works with"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--bit_scope", "model", "--offload"], "drop --offload"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--bit_granularity", "linear", "--offload"], "drop --offload"),
+    (["--wbits", "4", "--target_avg_bits", "4", "--bit_granularity", "linear", "--bit_scope", "layer"],
+     "drop --bit_scope layer"),
 ]
 if not torch.cuda.is_available():
     USAGE.append((["--device", "cuda"], "CUDA is not available"))
@@ -287,6 +308,7 @@ def transformers_warnings(call: Callable[[], Any]) -> list[str]:
     """The warnings transformers logs while `call()` runs (its logger writes to the stderr it found at import,
     which capsys misses). Its warn-once memory is cleared first, so a warning an earlier test drew shows again."""
     import logging
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.warning_once.cache_clear()
@@ -625,8 +647,9 @@ def test_signal_while_writing_cleans_up(tiny_dir, tmp_path, capsys, monkeypatch,
 def test_second_signal_during_the_cleanup_is_ignored(tiny_dir, tmp_path, capsys, monkeypatch, signum, code):
     """Ctrl-C pressed twice: the second arrives while the half-written checkpoint is being removed, and
     must not stop that removal (nor print a traceback)."""
-    from systems import atomic_io
     from transformers import PreTrainedModel
+
+    from systems import atomic_io
 
     real_save, real_rmtree = PreTrainedModel.save_pretrained, shutil.rmtree
 
@@ -782,3 +805,95 @@ def test_a_run_imports_transformers_before_its_loading_thread(tiny_dir):
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[True]", done.stdout + done.stderr
+
+
+def cli(tiny_dir, tmp_path, *flags) -> tuple[int, dict]:
+    """main() on the tiny model with its results JSON read back ({} when none was written)."""
+    model, data = tiny_dir
+    out = tmp_path / "r.json"
+    code = oe.main([str(model), "c4", "--data_dir", str(data), "--nsamples", "4", "--seqlen", "64", "--quiet",
+                    "--device", "cpu", "--results_json", str(out), *flags])
+    return code, json.loads(out.read_text()) if out.exists() else {}
+
+
+@pytest.mark.parametrize("flags", [["--bit_options", "2,x"], ["--importance_weights", "a,b"]])
+def test_malformed_lists_are_argparse_errors(tiny_dir, tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as e:
+        cli(tiny_dir, tmp_path, *flags)
+    assert e.value.code == 2 and "comma-separated numbers" in capsys.readouterr().err
+
+
+def test_unknown_calibration_dataset(tiny_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        oe.main([str(tiny_dir[0]), "lambada"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    code = oe.main([str(tmp_path / "nope"), "c4", "--results_json", str(tmp_path / "r.json")])
+    assert code == 2 and "model directory not found" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_missing_offline_file_names_file_and_flag(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_data(data)
+    (data / "ptb" / "ptb.test.txt").unlink()
+    code = oe.main([str(tiny_dir[0]), "c4", "--data_dir", str(data), "--seqlen", "64", "--nsamples", "4",
+                    "--device", "cpu", "--results_json", str(tmp_path / "r.json"), "--save", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert code == 2 and "ptb.test.txt" in err and "--data_dir" in err
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "s").exists()
+
+
+def test_data_errors_come_before_model_errors(tiny_dir, tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    for f in tiny_dir[0].iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    (model / "model.safetensors").write_bytes(b"not weights")  # loading it (on the thread) fails
+    data = tmp_path / "data"
+    write_data(data)
+    (data / "ptb" / "ptb.test.txt").unlink()  # found missing before the load starts
+    code = oe.main([str(model), "c4", "--data_dir", str(data), "--seqlen", "64", "--device", "cpu"])
+    assert code == 2 and "ptb.test.txt" in capsys.readouterr().err
+    write_data(tmp_path / "short", words=20)  # found too short while tokenizing, as the load fails beside it
+    code = oe.main([str(model), "ptb", "--data_dir", str(tmp_path / "short"), "--nsamples", "4", "--device", "cpu"])
+    assert code == 2 and "tokens" in capsys.readouterr().err
+
+
+def test_too_little_text(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_data(data, words=20)
+    code = oe.main([str(tiny_dir[0]), "ptb", "--data_dir", str(data), "--nsamples", "4", "--device", "cpu"])
+    assert code == 2 and "tokens" in capsys.readouterr().err
+
+
+def test_save_into_non_empty_directory(tiny_dir, tmp_path, capsys):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "keep.txt").write_text("mine")
+    code, res = cli(tiny_dir, tmp_path, "--save", str(tmp_path / "s"))
+    assert code == 2 and "not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "s").iterdir()] == ["keep.txt"] and res == {}
+
+
+def test_export_without_quantization_is_refused(tiny_dir, tmp_path, capsys):
+    code, _ = cli(tiny_dir, tmp_path, "--sparsity", "0.5", "--export", str(tmp_path / "p"))
+    assert code == 2 and "add --wbits" in capsys.readouterr().err and not (tmp_path / "p").exists()
+
+
+def test_nan_weight_is_reported_with_layer_name(tiny_dir, tmp_path, capsys):
+    model = OPTForCausalLM.from_pretrained(tiny_dir[0])
+    with torch.no_grad():
+        model.model.decoder.layers[1].fc1.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        (tmp_path / "m" / f).write_bytes((tiny_dir[0] / f).read_bytes())
+    code, _ = cli((tmp_path / "m", tiny_dir[1]), tmp_path, "--sparsity", "0.5")
+    assert code == 1 and "layers.1.fc1" in capsys.readouterr().err
+
+
+def test_cli_guard_target_without_wbits(tiny_dir, tmp_path, capsys):
+    code, res = cli(tiny_dir, tmp_path, "--target_avg_bits", "4.0")
+    assert code == 2 and res == {}
+    assert "--wbits 4" in capsys.readouterr().err

@@ -2,17 +2,12 @@
 from __future__ import annotations
 
 import os
-import stat
-import subprocess
-import sys
 from pathlib import Path
+import stat
 
 import pytest
 
-from conftest import ROOT
-
 from systems.atomic_io import atomic_directory, atomic_file
-
 
 
 @pytest.fixture
@@ -68,29 +63,3 @@ def test_atomic_directory_refuses_a_full_one_and_leaves_nothing_on_failure(tmp_p
     assert os.listdir(tmp_path) == ["full"] and os.listdir(tmp_path / "full") == ["keep.txt"]
 
 
-def test_process_seconds_counts_from_the_start_of_the_process():
-    """The start-up a run reports includes what ran before our code was imported: a process that sleeps 1 s
-    before importing systems.progress is at least 1 s old by its count."""
-    code = "import time; time.sleep(1.0); from systems import progress; print(progress.process_seconds())"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert 1.0 <= float(done.stdout) < 60.0
-
-
-def test_transformers_is_imported_without_scikit_learn_which_stays_importable():
-    """modelutils.import_transformers keeps transformers from importing scikit-learn (seconds of start-up, unused),
-    leaves it importable afterwards, and falls back to an ordinary import when a hidden package is one transformers
-    needs (safetensors)."""
-    pytest.importorskip("sklearn")
-    root = ROOT
-    checks = {
-        "hidden": "import sys, modelutils; modelutils.import_transformers(); "
-                  "assert 'transformers.generation' in sys.modules and 'sklearn' not in sys.modules; "
-                  "import sklearn.metrics",
-        "needed": "import sys, modelutils; modelutils.import_transformers(('safetensors',)); "
-                  "import transformers; assert sys.modules['safetensors'] is not None",
-    }
-    procs = {k: subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for k, code in checks.items()}
-    for name, proc in procs.items():
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, f"{name}: {out[-2000:]}"
