@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import safetensors.torch
 import torch
@@ -241,9 +242,48 @@ def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[
     return report
 
 
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """While the block runs, every parameter a module registers moves to the meta device (no memory, no
+    initialisation), and buffers are made where their module makes them.
+
+    Why not `with torch.device("meta")`: that puts the buffers there too, and the non-persistent ones (the
+    rotary embedding's inv_freq of Llama, Mistral and Qwen2) are in no checkpoint, so nothing would ever fill
+    them: the model would fail at its first forward ("Cannot copy out of meta tensor"). Computed by their
+    module's __init__, as from_pretrained computes them, they hold the values the run evaluated with."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def skeleton(config) -> nn.Module:
+    """The causal LM of `config` with its parameters on the meta device, to be filled by `load_state_dict(...,
+    assign=True)`, and its buffers computed (`parameters_on_meta`)."""
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def left_on_meta(model: nn.Module) -> list[str]:
+    """The parameters and buffers of `model` that hold no data (still on the meta device)."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [name for name, t in tensors if t.device.type == "meta"]
+
+
 def load_compressed(directory: str, dtype: torch.dtype | None = None) -> "OPTForCausalLM":
-    """Rebuild the model `export_compressed` wrote, with exactly the same weights (then cast to `dtype` if given)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Rebuild the model `export_compressed` wrote, with exactly the same weights (then cast to `dtype` if given).
+    Every tensor comes from the files but the non-persistent buffers, which the model computes (`skeleton`)."""
+    from transformers import AutoConfig
 
     state: dict[str, torch.Tensor] = {}
     with safe_open(os.path.join(directory, PACKED), "pt") as f:
@@ -258,11 +298,13 @@ def load_compressed(directory: str, dtype: torch.dtype | None = None) -> "OPTFor
         state.update({k: f.get_tensor(k) for k in f.keys()})
     for alias, source in aliases.items():
         state[alias] = state[source]
-    config = AutoConfig.from_pretrained(directory)
-    with torch.device("meta"):  # no random init: every tensor comes from the files
-        model = AutoModelForCausalLM.from_config(config)
+    model = skeleton(AutoConfig.from_pretrained(directory))
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign=True gives tied names separate Parameters; make them one again
+    empty = left_on_meta(model)
+    if empty:
+        raise ValueError(f"{directory}: the export holds no values for {', '.join(empty[:3])}"
+                         f"{', ...' if len(empty) > 3 else ''}; export the model again")
     if dtype is not None:
         model.to(dtype)
     return model.eval()
