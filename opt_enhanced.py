@@ -827,6 +827,7 @@ def check_processes(cfg: RunConfig) -> None:
                          f"(cuda:LOCAL_RANK); give --device cuda")
     if dev.type == "cuda" and processes > torch.cuda.device_count():
         raise UsageError(f"{processes} processes need {processes} GPUs; this host has {torch.cuda.device_count()}")
+    distributed.check_launch(processes, dev.type, UsageError)
     if cfg.nsamples < processes:
         raise UsageError(f"--nsamples {cfg.nsamples}: each of the {processes} processes needs a calibration "
                          f"window; give at least {processes}")
@@ -1233,8 +1234,9 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exception(error)
             if rank == 0:  # the one writer
                 _remove_new_outputs(cfg, existed)
-            if rank == 0 or started:  # the checks before the run give every process the same answer: said once
-                where = f"rank {rank}: " if processes > 1 and started else ""
+            where = f"rank {rank}: " if processes > 1 and started else ""
+            reported = distributed.report(error, code, f"error: {where}{message}")  # under --gpus: the launcher says it
+            if (rank == 0 or started) and not reported:  # the checks before the run give every process the same answer
                 print(f"error: {where}{message}", file=sys.stderr)
             return code
     if rank != 0:
