@@ -242,6 +242,68 @@ def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[
     return report
 
 
+def _damaged(path: str, what: str) -> ValueError:
+    return ValueError(f"{path} is damaged ({what}): export the model again")
+
+
+def open_export_file(path: str):
+    """safe_open on one of an export's files, a damaged or truncated one reported as ValueError naming it (safetensors
+    raises its own SafetensorError, which says neither which file nor what to do)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing: the export is incomplete; export the model again")
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:  # SafetensorError (truncated, bad header), OSError
+        raise _damaged(path, " ".join(str(e).split())[:200]) from None
+
+
+def check_export(directory: str) -> None:
+    """ValueError naming the file when a packed export cannot be what `export_compressed` wrote, from the headers
+    alone (no tensor is read): a missing, truncated or damaged safetensors file, a layout that does not parse, a
+    stream or range tensor missing or of another length than its layout gives."""
+    path = os.path.join(directory, PACKED)
+    with open_export_file(path) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            return  # load_compressed says what it is not
+        try:
+            layouts = json.loads(meta["layers"])
+        except (KeyError, ValueError) as e:
+            raise _damaged(path, f"its header's layer layouts do not parse: {e}") from None
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        for name, layout in layouts.items():
+            try:
+                expected = packed_shapes(name, layout)
+            except (KeyError, TypeError, ValueError) as e:
+                raise _damaged(path, f"the layout of {name} is incomplete: {e}") from None
+            for key, shape in expected.items():
+                if key not in shapes:
+                    raise _damaged(path, f"{key} is missing")
+                if shapes[key] != shape:
+                    raise _damaged(path, f"{key} has shape {list(shapes[key])}, its layout gives {list(shape)}")
+    with open_export_file(os.path.join(directory, DENSE)):
+        pass
+
+
+def packed_shapes(name: str, layout: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor `pack_linear` writes for one Linear of this layout."""
+    rows, columns, widths = int(layout["rows"]), int(layout["columns"]), list(layout["widths"])
+    groups = -(-columns // int(layout["groupsize"])) if int(layout["groupsize"]) > 0 else 1
+    stream = lambda count, width: (-(-count * width // 8),)
+    shapes = {f"{name}.xmin": (rows, groups), f"{name}.xmax": (rows, groups)}
+    if layout["pruned"]:
+        shapes[f"{name}.mask"] = stream(rows * columns, 1)
+    if layout.get("shrink_widths"):
+        shapes[f"{name}.shrink"] = (len(layout["shrink_widths"]),)
+    if len(widths) > 1:
+        shapes[f"{name}.bitmap"] = stream(columns, int(layout["index_bits"]))
+    if len(layout["counts"]) != len(widths):
+        raise ValueError(f"{len(widths)} widths but {len(layout['counts'])} code counts")
+    for b, count in zip(widths, layout["counts"]):
+        shapes[f"{name}.codes.{b}"] = stream(int(count), int(b))
+    return shapes
+
+
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """While the block runs, every parameter a module registers moves to the meta device (no memory, no
@@ -285,15 +347,16 @@ def load_compressed(directory: str, dtype: torch.dtype | None = None) -> "OPTFor
     Every tensor comes from the files but the non-persistent buffers, which the model computes (`skeleton`)."""
     from transformers import AutoConfig
 
+    check_export(directory)
     state: dict[str, torch.Tensor] = {}
-    with safe_open(os.path.join(directory, PACKED), "pt") as f:
+    with open_export_file(os.path.join(directory, PACKED)) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
             raise ValueError(f"{directory}: not a {FORMAT} v{VERSION} export (format {meta.get('format')!r}, "
                              f"version {meta.get('version')!r})")
         for name, layout in json.loads(meta["layers"]).items():
             state[f"{name}.weight"] = unpack_linear(f, name, layout)
-    with safe_open(os.path.join(directory, DENSE), "pt") as f:
+    with open_export_file(os.path.join(directory, DENSE)) as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
         state.update({k: f.get_tensor(k) for k in f.keys()})
     for alias, source in aliases.items():

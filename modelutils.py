@@ -271,6 +271,39 @@ def linear_names(config) -> list[list[str]]:
     return [list(find_linears(layer)) for layer in decoder_layers(skeleton)]
 
 
+def linear_shapes(config) -> list[dict[str, tuple[int, int]]]:
+    """(out_features, in_features) of each decoder layer's Linears by name, from the config alone (built on the meta
+    device: no memory, no weights), for checks made before any work."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return [{n: (m.out_features, m.in_features) for n, m in find_linears(layer).items()}
+            for layer in decoder_layers(skeleton)]
+
+
+def check_export_files(model: str, config=None) -> None:
+    """ModelError naming the file, before any weight is read, for an export whose files contradict themselves or
+    their config: a packed export (export.check_export: truncated or damaged safetensors, streams of the wrong
+    length) or a compressed-tensors checkpoint (compressed_tensors_export.check_checkpoint: tensors packed at
+    another width than config.json says). Anything else passes: from_pretrained checks plain checkpoints."""
+    source = model_source(model)
+    if not os.path.isdir(source):
+        return
+    try:
+        if os.path.isfile(os.path.join(source, "packed.safetensors")):
+            from export import check_export
+
+            check_export(source)
+        elif config is not None and (getattr(config, "quantization_config", None) or {}).get("quant_method") == \
+                "compressed-tensors":
+            from compressed_tensors_export import check_checkpoint
+
+            check_checkpoint(source, config.quantization_config)
+    except ValueError as e:
+        raise ModelError(" ".join(str(e).split())) from e
+
+
 def load_opt(model: str, quiet: bool = False, check_values: bool = True) -> nn.Module:
     """The causal LM (a family of FAMILIES) from a local directory or the hub, in the checkpoint's dtype, eval mode: a
     from_pretrained directory (a compressed-tensors export too) or our packed export.
@@ -285,7 +318,7 @@ def load_opt(model: str, quiet: bool = False, check_values: bool = True) -> nn.M
 
     if quiet:
         logging.disable_progress_bar()
-    load_config(model)
+    check_export_files(model, load_config(model))
     source = model_source(model)
     if os.path.isfile(os.path.join(source, "packed.safetensors")):  # our packed export (--export_format packed)
         from export import load_compressed

@@ -683,7 +683,7 @@ def run(cfg: RunConfig, startup: float | None = None) -> dict[str, Any]:
     if cfg.lm_eval:
         with stage("lm_eval"):
             scores = lm_eval_tasks.evaluate(model.to(dev), tokenizer, cfg.lm_eval, cfg.lm_eval_include or None,
-                                            cfg.batch_size, str(dev))
+                                            cfg.batch_size, str(dev), cfg.data_dir, cfg.quiet)
         log(f"lm-eval: {json.dumps(scores)}")
     timings = dict(stage.seconds, total=time.time() - started)
     if startup is not None:
@@ -974,6 +974,7 @@ def validate(cfg: RunConfig) -> None:
         if unknown:
             raise UsageError(f"--lm_eval: unknown task(s) {', '.join(unknown)}; give lm-eval task names, or local "
                              "task definitions with --lm_eval_include DIR")
+        lm_eval_tasks.check_sources(cfg.lm_eval, cfg.lm_eval_include or None, cfg.data_dir)  # data files, the hub
     if cfg.export_format == "compressed-tensors":
         if not compressed_tensors_export.available():
             raise UsageError("--export_format compressed-tensors needs the compressed-tensors package: "
@@ -1123,10 +1124,12 @@ def check_model(cfg: RunConfig) -> None:
     a supported family, calibration windows whose layer inputs fit in the device's memory, a tokenizer that fits
     the embedding, a layer selection that picks some Linear, and a way to the data (--data_dir, or a hub that
     answers)."""
-    from modelutils import hub_reachable, linear_names
+    from modelutils import check_export_files, hub_reachable, linear_names
 
     set_stage("checking the model")
     config = load_config(cfg.model)
+    check_export_files(cfg.model, config)  # a damaged export, named, before any weight is read
+    compressed_tensors_export.check_layout(cfg, config, UsageError)  # its groups must tile every row
     seqlen = cfg.seqlen or config.max_position_embeddings
     width = 2 if str(config.dtype).endswith("float16") else 4  # (config.torch_dtype would draw a deprecation warning)
     windows = -(-cfg.nsamples // distributed.launched_size())  # each process holds its share of the windows
