@@ -1237,6 +1237,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exception(error)
             if rank == 0:  # the one writer
                 _remove_new_outputs(cfg, existed)
+            streaming.remove_scratch()  # each process's --stream files (its finalizers never run: os._exit)
             where = f"rank {rank}: " if processes > 1 and started else ""
             reported = distributed.report(error, code, f"error: {where}{message}")  # under --gpus: the launcher says it
             if (rank == 0 or started) and not reported:  # the checks before the run give every process the same answer
