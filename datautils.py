@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # transformers is imported when a run needs it (modelutils.im
     from transformers import PreTrainedTokenizerBase
 
 from modelutils import model_source
-from runtime import atomic_file
+from runtime import atomic_file, libraries_quiet
 
 DATASETS = ("wikitext2", "ptb", "c4")
 
@@ -206,11 +206,20 @@ def _hub_dataset(name: str, split: str):
     except ImportError:
         raise DataError(f"the `datasets` package is not installed, so {name} cannot come from the hub; "
                         f"pass --data_dir DIR with {_LAYOUT}") from None
+    quiet = libraries_quiet()  # --quiet: no download or preparation bars, no warnings below errors
+    bars, level = datasets.utils.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    if quiet:
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
     try:
         return datasets.load_dataset(**kwargs)
     except Exception as e:  # offline, unknown dataset, auth, cache: each is fixed the same way
         raise DataError(f"cannot load {kwargs['path']} ({split}) from the Hugging Face hub ({type(e).__name__}); "
                         f"pass --data_dir DIR with {_LAYOUT}") from e
+    finally:
+        if quiet and not bars:
+            datasets.enable_progress_bars()
+        datasets.logging.set_verbosity(level)
 
 
 def _find(data_dir: str | os.PathLike, relpath: str) -> Path | None:

@@ -341,10 +341,15 @@ def evaluate(model: nn.Module, tokenizer, tasks: list[str], include: str | None,
     from lm_eval.models.huggingface import HFLM
 
     specs = [BUNDLED[t](data_dir) if t in BUNDLED else t for t in tasks]
-    with silenced(quiet):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        out = simple_evaluate(model=lm, tasks=specs, task_manager=task_manager(include, tuple(tasks)),
-                              log_samples=False)
+    use_cache = model.config.use_cache
+    model.config.use_cache = False  # lm-eval's scoring forwards would each build a KV cache (generation asks for one)
+    try:
+        with silenced(quiet):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+            out = simple_evaluate(model=lm, tasks=specs, task_manager=task_manager(include, tuple(tasks)),
+                                  log_samples=False)
+    finally:
+        model.config.use_cache = use_cache  # as the source had it, for --save and --export
     clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
     return {task: {k: clean(v) for k, v in metrics.items()} for task, metrics in out["results"].items()}
 

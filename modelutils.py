@@ -327,7 +327,6 @@ def load_opt(model: str, quiet: bool = False, check_values: bool = True) -> nn.M
             net = load_compressed(source)
         except (OSError, ValueError, RuntimeError) as e:
             raise ModelError(f"cannot load the packed export in {model} ({_first_line(e)})") from e
-        net.config.use_cache = False
         return net.eval()
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the load report is replaced by our own message below
@@ -344,7 +343,8 @@ def load_opt(model: str, quiet: bool = False, check_values: bool = True) -> nn.M
     names = lambda key: [k if isinstance(k, str) else str(k[0]) for k in info.get(key) or ()]
     check_checkpoint(model, names("missing_keys"), names("unexpected_keys"), names("mismatched_keys"),
                      net.state_dict() if check_values else {})
-    net.config.use_cache = False
+    # config.use_cache stays the source's, so that --save and --export write it as it was: every forward of a run
+    # passes use_cache=False itself (and lm_eval_tasks.evaluate turns the cache off while lm-eval scores)
     return net.eval()
 
 

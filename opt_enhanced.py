@@ -41,7 +41,7 @@ from modelutils import (capture_layer_inputs, check_finite, check_weights_finite
                         walk_layers)
 from quant import QuantGrid
 from runtime import (Background, Interrupted, Log, Stages, atomic_directory, current_stage, nonfinite_path,
-                     process_seconds, set_stage, sigterm_interrupts, write_json)
+                     process_seconds, quiet_libraries, set_stage, sigterm_interrupts, write_json)
 from sparsegpt_enhanced import SOLVE_ORDERS, PruneSpec, SolveGraphs, SparseGPT, magnitude_prune, solve_order
 
 EVAL_DATASETS = ("wikitext2", "ptb", "c4")
@@ -325,7 +325,7 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, hidden: torc
     matmuls. Each layer is visited twice per batch, so the layers must stay on the GPU: not with --offload."""
     layers = decoder_layers(model)
     if not resident(layers, dev):
-        raise RuntimeError("--bit_scope model needs the whole model on the GPU (its loss gradients visit every "
+        raise RuntimeError("--bit_scope model needs the whole model on the run's device (its loss gradients visit every "
                            "layer twice per batch); drop --offload or use --bit_scope layer")
     kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
     sums: dict[str, torch.Tensor] = {}
@@ -908,7 +908,7 @@ def validate(cfg: RunConfig) -> None:
         if cfg.nearest:
             raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
         if (cfg.offload or cfg.stream) and (cfg.bit_scope == "model" or cfg.bit_granularity == "linear"):
-            raise UsageError("--bit_scope model (and --bit_granularity linear) needs the whole model on the GPU; "
+            raise UsageError("--bit_scope model (and --bit_granularity linear) needs the whole model on the run's device; "
                              "drop --offload/--stream or use --bit_scope layer")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
@@ -1214,7 +1214,7 @@ def main(argv: list[str] | None = None) -> int:
                 import_transformers()
             check_model(cfg)
             started = True
-            with distributed.session(run_device(cfg)):
+            with distributed.session(run_device(cfg)), quiet_libraries(cfg.quiet):
                 results = run(cfg, startup=process_seconds())
             error = None
         except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:

@@ -199,8 +199,7 @@ def load_streamed(model: str, scratch_parent: str | None = None) -> nn.Module:
     misshaped = [n for n, t in tensors.items() if t.shape != expected[n].shape]
     check_checkpoint(model, missing, unexpected, misshaped, tensors)
     net.layer_store = LayerStore(prefix, sources, scratch_parent)
-    net.config.use_cache = False
-    return net.eval()
+    return net.eval()  # config.use_cache as the source has it (modelutils.load_opt says why)
 
 
 def _dtype_of(keys: dict[str, str]) -> torch.dtype:
