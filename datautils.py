@@ -18,6 +18,7 @@ import re
 import sys
 import zlib
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -206,18 +207,28 @@ def _hub_dataset(name: str, split: str):
     except ImportError:
         raise DataError(f"the `datasets` package is not installed, so {name} cannot come from the hub; "
                         f"pass --data_dir DIR with {_LAYOUT}") from None
-    quiet = libraries_quiet()  # --quiet: no download or preparation bars, no warnings below errors
-    bars, level = datasets.utils.are_progress_bars_disabled(), datasets.logging.get_verbosity()
-    if quiet:
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
     try:
-        return datasets.load_dataset(**kwargs)
+        with _quiet_datasets(datasets, libraries_quiet()):
+            return datasets.load_dataset(**kwargs)
     except Exception as e:  # offline, unknown dataset, auth, cache: each is fixed the same way
         raise DataError(f"cannot load {kwargs['path']} ({split}) from the Hugging Face hub ({type(e).__name__}); "
                         f"pass --data_dir DIR with {_LAYOUT}") from e
+
+
+@contextmanager
+def _quiet_datasets(datasets, quiet: bool):
+    """Under --quiet (runtime.quiet_libraries), datasets' download and preparation bars and its log lines below
+    errors are off while the block runs, and come back as they were."""
+    if not quiet:
+        yield
+        return
+    bars, level = datasets.utils.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
     finally:
-        if quiet and not bars:
+        if not bars:
             datasets.enable_progress_bars()
         datasets.logging.set_verbosity(level)
 

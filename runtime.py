@@ -56,8 +56,9 @@ def libraries_quiet() -> bool:
 def quiet_libraries(quiet: bool) -> Iterator[None]:
     """--quiet for the libraries a run drives, while the block runs: transformers' progress bars (the shards --save
     writes, a hub download) and huggingface_hub's, and their log lines below ERROR (datasets: datautils, lm-eval:
-    lm_eval_tasks.silenced, where they run). Each comes back as it was afterwards, so that a process running
-    several runs (the tests, bench.py) is left as it was."""
+    lm_eval_tasks.silenced, where they run). The log levels and huggingface_hub's bars come back as they were
+    afterwards, so that a process running several runs (the tests, bench.py) is left as it was; transformers' bars
+    stay off, as modelutils.load_opt has always left them after a quiet load."""
     if not quiet:
         yield
         return
@@ -68,7 +69,7 @@ def quiet_libraries(quiet: bool) -> Iterator[None]:
 
     loggers = [logging.getLogger(name) for name in ("transformers", "huggingface_hub", "accelerate")]
     levels = [logger.level for logger in loggers]
-    bars = {"transformers": hf_logging.is_progress_bar_enabled(), "hub": not are_progress_bars_disabled()}
+    hub_bars = not are_progress_bars_disabled()
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
@@ -80,9 +81,7 @@ def quiet_libraries(quiet: bool) -> Iterator[None]:
         _quiet[0] = False
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-        if bars["transformers"]:
-            hf_logging.enable_progress_bar()
-        if bars["hub"]:
+        if hub_bars:
             enable_progress_bars()
 
 

@@ -150,8 +150,8 @@ def test_a_process_hands_its_error_to_the_launcher_instead_of_printing_it(tmp_pa
     """Rank 1 of a --gpus job meets a usage error (a GPT-2 directory): nothing on its stderr, its report says it."""
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=260).save_pretrained(tmp_path / "gpt2")
-    capfd.readouterr()  # transformers' warnings about that config, in this process
+    GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=260, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "gpt2")
+    capfd.readouterr()
     as_rank(monkeypatch, tmp_path)
     assert oe.main([str(tmp_path / "gpt2"), "c4", "--device", "cpu", "--nsamples", "2", "--quiet"]) == 2
     assert capfd.readouterr().err == ""
@@ -190,9 +190,9 @@ def test_the_cli_on_two_processes_says_a_usage_error_once(tmp_path, private_tmp,
 
     from conftest import write_tokenizer
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=260).save_pretrained(tmp_path / "gpt2")
+    GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=260, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "gpt2")
     write_tokenizer(tmp_path / "gpt2")
-    capfd.readouterr()  # transformers' warnings about that config, in this process
+    capfd.readouterr()
     code = oe.main([str(tmp_path / "gpt2"), "c4", "--device", "cpu", "--gpus", "2", "--nsamples", "2", "--quiet",
                     "--results_json", str(tmp_path / "r.json")])
     assert code == 2 and "is a 'gpt2' model" in one_line(capfd)

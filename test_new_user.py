@@ -57,12 +57,16 @@ def test_quiet_save_draws_no_progress_bar(tiny_dir, tmp_path, capfd):
     """transformers' "Writing model shards" bar of --save, with its bars switched on as a fresh process has them."""
     from transformers.utils import logging as hf_logging
 
+    before = hf_logging.is_progress_bar_enabled()
     hf_logging.enable_progress_bar()
-    model, data = tiny_dir
-    capfd.readouterr()
-    assert oe.main([str(model), "c4", "--data_dir", str(data), *QUICK, "--quiet", "--sparsity", "0.5",
-                    "--save", str(tmp_path / "s")]) == 0
-    assert capfd.readouterr().err == ""
+    try:
+        model, data = tiny_dir
+        capfd.readouterr()
+        assert oe.main([str(model), "c4", "--data_dir", str(data), *QUICK, "--quiet", "--sparsity", "0.5",
+                        "--save", str(tmp_path / "s")]) == 0
+        assert capfd.readouterr().err == ""
+    finally:  # as the other tests of this process had it
+        (hf_logging.enable_progress_bar if before else hf_logging.disable_progress_bar)()
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
