@@ -2,10 +2,11 @@
 names its first cause once; Ctrl-C is one line and 130; nothing is left in the temporary directory; what can be
 checked about the launch is checked before any process starts.
 
-The launcher (distributed.launch: torch.distributed's elastic agent, in this process) starts real processes here.
-Most tests give it small Python children that follow the processes' side of the protocol (distributed.report)
-without importing torch, so that a launch takes half a second; one test launches the CLI itself on two CPU
-processes (gloo). Run: python -m pytest -q test_launch_errors.py
+The launcher (distributed.launch: torch.distributed's elastic agent, in this process) starts real processes here:
+small Python children that follow the processes' side of the protocol (distributed.report) without importing
+torch, so that a launch takes half a second; the processes' side runs in this process, as a rank of two. The CLI
+itself on two gloo processes is test_distributed.test_torchrun_launch (each process imports torch and
+transformers: seconds). Run: python -m pytest -q test_launch_errors.py
 """
 from __future__ import annotations
 
@@ -22,11 +23,10 @@ import torch
 
 import distributed
 import opt_enhanced as oe
-from runtime import sigterm_interrupts
 
 # A child process of the launcher, as small as one can be: it reports `line` with exit `code` (kind `kind`) per
-# rank, after `delay` seconds, the way distributed.report does, and exits `linger` seconds later; a rank not in
-# `ranks` sleeps until it is stopped, and `kill` makes one end by SIGKILL without a report.
+# rank, after `delay` seconds, the way distributed.report does, and exits; a rank not in `ranks` sleeps until it is
+# stopped. Each writes its pid first.
 CHILD = r'''
 import json, os, sys, time
 spec = json.loads(sys.argv[1])
@@ -37,14 +37,9 @@ if entry is None:
     time.sleep(60)
     sys.exit(0)
 time.sleep(entry.get("delay", 0))
-if entry.get("kill"):
-    os.kill(os.getpid(), 9)
-if entry.get("line"):
-    reports = os.environ["OPT_ENHANCED_LAUNCH_REPORTS"]
-    with open(os.path.join(reports, f"rank{rank}.json"), "w") as f:
-        json.dump({"rank": int(rank), "code": entry["code"], "line": entry["line"], "kind": entry["kind"],
-                   "time": time.time()}, f)
-time.sleep(entry.get("linger", 0))
+with open(os.path.join(os.environ["OPT_ENHANCED_LAUNCH_REPORTS"], f"rank{rank}.json"), "w") as f:
+    json.dump({"rank": int(rank), "code": entry["code"], "line": entry["line"], "kind": entry["kind"],
+               "time": time.time()}, f)
 sys.exit(entry["code"])
 '''
 
@@ -80,22 +75,27 @@ def test_a_usage_error_on_every_process_is_said_once_with_exit_2(tmp_path, priva
     assert os.listdir(private_tmp) == []  # neither torchelastic_* nor the reports' directory
 
 
-def test_the_first_cause_is_said_not_the_lost_contact_it_caused(tmp_path, private_tmp, capfd):
-    """Rank 0 reports a lost contact first and is still ending when rank 1's own failure comes in."""
-    ranks = {"1": {"code": 1, "line": "error: rank 1: NaN/Inf in the weight", "kind": "failed", "delay": 0.3},
-             "0": {"code": 1, "line": "error: rank 0: lost contact with the other processes", "kind": "lost",
-                   "linger": 5}}
-    assert launch_children(tmp_path, ranks) == 1
-    assert one_line(capfd) == "error: rank 1: NaN/Inf in the weight"
-    assert os.listdir(private_tmp) == []
+def test_the_job_says_its_first_cause(tmp_path):
+    """What the launcher prints of the processes' reports (distributed.job_outcome): a failure before the lost
+    contact it caused in the others (even one reported later), either before an interruption (the processes the
+    launcher stopped), and without any report, how the first failed process ended."""
+    def report(rank: int, kind: str, line: str, at: float, code: int = 1) -> None:
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "code": code, "line": line,
+                                                              "kind": kind, "time": at}))
 
-
-def test_a_process_killed_without_a_word_is_named(tmp_path, private_tmp, capfd):
-    assert launch_children(tmp_path, {"1": {"code": 1, "kill": True}}) == 1
-    line = one_line(capfd)
-    assert "rank 1 of 2 was killed by SIGKILL" in line and "out of memory" in line
-    assert not any(_alive(p) for p in _pids(tmp_path))  # rank 0 (asleep) was stopped with the job
-    assert os.listdir(private_tmp) == []
+    failures = {0: (1, 10.0), 1: (1, 10.5)}
+    report(0, "lost", "error: rank 0: lost contact with the other processes", at=1.0)
+    report(1, "failed", "error: rank 1: NaN/Inf in the weight", at=2.0)
+    assert distributed.job_outcome(str(tmp_path), failures, 2) == (1, "error: rank 1: NaN/Inf in the weight")
+    report(1, "interrupted", "error: rank 1: terminated (SIGTERM)", at=0.5, code=143)
+    assert distributed.job_outcome(str(tmp_path), failures, 2)[1].startswith("error: rank 0: lost contact")
+    for name in os.listdir(tmp_path):
+        os.remove(tmp_path / name)
+    line = distributed.job_outcome(str(tmp_path), {1: (-signal.SIGKILL, 3.0), 0: (-signal.SIGTERM, 4.0)}, 2)
+    assert line == (1, "error: the process of rank 1 of 2 was killed by SIGKILL (out of memory? see the system "
+                       "log); the job stopped")
+    assert distributed.job_outcome(str(tmp_path), {0: (3, 1.0)}, 2) == \
+        (1, "error: the process of rank 0 of 2 ended with exit code 3 without a message; the job stopped")
 
 
 def _pids(tmp_path: Path) -> list[int]:
@@ -181,22 +181,3 @@ def test_the_launch_is_checked_before_any_process_starts(tmp_path, capfd, monkey
         m.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
         assert oe.main(argv) == 2
     assert "set TMPDIR to a writable directory" in one_line(capfd)
-
-
-@pytest.mark.slow  # two fresh interpreters import torch and transformers
-def test_the_cli_on_two_processes_says_a_usage_error_once(tmp_path, private_tmp, capfd):
-    """The issue's case end to end: `--gpus 2` on a GPT-2 directory, each process finding it."""
-    from transformers import GPT2Config
-
-    from conftest import write_tokenizer
-
-    GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=260, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "gpt2")
-    write_tokenizer(tmp_path / "gpt2")
-    capfd.readouterr()
-    code = oe.main([str(tmp_path / "gpt2"), "c4", "--device", "cpu", "--gpus", "2", "--nsamples", "2", "--quiet",
-                    "--results_json", str(tmp_path / "r.json")])
-    assert code == 2 and "is a 'gpt2' model" in one_line(capfd)
-    # torch's compile cache (torchinductor_USER, made by importing torch._dynamo, as transformers does) is one per
-    # user and machine, reused by every run: not the job's
-    left = [name for name in os.listdir(private_tmp) if not name.startswith("torchinductor_")]
-    assert left == [] and not (tmp_path / "r.json").exists()
