@@ -116,8 +116,8 @@ def tokenizer_failure(model: str, source: str, error: BaseException) -> str:
         files = set(os.listdir(source))
         tiktoken_files = sorted(f for f in files if f.endswith(".tiktoken"))
         if not files & set(TOKENIZER_FILES) and not tiktoken_files:
-            return (f"the tokenizer files (tokenizer.json, or tokenizer.model, or vocab.json and merges.txt) are missing "
-                    f"from {model}; copy them from the model it was trained with")
+            return (f"the tokenizer files (tokenizer.json, or tokenizer.model, or vocab.json and merges.txt) are "
+                    f"missing from {model}; copy them from the model it was trained with")
         if "tokenizer.json" not in files:
             model_file = "tokenizer.model" if "tokenizer.model" in files else (tiktoken_files or [None])[0]
             chain, e = [], error

@@ -233,7 +233,8 @@ def job_outcome(reports: str, failures: dict[int, tuple[int, float]], nproc: int
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
         hint = " (out of memory? see the system log)" if name == "SIGKILL" else ""
         return 1, f"error: the process of rank {rank} of {nproc} was killed by {name}{hint}; the job stopped"
-    return 1, f"error: the process of rank {rank} of {nproc} ended with exit code {code} without a message; the job stopped"
+    return 1, (f"error: the process of rank {rank} of {nproc} ended with exit code {code} without a message; the job "
+               f"stopped")
 
 
 # ---------------------------------------------------------------- data parallel: windows and sums

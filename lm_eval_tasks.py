@@ -103,7 +103,8 @@ def wikitext2_task(data_dir: str) -> dict[str, Any]:
     def articles(**_: Any):
         import datasets
 
-        return datasets.DatasetDict({"test": datasets.Dataset.from_list([{"page": a} for a in wikitext2_articles(path)])})
+        pages = [{"page": a} for a in wikitext2_articles(path)]
+        return datasets.DatasetDict({"test": datasets.Dataset.from_list(pages)})
 
     return {"task": BUNDLED_EXAMPLE, "custom_dataset": articles, "output_type": "loglikelihood_rolling",
             "test_split": "test", "doc_to_text": "", "doc_to_target": wikitext_detokenizer,

@@ -325,8 +325,8 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, hidden: torc
     matmuls. Each layer is visited twice per batch, so the layers must stay on the GPU: not with --offload."""
     layers = decoder_layers(model)
     if not resident(layers, dev):
-        raise RuntimeError("--bit_scope model needs the whole model on the run's device (its loss gradients visit every "
-                           "layer twice per batch); drop --offload or use --bit_scope layer")
+        raise RuntimeError("--bit_scope model needs the whole model on the run's device (its loss gradients visit "
+                           "every layer twice per batch); drop --offload or use --bit_scope layer")
     kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
     sums: dict[str, torch.Tensor] = {}
 
@@ -908,8 +908,8 @@ def validate(cfg: RunConfig) -> None:
         if cfg.nearest:
             raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
         if (cfg.offload or cfg.stream) and (cfg.bit_scope == "model" or cfg.bit_granularity == "linear"):
-            raise UsageError("--bit_scope model (and --bit_granularity linear) needs the whole model on the run's device; "
-                             "drop --offload/--stream or use --bit_scope layer")
+            raise UsageError("--bit_scope model (and --bit_granularity linear) needs the whole model on the run's "
+                             "device; drop --offload/--stream or use --bit_scope layer")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"--{name} {getattr(cfg, name)!r}: give one of {'|'.join(allowed)}")

@@ -150,7 +150,8 @@ def test_a_process_hands_its_error_to_the_launcher_instead_of_printing_it(tmp_pa
     """Rank 1 of a --gpus job meets a usage error (a GPT-2 directory): nothing on its stderr, its report says it."""
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=260, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "gpt2")
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=260, bos_token_id=0, eos_token_id=0)
+    config.save_pretrained(tmp_path / "gpt2")
     capfd.readouterr()
     as_rank(monkeypatch, tmp_path)
     assert oe.main([str(tmp_path / "gpt2"), "c4", "--device", "cpu", "--nsamples", "2", "--quiet"]) == 2
