@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -17,6 +18,7 @@ import re
 import sys
 import zlib
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # transformers is imported when a run needs it (modelutils.im
 
 from modelutils import model_source
 from systems.atomic_io import atomic_file
+from systems.progress import libraries_quiet
 
 DATASETS = ("wikitext2", "ptb", "c4")
 
@@ -74,16 +77,67 @@ def get_tokenizer(model: str) -> PreTrainedTokenizerBase:
     it cannot be loaded or encodes text to nothing (its files missing)."""
     from transformers import AutoTokenizer
 
+    from transformers.utils import logging
+
     source = model_source(model)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # its notes on the way to a failure (a package missing) come before our one line
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, use_fast=True)
     except Exception as e:  # OSError (offline, unknown id), or a damaged tokenizer file (ValueError, JSON errors)
-        raise DataError(f"cannot load a tokenizer from {model!r} ({type(e).__name__}); pass a local model "
-                        f"directory (e.g. ../shared/models/opt-mini) or a hub id reachable from here") from e
+        raise DataError(tokenizer_failure(model, source, e)) from e
+    finally:
+        logging.set_verbosity(verbosity)
     if not tokenizer("the cat", add_special_tokens=False)["input_ids"]:
         raise DataError(f"the tokenizer of {model} encodes text to nothing: its files (tokenizer.json, or vocab.json "
                         f"and merges.txt) are missing from {model}; copy them from the model it was trained with")
     return tokenizer
+
+
+# The files a tokenizer is read from: the tokenizers library's own serialization, a SentencePiece or tiktoken model
+# (converted on loading), a byte-level BPE's vocabulary and merges, a WordPiece vocabulary.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "merges.txt", "vocab.txt")
+
+
+def installed(package: str) -> bool:
+    """Whether `package` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def tokenizer_failure(model: str, source: str, error: BaseException) -> str:
+    """The one-line message for a tokenizer that transformers could not load, naming the real cause where the files
+    show it: no tokenizer file at all (transformers then asks for sentencepiece or tiktoken, which would not help), or
+    a SentencePiece/tiktoken model without tokenizer.json, which needs a package that is not installed."""
+    detail = " ".join(str(error).split())[:150]
+    if os.path.isdir(source):
+        files = set(os.listdir(source))
+        tiktoken_files = sorted(f for f in files if f.endswith(".tiktoken"))
+        if not files & set(TOKENIZER_FILES) and not tiktoken_files:
+            return (f"the tokenizer files (tokenizer.json, or tokenizer.model, or vocab.json and merges.txt) are "
+                    f"missing from {model}; copy them from the model it was trained with")
+        if "tokenizer.json" not in files:
+            model_file = "tokenizer.model" if "tokenizer.model" in files else (tiktoken_files or [None])[0]
+            chain, e = [], error
+            while e is not None:
+                chain.append(str(e))
+                e = e.__cause__ or e.__context__
+            text = " ".join(chain).lower()
+            if (model_file is not None and model_file.endswith(".tiktoken")) or \
+                    ("tiktoken" in text and installed("sentencepiece")):
+                needed = ["tiktoken"]
+            else:
+                needed = ["sentencepiece", "protobuf"] if "protobuf" in text else ["sentencepiece"]
+            missing = [p for p in needed if not installed("google.protobuf" if p == "protobuf" else p)]
+            if model_file is not None and missing:
+                return (f"the tokenizer of {model} is {model_file} without tokenizer.json, and reading it needs "
+                        f"{' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+                        f"pip install {' '.join(missing)} (or add the model's tokenizer.json)")
+    return (f"cannot load a tokenizer from {model!r} ({type(error).__name__}: {detail}); pass a local model directory "
+            f"(e.g. ../shared/models/opt-mini) or a hub id reachable from here")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,10 +209,29 @@ def _hub_dataset(name: str, split: str):
         raise DataError(f"the `datasets` package is not installed, so {name} cannot come from the hub; "
                         f"pass --data_dir DIR with {_LAYOUT}") from None
     try:
-        return datasets.load_dataset(**kwargs)
+        with _quiet_datasets(datasets, libraries_quiet()):
+            return datasets.load_dataset(**kwargs)
     except Exception as e:  # offline, unknown dataset, auth, cache: each is fixed the same way
         raise DataError(f"cannot load {kwargs['path']} ({split}) from the Hugging Face hub ({type(e).__name__}); "
                         f"pass --data_dir DIR with {_LAYOUT}") from e
+
+
+@contextmanager
+def _quiet_datasets(datasets, quiet: bool):
+    """Under --quiet (runtime.quiet_libraries), datasets' download and preparation bars and its log lines below
+    errors are off while the block runs, and come back as they were."""
+    if not quiet:
+        yield
+        return
+    bars, level = datasets.utils.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if not bars:
+            datasets.enable_progress_bars()
+        datasets.logging.set_verbosity(level)
 
 
 def _find(data_dir: str | os.PathLike, relpath: str) -> Path | None:

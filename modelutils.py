@@ -249,6 +249,17 @@ def linear_names(config) -> list[list[str]]:
     return [list(find_linears(layer)) for layer in decoder_layers(skeleton)]
 
 
+def linear_shapes(config) -> list[dict[str, tuple[int, int]]]:
+    """(out_features, in_features) of each decoder layer's Linears by name, from the config alone (built on the meta
+    device: no memory, no weights), for checks made before any work."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return [{n: (m.out_features, m.in_features) for n, m in find_linears(layer).items()}
+            for layer in decoder_layers(skeleton)]
+
+
 def is_packed_export(model: str) -> bool:
     """Whether `model` is a local directory holding our packed export (formats/packed.py) rather than a
     from_pretrained checkpoint."""
@@ -286,7 +297,8 @@ def load_model(model: str, quiet: bool = False, check_values: bool = True) -> nn
     names = lambda key: [k if isinstance(k, str) else str(k[0]) for k in info.get(key) or ()]
     check_checkpoint(model, names("missing_keys"), names("unexpected_keys"), names("mismatched_keys"),
                      net.state_dict() if check_values else {})
-    net.config.use_cache = False
+    # config.use_cache stays the source's, so that --save and --export write it as it was: every forward of a run
+    # passes use_cache=False itself (and lm_eval_tasks.evaluate turns the cache off while lm-eval scores)
     return net.eval()
 
 

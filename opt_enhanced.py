@@ -138,9 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sys_ = p.add_argument_group("systems (where and how it runs; the numbers stay the same)")
     sys_.add_argument("--device", type=str, help="cuda, cpu, ... (default: cuda if available)")
     sys_.add_argument("--gpus", type=int,
-                      help="run as this many processes, one GPU each, through torch.distributed.run (the same as "
-                           "torchrun --standalone --nproc_per_node N opt_enhanced.py ...); with --device cpu, CPU "
-                           "processes")
+                      help="run as this many processes, one GPU each (what torchrun --standalone --nproc_per_node N "
+                           "does, as one job: one error line, Ctrl-C stops them all); with --device cpu, CPU processes")
     sys_.add_argument("--offload", action="store_true",
                       help="keep the model on the CPU, one decoder layer on the GPU at a time (automatic when it "
                            "does not fit)")

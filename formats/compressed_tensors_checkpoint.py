@@ -42,6 +42,78 @@ def available() -> bool:
     return importlib.util.find_spec("compressed_tensors") is not None
 
 
+def check_layout(cfg, config, error: type[Exception] = ValueError) -> None:
+    """Before any work, for a run that exports compressed-tensors (`cfg`: the run's settings, `config`: the model's):
+    with --groupsize G every Linear the run quantizes must have a multiple of G columns, since the format's groups
+    tile each row (a remainder group would be refused only when writing, after compression and evaluation).
+    Raises `error` with a group size that fits every such Linear."""
+    if not cfg.export or cfg.export_format != "compressed-tensors" or cfg.groupsize <= 0 or not cfg.quantize:
+        return
+    from modelutils import linear_shapes
+
+    chosen = [(i, name, columns) for i, layer in enumerate(linear_shapes(config))
+              for name, (_, columns) in layer.items() if cfg.selected(i, name)]
+    bad = [(i, name, columns) for i, name, columns in chosen if columns % cfg.groupsize]
+    if not bad:
+        return
+    common = math.gcd(*(columns for *_, columns in chosen))
+    fits = [g for g in range(1, common + 1) if common % g == 0 and g >= min(16, common)]
+    nearest = min(fits, key=lambda g: (abs(math.log(g / cfg.groupsize)), -g))
+    i, name, columns = bad[0]
+    raise error(f"--groupsize {cfg.groupsize} with --export_format compressed-tensors: layer {i}'s {name} has "
+                f"{columns} columns, not a multiple of {cfg.groupsize} (the format's groups tile each row); choose "
+                f"a group size that divides {common}, e.g. {nearest}, or --export_format packed")
+
+
+def check_checkpoint(directory: str, quantization: dict[str, Any]) -> None:
+    """ValueError naming the file when a compressed-tensors checkpoint (pack-quantized, as written here) holds
+    tensors of other shapes than its config.json's `quantization_config` gives: codes packed at another width
+    (a config edited to 8 bits over 4-bit tensors), scales of another group size. transformers would load such a
+    checkpoint and fail at the first forward with a bare tensor-size message. Reads the safetensors headers and the
+    `weight_shape` entries (two integers each) only."""
+    from safetensors import safe_open
+
+    if quantization.get("format") != "pack-quantized":
+        return  # another compressor's layout: transformers' loader checks it
+    groups = [(args.get("targets") or [], args.get("weights") or {}) for args in
+              (quantization.get("config_groups") or {}).values()]
+    for path in sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".safetensors")):
+        try:
+            with safe_open(path, "pt") as f:
+                keys = set(f.keys())
+                for key in sorted(k for k in keys if k.endswith(".weight_packed")):
+                    name = key.removesuffix(".weight_packed")
+                    weights = next((w for targets, w in groups if any(_targets(t, name) for t in targets)), None)
+                    if weights is None or f"{name}.weight_shape" not in keys:
+                        continue
+                    rows, columns = (int(v) for v in f.get_tensor(f"{name}.weight_shape").tolist())
+                    bits, group = int(weights.get("num_bits", 0)), weights.get("group_size") or columns
+                    found = {s: tuple(f.get_slice(f"{name}.{s}").get_shape()) for s in
+                             ("weight_packed", "weight_scale") if f"{name}.{s}" in keys}
+                    expected = {"weight_packed": (rows, math.ceil(columns * bits / 32)),
+                                "weight_scale": (rows, math.ceil(columns / group))}
+                    for what, shape in found.items():
+                        if shape != expected[what]:
+                            raise ValueError(f"{path}: {name}.{what} has shape {list(shape)}, but config.json's "
+                                             f"quantization_config ({bits} bits, groups of {group} columns over "
+                                             f"{columns}) gives {list(expected[what])}: the config and the tensors "
+                                             f"disagree (edited?); export the model again")
+        except ValueError:
+            raise
+        except Exception as e:  # SafetensorError: truncated or damaged
+            raise ValueError(f"{path} is damaged ({' '.join(str(e).split())[:200]}): export the model again") from None
+
+
+def _targets(target: str, name: str) -> bool:
+    """Whether a config group's target (a module name regex "re:...", or a module class, which every quantized
+    Linear here is) names the Linear `name`."""
+    import re
+
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == "Linear"
+
+
 @dataclass
 class CompressedTensorsReport:
     """Sizes in bytes of what `export_compressed_tensors` wrote."""

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import safetensors.torch
 import torch
@@ -241,28 +242,132 @@ def export_compressed(model: nn.Module, grids: dict[str, QuantGrid], bits: dict[
     return report
 
 
-def load_compressed(directory: str, dtype: torch.dtype | None = None) -> "OPTForCausalLM":
-    """Rebuild the model `export_compressed` wrote, with exactly the same weights (then cast to `dtype` if given)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _damaged(path: str, what: str) -> ValueError:
+    return ValueError(f"{path} is damaged ({what}): export the model again")
 
+
+def open_export_file(path: str):
+    """safe_open on one of an export's files, a damaged or truncated one reported as ValueError naming it (safetensors
+    raises its own SafetensorError, which says neither which file nor what to do)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing: the export is incomplete; export the model again")
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:  # SafetensorError (truncated, bad header), OSError
+        raise _damaged(path, " ".join(str(e).split())[:200]) from None
+
+
+def check_export(directory: str) -> None:
+    """ValueError naming the file when a packed export cannot be what `export_compressed` wrote, from the headers
+    alone (no tensor is read): a missing, truncated or damaged safetensors file, a layout that does not parse, a
+    stream or range tensor missing or of another length than its layout gives."""
+    path = os.path.join(directory, PACKED)
+    with open_export_file(path) as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            return  # load_compressed says what it is not
+        try:
+            layouts = json.loads(meta["layers"])
+        except (KeyError, ValueError) as e:
+            raise _damaged(path, f"its header's layer layouts do not parse: {e}") from None
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        for name, layout in layouts.items():
+            try:
+                expected = packed_shapes(name, layout)
+            except (KeyError, TypeError, ValueError) as e:
+                raise _damaged(path, f"the layout of {name} is incomplete: {e}") from None
+            for key, shape in expected.items():
+                if key not in shapes:
+                    raise _damaged(path, f"{key} is missing")
+                if shapes[key] != shape:
+                    raise _damaged(path, f"{key} has shape {list(shapes[key])}, its layout gives {list(shape)}")
+    with open_export_file(os.path.join(directory, DENSE)):
+        pass
+
+
+def packed_shapes(name: str, layout: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor `pack_linear` writes for one Linear of this layout."""
+    rows, columns, widths = int(layout["rows"]), int(layout["columns"]), list(layout["widths"])
+    groups = -(-columns // int(layout["groupsize"])) if int(layout["groupsize"]) > 0 else 1
+    stream = lambda count, width: (-(-count * width // 8),)
+    shapes = {f"{name}.xmin": (rows, groups), f"{name}.xmax": (rows, groups)}
+    if layout["pruned"]:
+        shapes[f"{name}.mask"] = stream(rows * columns, 1)
+    if layout.get("shrink_widths"):
+        shapes[f"{name}.shrink"] = (len(layout["shrink_widths"]),)
+    if len(widths) > 1:
+        shapes[f"{name}.bitmap"] = stream(columns, int(layout["index_bits"]))
+    if len(layout["counts"]) != len(widths):
+        raise ValueError(f"{len(widths)} widths but {len(layout['counts'])} code counts")
+    for b, count in zip(widths, layout["counts"]):
+        shapes[f"{name}.codes.{b}"] = stream(int(count), int(b))
+    return shapes
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """While the block runs, every parameter a module registers moves to the meta device (no memory, no
+    initialisation), and buffers are made where their module makes them.
+
+    Why not `with torch.device("meta")`: that puts the buffers there too, and the non-persistent ones (the
+    rotary embedding's inv_freq of Llama, Mistral and Qwen2) are in no checkpoint, so nothing would ever fill
+    them: the model would fail at its first forward ("Cannot copy out of meta tensor"). Computed by their
+    module's __init__, as from_pretrained computes them, they hold the values the run evaluated with."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def skeleton(config) -> nn.Module:
+    """The causal LM of `config` with its parameters on the meta device, to be filled by `load_state_dict(...,
+    assign=True)`, and its buffers computed (`parameters_on_meta`)."""
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def left_on_meta(model: nn.Module) -> list[str]:
+    """The parameters and buffers of `model` that hold no data (still on the meta device)."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return [name for name, t in tensors if t.device.type == "meta"]
+
+
+def load_compressed(directory: str, dtype: torch.dtype | None = None) -> "OPTForCausalLM":
+    """Rebuild the model `export_compressed` wrote, with exactly the same weights (then cast to `dtype` if given).
+    Every tensor comes from the files but the non-persistent buffers, which the model computes (`skeleton`)."""
+    from transformers import AutoConfig
+
+    check_export(directory)
     state: dict[str, torch.Tensor] = {}
-    with safe_open(os.path.join(directory, PACKED), "pt") as f:
+    with open_export_file(os.path.join(directory, PACKED)) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
             raise ValueError(f"{directory}: not a {FORMAT} v{VERSION} export (format {meta.get('format')!r}, "
                              f"version {meta.get('version')!r})")
         for name, layout in json.loads(meta["layers"]).items():
             state[f"{name}.weight"] = unpack_linear(f, name, layout)
-    with safe_open(os.path.join(directory, DENSE), "pt") as f:
+    with open_export_file(os.path.join(directory, DENSE)) as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
         state.update({k: f.get_tensor(k) for k in f.keys()})
     for alias, source in aliases.items():
         state[alias] = state[source]
-    config = AutoConfig.from_pretrained(directory)
-    with torch.device("meta"):  # no random init: every tensor comes from the files
-        model = AutoModelForCausalLM.from_config(config)
+    model = skeleton(AutoConfig.from_pretrained(directory))
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()  # assign=True gives tied names separate Parameters; make them one again
+    empty = left_on_meta(model)
+    if empty:
+        raise ValueError(f"{directory}: the export holds no values for {', '.join(empty[:3])}"
+                         f"{', ...' if len(empty) > 3 else ''}; export the model again")
     if dtype is not None:
         model.to(dtype)
     return model.eval()

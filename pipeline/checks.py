@@ -15,7 +15,7 @@ from formats import compressed_tensors_checkpoint
 from modelutils import hub_reachable, linear_names, load_config, model_source
 from pipeline import lm_eval_tasks
 from pipeline.config import CHOICES, RunConfig, UsageError
-from pipeline.placement import device_memory, run_device
+from pipeline.placement import check_export_files, device_memory, run_device
 from systems import distributed
 from systems.progress import set_stage
 
@@ -72,6 +72,7 @@ def check_processes(cfg: RunConfig) -> None:
                          f"(cuda:LOCAL_RANK); give --device cuda")
     if dev.type == "cuda" and processes > torch.cuda.device_count():
         raise UsageError(f"{processes} processes need {processes} GPUs; this host has {torch.cuda.device_count()}")
+    distributed.check_launch(processes, dev.type, UsageError)
     if cfg.nsamples < processes:
         raise UsageError(f"--nsamples {cfg.nsamples}: each of the {processes} processes needs a calibration "
                          f"window; give at least {processes}")
@@ -152,8 +153,8 @@ def validate(cfg: RunConfig) -> None:
         if cfg.nearest:
             raise UsageError("--target_avg_bits needs calibration statistics; drop --nearest")
         if (cfg.offload or cfg.stream) and (cfg.bit_scope == "model" or cfg.bit_granularity == "linear"):
-            raise UsageError("--bit_scope model (and --bit_granularity linear) needs the whole model on the GPU; "
-                             "drop --offload/--stream or use --bit_scope layer")
+            raise UsageError("--bit_scope model (and --bit_granularity linear) needs the whole model on the run's "
+                             "device; drop --offload/--stream or use --bit_scope layer")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UsageError(f"--{name} {getattr(cfg, name)!r}: give one of {'|'.join(allowed)}")
@@ -218,6 +219,7 @@ def validate(cfg: RunConfig) -> None:
         if unknown:
             raise UsageError(f"--lm_eval: unknown task(s) {', '.join(unknown)}; give lm-eval task names, or local "
                              "task definitions with --lm_eval_include DIR")
+        lm_eval_tasks.check_sources(cfg.lm_eval, cfg.lm_eval_include or None, cfg.data_dir)  # data files, the hub
     if cfg.export_format == "compressed-tensors":
         if not compressed_tensors_checkpoint.available():
             raise UsageError("--export_format compressed-tensors needs the compressed-tensors package: "
@@ -238,6 +240,8 @@ def check_model(cfg: RunConfig) -> None:
     answers)."""
     set_stage("checking the model")
     config = load_config(cfg.model)
+    check_export_files(cfg.model, config)  # a damaged export, named, before any weight is read
+    compressed_tensors_checkpoint.check_layout(cfg, config, UsageError)  # its groups must tile every row
     seqlen = cfg.seqlen or config.max_position_embeddings
     width = 2 if str(config.dtype).endswith("float16") else 4  # (config.torch_dtype would draw a deprecation warning)
     windows = -(-cfg.nsamples // distributed.launched_size())  # each process holds its share of the windows

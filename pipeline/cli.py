@@ -16,9 +16,9 @@ from pipeline.checks import check_model, validate
 from pipeline.config import RunConfig, UsageError
 from pipeline.placement import device_starting, run_device
 from pipeline.run import run
-from systems import distributed
+from systems import distributed, streaming
 from systems.interrupts import Interrupted, sigterm_interrupts
-from systems.progress import current_stage, process_seconds, set_stage
+from systems.progress import current_stage, process_seconds, quiet_libraries, set_stage
 
 
 def _outputs(cfg: RunConfig | None) -> dict[str, str]:
@@ -72,7 +72,7 @@ def main(argv: list[str], parse_args: Callable[[list[str]], RunConfig], script: 
                 import_transformers()
             check_model(cfg)
             started = True
-            with distributed.session(run_device(cfg)):
+            with distributed.session(run_device(cfg)), quiet_libraries(cfg.quiet):
                 results = run(cfg, startup=process_seconds())
             error = None
         except (UsageError, datautils.DataError, ModelError, FileNotFoundError) as e:
@@ -95,8 +95,10 @@ def main(argv: list[str], parse_args: Callable[[list[str]], RunConfig], script: 
                 traceback.print_exception(error)
             if rank == 0:  # the one writer
                 _remove_new_outputs(cfg, existed)
-            if rank == 0 or started:  # the checks before the run give every process the same answer: said once
-                where = f"rank {rank}: " if processes > 1 and started else ""
+            streaming.remove_scratch()  # each process's --stream files (its finalizers never run: os._exit)
+            where = f"rank {rank}: " if processes > 1 and started else ""
+            reported = distributed.report(error, code, f"error: {where}{message}")  # under --gpus: the launcher says it
+            if (rank == 0 or started) and not reported:  # the checks before the run give every process the same answer
                 print(f"error: {where}{message}", file=sys.stderr)
             return code
     if rank != 0:

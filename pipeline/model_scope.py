@@ -35,8 +35,8 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, inputs: Laye
     matmuls. Each layer is visited twice per batch, so the layers must stay on the GPU: not with --offload."""
     layers = decoder_layers(model)
     if not resident(layers, dev):
-        raise RuntimeError("--bit_scope model needs the whole model on the GPU (its loss gradients visit every "
-                           "layer twice per batch); drop --offload or use --bit_scope layer")
+        raise RuntimeError("--bit_scope model needs the whole model on the run's device (its loss gradients visit "
+                           "every layer twice per batch); drop --offload or use --bit_scope layer")
     kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.kwargs.items()}
     hidden, batch_size = inputs.hidden, inputs.batch_size
     sums: dict[str, torch.Tensor] = {}

@@ -10,9 +10,10 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from formats.packed import load_compressed
+from formats.compressed_tensors_checkpoint import check_checkpoint
+from formats.packed import check_export, load_compressed
 from modelutils import (ModelError, check_weights_finite, decoder_io_modules, decoder_layers, first_line,
-                        is_packed_export, layer_store, load_model)
+                        is_packed_export, layer_store, load_model, model_source)
 from pipeline.config import RunConfig
 from quant import QuantGrid
 from sparsegpt_enhanced import SparseGPT
@@ -118,9 +119,29 @@ def device_starting(cfg: RunConfig) -> Iterator[None]:
 
 def load_packed(directory: str) -> nn.Module:
     """Our packed export (--export_format packed), its damage reported as a ModelError naming the directory."""
+    check_export_files(directory)
     try:
         model = load_compressed(os.path.expanduser(directory))
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"cannot load the packed export in {directory} ({first_line(e)})") from e
-    model.config.use_cache = False
     return model.eval()
+
+
+def check_export_files(model: str, config=None) -> None:
+    """ModelError naming the file, before any weight is read, for an export whose files contradict themselves or
+    their config: a packed export (formats.packed.check_export: truncated or damaged safetensors, streams of the
+    wrong length) or a compressed-tensors checkpoint (formats.compressed_tensors_checkpoint.check_checkpoint:
+    tensors packed at another width than config.json says). Anything else passes: from_pretrained checks plain
+    checkpoints."""
+    source = model_source(model)
+    if not os.path.isdir(source):
+        return
+    try:
+        if os.path.isfile(os.path.join(source, "packed.safetensors")):
+            check_export(source)
+        elif config is not None and (getattr(config, "quantization_config", None) or {}).get("quant_method") == \
+                "compressed-tensors":
+            check_checkpoint(source, config.quantization_config)
+    except ValueError as e:
+        raise ModelError(" ".join(str(e).split())) from e
+

@@ -89,7 +89,7 @@ def run(cfg: RunConfig, startup: float | None = None) -> dict[str, Any]:
     if cfg.lm_eval:
         with stage("lm_eval"):
             scores = lm_eval_tasks.evaluate(model.to(dev), tokenizer, cfg.lm_eval, cfg.lm_eval_include or None,
-                                            cfg.batch_size, str(dev))
+                                            cfg.batch_size, str(dev), cfg.data_dir, cfg.quiet)
         log(f"lm-eval: {json.dumps(scores)}")
     timings = dict(stage.seconds, total=time.time() - started)
     if startup is not None:

@@ -1,7 +1,7 @@
 """Several processes of one host, one GPU each, through torch.distributed.
 
     torchrun --standalone --nproc_per_node 2 opt_enhanced.py MODEL DATASET [flags]
-    python opt_enhanced.py MODEL DATASET --gpus 2 [flags]        (launches the line above)
+    python opt_enhanced.py MODEL DATASET --gpus 2 [flags]        (the same launch, by `launch` in this process)
 
 torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; `session` then joins the processes (NCCL on CUDA, each
 rank on cuda:LOCAL_RANK; gloo on the CPU, which is how the tests run it). A process started without
@@ -21,15 +21,18 @@ How the work is split, and why the result is one process's up to the order of su
 """
 from __future__ import annotations
 
+import json
 import os
-import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from systems.interrupts import Interrupted
 
 
 class PeerLost(RuntimeError):
@@ -109,20 +112,129 @@ def session(dev: torch.device) -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run `python argv...` as `nproc` processes through torch.distributed.run (torchrun) on this host and
-    return its exit status. Each process gets an equal share of the CPU threads unless OMP_NUM_THREADS
-    says otherwise (torchrun's own default is one thread, which slows the allocator's CPU work)."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *argv]
-    launcher = subprocess.Popen(command, env=env)
+def check_launch(processes: int, device_type: str, error: type[Exception] = ValueError) -> None:
+    """Raise `error` (one line, with the fix) where `processes` processes on `device_type` cannot start, before any
+    process does: torch without torch.distributed or the backend (NCCL for CUDA, gloo for the CPU), a host that does
+    not resolve localhost (the launcher's rendezvous listens there), no writable temporary directory (the processes
+    report their errors to the launcher through one). A run under torchrun needs the backend alone."""
+    backend, ready = ("nccl", dist.is_nccl_available) if device_type == "cuda" else ("gloo", dist.is_gloo_available)
+    if not dist.is_available() or not ready():
+        raise error(f"{processes} processes on {device_type} need torch.distributed with {backend}, which this torch "
+                    f"build lacks; install a torch wheel with it, or run one process (drop --gpus)")
+    if launched_size() > 1:  # torchrun started us: the launch is done
+        return
+    import socket
+    import tempfile
+
     try:
-        return launcher.wait()
-    except BaseException:  # SIGINT/SIGTERM here: torchrun passes SIGTERM on to its processes
-        launcher.terminate()
-        launcher.wait()
-        raise
+        socket.getaddrinfo("localhost", None)
+    except OSError as e:
+        raise error(f"--gpus {processes}: this host cannot resolve localhost ({e}), where the processes meet; add "
+                    f"localhost to /etc/hosts") from None
+    try:
+        tempfile.TemporaryDirectory(prefix="opt-enhanced-check-").cleanup()
+    except OSError as e:
+        raise error(f"--gpus {processes}: cannot create a temporary directory ({e}); set TMPDIR to a writable "
+                    f"directory") from None
+
+
+# Set by `launch` for the processes it starts: the directory where each process leaves its error line (`report`).
+REPORTS = "OPT_ENHANCED_LAUNCH_REPORTS"
+
+
+def report(error: BaseException, code: int, line: str) -> bool:
+    """Under `launch`, hand this process's one-line error (`line`, exit `code`) to the launcher, which prints one
+    line for the whole job once every process has ended, and return True; elsewhere (one process, torchrun run by
+    hand) return False: the caller prints it. Why not print here: every process would, and a process that the
+    launcher stops after another one failed would add its own "terminated" or "lost contact" line."""
+    directory = os.environ.get(REPORTS)
+    if not directory:
+        return False
+    kind = "interrupted" if isinstance(error, (KeyboardInterrupt, Interrupted)) else \
+        "lost" if isinstance(error, PeerLost) else "failed"
+    record = {"rank": launched_rank(), "code": code, "line": line, "kind": kind, "time": time.time()}
+    path = os.path.join(directory, f"rank{launched_rank()}.json")
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(path + ".tmp", path)
+    except OSError:
+        return False  # the launcher is gone or its directory too: say it here
+    return True
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `python argv...` as `nproc` processes through torch.distributed's elastic launcher (what torchrun
+    --standalone runs) in this process, and return the job's exit code, having printed at most one line.
+
+    In this process rather than as a torchrun subprocess, so that the job reads like one run: the processes report
+    their error lines here (`report`) and this prints the first cause (a failure before a lost contact, either
+    before an interruption) with its exit code, 2 for a usage error; torchrun's own logging and its ChildFailedError
+    report stay silent; SIGINT/SIGTERM raise here as in any run (the launcher's own handlers, which would raise its
+    SignalException, are not installed), and the launcher stops the processes (SIGTERM, which they clean up after)
+    before the exception leaves; its log directory is /dev/null and the reports' directory goes at the end, so
+    nothing is left in the temporary directory. The processes run in sessions of their own, so a Ctrl-C at the
+    terminal reaches this process alone. Each process gets an equal share of the CPU threads unless
+    OMP_NUM_THREADS says otherwise (torchrun's own default is one thread, which slows the allocator's CPU work)."""
+    import logging
+    import shutil
+    import tempfile
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    reports = tempfile.mkdtemp(prefix="opt-enhanced-launch-")
+    saved_env, saved_logging = dict(os.environ), logging.root.manager.disable
+    try:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        os.environ[REPORTS] = reports
+        logging.disable(logging.CRITICAL)  # the launcher's INFO/WARNING/ERROR lines about the processes
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                              rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                              logs_specs=DefaultLogsSpecs(log_dir=os.devnull),
+                              signals_to_handle="")  # no handler of its own: ours (runtime.sigterm_interrupts) stay
+        try:
+            elastic_launch(config, sys.executable)("-u", *argv)
+            return 0
+        except ChildFailedError as e:
+            failures = {rank: (f.exitcode, f.timestamp) for rank, f in e.failures.items()}
+        code, line = job_outcome(reports, failures, nproc)
+        print(line, file=sys.stderr)
+        return code
+    finally:
+        logging.disable(saved_logging)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        shutil.rmtree(reports, ignore_errors=True)
+
+
+def job_outcome(reports: str, failures: dict[int, tuple[int, float]], nproc: int) -> tuple[int, str]:
+    """(exit code, the one error line) of a job whose processes `failures` ({rank: (exit code, time)}) failed:
+    the earliest report (`report`, in the directory `reports`) of a failure, else of a lost contact, else of an
+    interruption; without any, the first failed process's end (a signal: killed from outside, out of memory say)."""
+    records = []
+    for name in os.listdir(reports):
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(reports, name)) as f:
+                    records.append(json.load(f))
+            except (OSError, ValueError):
+                pass
+    for kind in ("failed", "lost", "interrupted"):
+        chosen = sorted((r for r in records if r.get("kind") == kind), key=lambda r: r["time"])
+        if chosen:
+            return int(chosen[0]["code"]), chosen[0]["line"]
+    rank, (code, _) = min(failures.items(), key=lambda item: item[1][1])
+    if code < 0:
+        import signal
+
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        hint = " (out of memory? see the system log)" if name == "SIGKILL" else ""
+        return 1, f"error: the process of rank {rank} of {nproc} was killed by {name}{hint}; the job stopped"
+    return 1, (f"error: the process of rank {rank} of {nproc} ended with exit code {code} without a message; the job "
+               f"stopped")
 
 
 # ---------------------------------------------------------------- data parallel: windows and sums

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from typing import ContextManager
+from typing import ContextManager, Iterator
 
 import torch
 
@@ -33,6 +33,48 @@ class Log:
             return iterable
         from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+_quiet = [False]
+
+
+def libraries_quiet() -> bool:
+    """Whether a `quiet_libraries` block is running: libraries imported only on some paths (datasets, for the hub's
+    data) quiet themselves where they are used."""
+    return _quiet[0]
+
+
+@contextmanager
+def quiet_libraries(quiet: bool) -> Iterator[None]:
+    """--quiet for the libraries a run drives, while the block runs: transformers' progress bars (the shards --save
+    writes, a hub download) and huggingface_hub's, and their log lines below ERROR (datasets: datautils, lm-eval:
+    lm_eval_tasks.silenced, where they run). The log levels and huggingface_hub's bars come back as they were
+    afterwards, so that a process running several runs (the tests, bench.py) is left as it was; transformers' bars
+    stay off, as modelutils.load_model leaves them after a quiet load."""
+    if not quiet:
+        yield
+        return
+    import logging
+
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    loggers = [logging.getLogger(name) for name in ("transformers", "huggingface_hub", "accelerate")]
+    levels = [logger.level for logger in loggers]
+    hub_bars = not are_progress_bars_disabled()
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    _quiet[0] = True
+    try:
+        yield
+    finally:
+        _quiet[0] = False
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if hub_bars:
+            enable_progress_bars()
 
 
 _stage = ["checking the flags"]

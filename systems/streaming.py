@@ -12,8 +12,8 @@ written to its own safetensors file in a scratch directory, and from then on rea
 compressed layers are what evaluation and --save see. `save_streamed` links (or copies) those files
 into the checkpoint directory it writes, with the non-layer tensors, an index and the config, so
 from_pretrained loads it. The scratch directory sits beside the --save target (same file system,
-so linking is free) or in the system's temporary directory, and goes when the store does or the
-process ends.
+so linking is free) or in the system's temporary directory, and goes when the store does, or when a failed
+or interrupted run leaves (`remove_scratch`).
 """
 from __future__ import annotations
 
@@ -118,8 +118,27 @@ class LayerStore:
     def _scratch(self) -> str:
         if self.scratch is None:
             self.scratch = tempfile.mkdtemp(prefix=".stream-", dir=self.scratch_parent)
-            weakref.finalize(self, shutil.rmtree, self.scratch, True)
+            SCRATCH.add(self.scratch)
+            weakref.finalize(self, _remove, self.scratch)
         return self.scratch
+
+
+# Every scratch directory this process made and has not removed yet (`remove_scratch`).
+SCRATCH: set[str] = set()
+
+
+def _remove(directory: str) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    SCRATCH.discard(directory)
+
+
+def remove_scratch() -> None:
+    """Remove every scratch directory of this process's streamed models now, whatever holds them. A run that
+    fails or is interrupted calls this on its way out: the store's own finalizer runs only when the model is
+    collected, and the CLI ends its process with os._exit, which collects nothing (the traceback it reported
+    still holds the model), so the compressed layers' files stayed beside --save or in $TMPDIR."""
+    for directory in sorted(SCRATCH):
+        _remove(directory)
 
 
 @contextmanager
@@ -180,8 +199,7 @@ def load_streamed(model: str, scratch_parent: str | None = None) -> nn.Module:
     misshaped = [n for n, t in tensors.items() if t.shape != expected[n].shape]
     check_checkpoint(model, missing, unexpected, misshaped, tensors)
     net.layer_store = LayerStore(prefix, sources, scratch_parent)
-    net.config.use_cache = False
-    return net.eval()
+    return net.eval()  # config.use_cache as the source has it (modelutils.load_opt says why)
 
 
 def _dtype_of(keys: dict[str, str]) -> torch.dtype:
