@@ -98,10 +98,11 @@ else:
             "2-bit asym per-row": (512, 2048, [2], False, 0, 0.0),
             "6+8-bit asym per-row, odd rows": (300, 1000, [6, 8], False, 0, 0.0),
         }
+        # tiles of mixed_matmul's tuning candidates (kernels shared with serving.benchmark's Triton cache)
         GEMV = [KernelConfig("gemv", 128, 1, 1, 4, 2, True), KernelConfig("gemv", 64, 1, 8, 4, 2, False),
-                KernelConfig("gemv", 256, 1, 16, 8, 3, True)]
+                KernelConfig("gemv", 256, 1, 16, 4, 2, True)]
         GEMM = [(8, KernelConfig("gemm", 64, 16, 4, 4, 2, True)), (32, KernelConfig("gemm", 128, 32, 8, 4, 3, True)),
-                (300, KernelConfig("gemm", 128, 128, 1, 8, 3, False)), (77, KernelConfig("gemm", 64, 64, 2, 4, 3, False))]
+                (256, KernelConfig("gemm", 128, 128, 1, 8, 3, False)), (96, KernelConfig("gemm", 64, 256, 2, 4, 3, False))]
 
     @pytest.fixture(scope="module", params=list(CASES))
     def layer(request):
