@@ -390,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     record.env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                   "torch": torch.__version__, "triton": triton.__version__, "argv": sys.argv,
                   "sms": torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 0}
-    record.env.update(ceilings(device))
+    try:
+        record.env.update(ceilings(device))
+    except Exception as exc:  # noqa: BLE001
+        log(f"ceilings not measured: {exc}")
     log(f"env {record.env}")
 
     # ---- layers
@@ -416,7 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         shape = mm.LaunchShape.of(layout, True)
         for m in batches:
             tasks += [(shape, c, m) for c in mm.candidate_configs(layout, m, torch.device(device))]
-    record.env["precompile"] = precompile_all(tasks, args.workers if device == "cuda" else 1, log)
+    try:
+        record.env["precompile"] = precompile_all(tasks, args.workers if device == "cuda" else 1, log)
+    except Exception as exc:  # noqa: BLE001 - e.g. a worker died: every launch then compiles on first use
+        log(f"precompiling failed ({type(exc).__name__}: {str(exc)[:300]}); kernels compile on first use")
+        record.env["precompile"] = {"kernels": 1, "failures": [repr(exc)]}
     record.phases["precompile"] = time.time() - t0
     if len(record.env["precompile"]["failures"]) > record.env["precompile"]["kernels"] // 2 and len(models) > 1:
         log(f"most precompilations failed: each launch compiles on first use, so only {models[0]} is measured")
