@@ -135,13 +135,17 @@ class Anchor:
 def seed_gemlite_configs(n: int, k: int, group: int) -> dict[str, str]:
     """gemlite ships launch configurations tuned on an H100 for common LLM shapes (exactly 4096x4096 and
     2048x2048 among ours) and autotunes any other shape on first use, compiling each candidate (minutes for
-    our six shapes and four batch sizes). For a shape it has no entry for, copy the entries of the nearest
+    our six shapes and four batch sizes). On a GPU whose name matches none of its files (an H200), the H100
+    ones are loaded (same sm_90 and SM count). For a shape it has no entry for, copy the entries of the nearest
     shape it has (in log N + log K; e.g. Llama's 14336 x 4096 for OPT's 16384 x 4096), per kernel type and
     batch bucket. Returns, per kernel type, which shape's configurations were used."""
     import ast
 
+    import gemlite
     import gemlite.core as core
 
+    if not core.GEMLITE_TRITON_CONFIG_CACHE:  # gemlite loads configs by device name; an H200 gets the H100's
+        core.GemLiteLinear.load_config(os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json"))
     used = {}
     for name, entries in core.GEMLITE_TRITON_CONFIG_CACHE.items():
         keys = [ast.literal_eval(key) for key in entries]
