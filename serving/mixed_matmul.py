@@ -72,11 +72,12 @@ def _splits(layout: ServingLayout, tiles: int, sms: int) -> list[int]:
     return fits[max(0, first - 1):first + 3]
 
 
-# (block_n, num_warps, num_stages) of the decode kernel; (block_n, num_warps, num_stages) of the tensor-core
-# kernel for up to 64 rows; (block_n, block_m, num_warps, num_stages) for more rows
-GEMV_TILES = ((64, 4, 2), (128, 4, 2), (256, 4, 2), (128, 8, 3))
-GEMM_SMALL_TILES = ((64, 4, 2), (128, 4, 3), (128, 8, 3))
-GEMM_LARGE_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 4, 3), (256, 128, 8, 3))
+# (block_n, num_warps, num_stages, gather) of the decode kernel; (block_n, num_warps, num_stages) of the
+# tensor-core kernel for up to 64 rows; (block_n, block_m, num_warps, num_stages) for more rows. Each is a
+# compilation per width mix and group mode (5-17 s of CPU for five widths), so the lists are short.
+GEMV_TILES = ((64, 4, 2, True), (128, 4, 2, True), (256, 4, 2, True), (128, 4, 2, False), (256, 4, 2, False))
+GEMM_SMALL_TILES = ((64, 4, 2), (128, 4, 3))
+GEMM_LARGE_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 4, 3))
 
 
 def candidate_configs(layout: ServingLayout, m: int, device: torch.device) -> list[KernelConfig]:
@@ -86,10 +87,9 @@ def candidate_configs(layout: ServingLayout, m: int, device: torch.device) -> li
     n = layout.rows
     out: list[KernelConfig] = []
     if m == 1:
-        for block_n, warps, stages in GEMV_TILES:
+        for block_n, warps, stages, gather in GEMV_TILES:
             tiles = -(-n // block_n)
-            for gather in (True, False):
-                out += [KernelConfig("gemv", block_n, 1, s, warps, stages, gather) for s in _splits(layout, tiles, sms)]
+            out += [KernelConfig("gemv", block_n, 1, s, warps, stages, gather) for s in _splits(layout, tiles, sms)]
     elif m <= 64:
         block_m = max(16, batch_bucket(m))
         for block_n, warps, stages in GEMM_SMALL_TILES:

@@ -89,17 +89,17 @@ else:
         GEMM = [(5, KernelConfig("gemm", 16, 16, 2, 4, 1, True)), (5, KernelConfig("gemm", 16, 16, 1, 4, 1, False))]
     else:
         CASES = {
-            "mixed asym per-row pruned": (1024, 2048, ALL, False, 0, 0.5),
-            "mixed sym per-row": (768, 1536, ALL, True, 0, 0.0),
-            "mixed asym g128": (1024, 2048, ALL, False, 128, 0.0),
+            "mixed asym per-row pruned": (512, 2048, ALL, False, 0, 0.5),
+            "mixed sym per-row": (512, 1536, ALL, True, 0, 0.0),
+            "mixed asym g128": (512, 2048, ALL, False, 128, 0.0),
             "mixed sym g128 pruned": (512, 1024, ALL, True, 128, 0.3),
-            "4-bit asym g128": (1024, 4096, [4], False, 128, 0.0),
-            "3-bit sym g128": (512, 2048, [3], True, 128, 0.0),
-            "2-bit asym per-row": (512, 2048, [2], False, 0, 0.0),
+            "4-bit asym g128": (512, 2048, [4], False, 128, 0.0),
+            "3-bit sym g128": (512, 1024, [3], True, 128, 0.0),
+            "2-bit asym per-row": (512, 1024, [2], False, 0, 0.0),
             "6+8-bit asym per-row, odd rows": (300, 1000, [6, 8], False, 0, 0.0),
         }
         # tiles of mixed_matmul's tuning candidates (kernels shared with serving.benchmark's Triton cache)
-        GEMV = [KernelConfig("gemv", 128, 1, 1, 4, 2, True), KernelConfig("gemv", 64, 1, 8, 4, 2, False),
+        GEMV = [KernelConfig("gemv", 128, 1, 1, 4, 2, True), KernelConfig("gemv", 128, 1, 8, 4, 2, False),
                 KernelConfig("gemv", 256, 1, 16, 4, 2, True)]
         GEMM = [(8, KernelConfig("gemm", 64, 16, 4, 4, 2, True)), (32, KernelConfig("gemm", 128, 32, 8, 4, 3, True)),
                 (256, KernelConfig("gemm", 128, 128, 1, 8, 3, False)), (96, KernelConfig("gemm", 64, 256, 2, 4, 3, False))]
