@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-batches", default="1,8,32")
     ap.add_argument("--cache-len", type=int, default=256)
     ap.add_argument("--anchors", default="gemlite,tinygemm")
+    ap.add_argument("--anchor-batches", default="", help="batches for the anchors (default: --batches)")
     ap.add_argument("--workers", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds: optional phases are skipped past it")
@@ -488,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             save()
 
     anchors = [a for a in args.anchors.split(",") if a] if device == "cuda" else []
+    anchor_batches = [int(b) for b in args.anchor_batches.split(",") if b] or batches
 
     def time_anchors(model: str) -> None:
         for linear in LINEARS:
@@ -500,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     anchor = (gemlite_anchor if name == "gemlite" else tinygemm_anchor)(rows, columns, 128, bias, 7)
                     err = anchor.error(8)
-                    for m in batches:
+                    for m in anchor_batches:
                         x = torch.randn(m, columns, device=device, dtype=anchor.x_dtype)
                         anchor.fn(x)
                         us = time_us(lambda: anchor.fn(x), args.reps)
