@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from quant import QuantGrid
 
 from . import mixed_matmul as mm
-from .layout import WIDTHS, ServingLayout, build_layout, dequantized_weight, permute_activations
+from .layout import ServingLayout, build_layout, dequantized_weight, permute_activations
 
 MODELS = {"opt-1.3b": 2048, "opt-6.7b": 4096}  # hidden size; ffn = 4 * hidden
 LINEARS = ("qkvo", "fc1", "fc2")
@@ -511,7 +511,6 @@ def main(argv: list[str] | None = None) -> int:
                                                "bytes": anchor.weight_bytes, "flops": 2 * m * rows * columns,
                                                "configs_from": getattr(anchor, "configs", None)})
                         log(f"{model} {linear} m={m} {anchor.name} {us:.1f} us (err {err:.1e})")
-                    del anchor
                 except Exception as exc:  # noqa: BLE001
                     record.errors.append(f"anchor {name} {model} {linear}: {type(exc).__name__}: {exc}")
                     log(f"anchor {name} {model} {linear} FAILED {type(exc).__name__}: {str(exc)[:300]}")
