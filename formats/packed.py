@@ -121,33 +121,49 @@ def pack_linear(name: str, weight: torch.Tensor, grid: QuantGrid, bits: torch.Te
     return tensors, layout
 
 
-def unpack_linear(f, name: str, layout: dict[str, Any]) -> torch.Tensor:
-    """The weight of one Linear from its packed tensors in the open file `f` (inverse of `pack_linear`)."""
+@dataclass
+class PackedLinear:
+    """One Linear as the packed file holds it: each weight's integer code (pruned weights 0), each column's width,
+    the keep mask (None: nothing pruned), the grid the codes are on, and the weight's dtype."""
+
+    codes: torch.Tensor  # (rows, columns) int64
+    bits: torch.Tensor  # (columns,) int64
+    keep: torch.Tensor | None  # (rows, columns) bool
+    grid: QuantGrid
+    dtype: torch.dtype
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, exactly the one `pack_linear` checked it rebuilds."""
+        scale, zero, _ = self.grid.column_params(0, self.codes.shape[1], self.bits)
+        w = dequantize(self.codes.float(), scale, zero)
+        return (w if self.keep is None else torch.where(self.keep, w, 0.0)).to(self.dtype)
+
+
+def read_linear(f, name: str, layout: dict[str, Any]) -> PackedLinear:
+    """One Linear from its packed tensors in the open file `f` (inverse of `pack_linear`)."""
     rows, columns, widths = layout["rows"], layout["columns"], layout["widths"]
     if len(widths) > 1:
         index = unpack_bits(f.get_tensor(f"{name}.bitmap"), layout["index_bits"], columns)
         bits = torch.tensor(widths)[index]
     else:
         bits = torch.full((columns,), widths[0])
+    keep = None
     if layout["pruned"]:
         keep = unpack_bits(f.get_tensor(f"{name}.mask"), 1, rows * columns).view(rows, columns).bool()
-    else:
-        keep = torch.ones(rows, columns, dtype=torch.bool)
-    q = torch.zeros(rows, columns)
+    codes = torch.zeros(rows, columns, dtype=torch.int64)
     for b, count in zip(widths, layout["counts"]):
         cols = (bits == b).nonzero().squeeze(1)
-        sub_keep = keep[:, cols]
+        sub_keep = keep[:, cols] if keep is not None else torch.ones(rows, len(cols), dtype=torch.bool)
         if int(sub_keep.sum()) != count:
             raise ValueError(f"{name}: mask keeps {int(sub_keep.sum())} weights of width {b}, stream holds {count}")
-        sub = torch.zeros(rows, len(cols))
-        sub[sub_keep] = unpack_bits(f.get_tensor(f"{name}.codes.{b}"), b, count).float()
-        q[:, cols] = sub
+        sub = torch.zeros(rows, len(cols), dtype=torch.int64)
+        sub[sub_keep] = unpack_bits(f.get_tensor(f"{name}.codes.{b}"), b, count).to(torch.int64)
+        codes[:, cols] = sub
     clipped = layout.get("shrink_widths", [])
     shrink = dict(zip(clipped, f.get_tensor(f"{name}.shrink").tolist())) if clipped else {}
     grid = QuantGrid(layout["sym"], layout["groupsize"], f.get_tensor(f"{name}.xmin"), f.get_tensor(f"{name}.xmax"),
                      shrink)
-    scale, zero, _ = grid.column_params(0, columns, bits)
-    return torch.where(keep, dequantize(q, scale, zero), 0.0).to(getattr(torch, layout["dtype"]))
+    return PackedLinear(codes, bits.to(torch.int64), keep, grid, getattr(torch, layout["dtype"]))
 
 
 # ---------------------------------------------------------------- the model
@@ -342,32 +358,45 @@ def left_on_meta(model: nn.Module) -> list[str]:
     return [name for name, t in tensors if t.device.type == "meta"]
 
 
-def load_compressed(directory: str, dtype: torch.dtype | None = None) -> "OPTForCausalLM":
-    """Rebuild the model `export_compressed` wrote, with exactly the same weights (then cast to `dtype` if given).
-    Every tensor comes from the files but the non-persistent buffers, which the model computes (`skeleton`)."""
+def load_compressed(directory: str, device: torch.device | str | None = None) -> "OPTForCausalLM":
+    """The model `export_compressed` wrote, its compressed Linears as serving.QuantLinear modules that hold the
+    codes in the serving layout (never a float copy of the weights, on any device): on CUDA they run the Triton
+    kernels, on the CPU a fallback that dequantizes per call. Every other tensor comes from the files but the
+    non-persistent buffers, which the model computes (`skeleton`). `device`: where the modules are built (the
+    CPU by default; `.to()` moves them later)."""
     from transformers import AutoConfig
 
+    from serving.qlinear import QuantLinear
+
     check_export(directory)
-    state: dict[str, torch.Tensor] = {}
     with open_export_file(os.path.join(directory, PACKED)) as f:
         meta = f.metadata() or {}
-        if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
-            raise ValueError(f"{directory}: not a {FORMAT} v{VERSION} export (format {meta.get('format')!r}, "
-                             f"version {meta.get('version')!r})")
-        for name, layout in json.loads(meta["layers"]).items():
-            state[f"{name}.weight"] = unpack_linear(f, name, layout)
+    if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
+        raise ValueError(f"{directory}: not a {FORMAT} v{VERSION} export (format {meta.get('format')!r}, "
+                         f"version {meta.get('version')!r})")
     with open_export_file(os.path.join(directory, DENSE)) as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-        state.update({k: f.get_tensor(k) for k in f.keys()})
+        state = {k: f.get_tensor(k) for k in f.keys()}
     for alias, source in aliases.items():
         state[alias] = state[source]
     model = skeleton(AutoConfig.from_pretrained(directory))
-    model.load_state_dict(state, strict=True, assign=True)
+    with open_export_file(os.path.join(directory, PACKED)) as f:
+        for name, layout in json.loads(meta["layers"]).items():
+            linear = read_linear(f, name, layout)
+            bias = state.pop(f"{name}.bias", None)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child,
+                    QuantLinear.from_codes(linear.codes, linear.bits, linear.keep, linear.grid,
+                                           None if bias is None else bias.to(linear.dtype), device))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    packed = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    missing = [k for k in missing if k.rpartition(".")[0] not in packed]  # a QuantLinear holds its own buffers
+    if missing or unexpected:
+        raise ValueError(f"{directory}: the export's tensors do not fit its config ({len(missing)} missing: "
+                         f"{', '.join(missing[:3])}; {len(unexpected)} unexpected: {', '.join(unexpected[:3])})")
     model.tie_weights()  # assign=True gives tied names separate Parameters; make them one again
     empty = left_on_meta(model)
     if empty:
         raise ValueError(f"{directory}: the export holds no values for {', '.join(empty[:3])}"
                          f"{', ...' if len(empty) > 3 else ''}; export the model again")
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
+    return model.eval() if device is None else model.to(device).eval()

@@ -12,7 +12,7 @@ import torch
 
 import datautils
 from formats import compressed_tensors_checkpoint
-from modelutils import hub_reachable, linear_names, load_config, model_source
+from modelutils import hub_reachable, is_packed_export, linear_names, load_config, model_source
 from pipeline import lm_eval_tasks
 from pipeline.config import CHOICES, RunConfig, UsageError
 from pipeline.placement import check_export_files, device_memory, run_device
@@ -195,6 +195,7 @@ def validate(cfg: RunConfig) -> None:
         if value < 1:
             raise UsageError(f"{flag} {value}: give a positive number (e.g. {example})")
     model_source(cfg.model)  # a missing local model directory fails here
+    check_packed_export(cfg)
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise UsageError(f"--data_dir {cfg.data_dir} is not a directory; give the folder holding "
                          f"wikitext-2-raw/, ptb/ and c4/ (e.g. ../shared/data)")
@@ -270,3 +271,19 @@ def check_model(cfg: RunConfig) -> None:
     if cfg.data_dir is None and not offline and not hub_reachable():
         raise UsageError("the Hugging Face hub cannot be reached for the datasets: pass --data_dir DIR with the "
                          "offline data (layout of ../shared/data)")
+
+
+def check_packed_export(cfg: RunConfig) -> None:
+    """A packed export (--export) is compressed already and holds codes in the serving layout, not a checkpoint:
+    it can be evaluated (perplexity, --lm_eval) on a device that holds it, not compressed again or rewritten."""
+    if not is_packed_export(cfg.model):
+        return
+    if cfg.prune.active or cfg.quantize or cfg.gmp or cfg.nearest:
+        raise UsageError(f"{cfg.model} is a packed export, compressed already: evaluate it without "
+                         f"--sparsity/--prunen/--wbits, or compress the model it was made from")
+    if cfg.save or cfg.export:
+        raise UsageError(f"{cfg.model} is a packed export: --save/--export would only copy it; evaluate it, or "
+                         f"export the model it was made from again")
+    if cfg.offload or cfg.stream:
+        raise UsageError(f"{cfg.model} is a packed export, a few bits per weight: it is evaluated on the device "
+                         f"whole; drop --offload/--stream")

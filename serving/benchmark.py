@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from quant import QuantGrid
 
 from . import mixed_matmul as mm
+from .anchors import gemlite_anchor, tinygemm_anchor
+from .decode_step import build_opt, decoder_linears, set_module, time_decode_step
 from .layout import ServingLayout, build_layout, dequantized_weight, permute_activations
 
 MODELS = {"opt-1.3b": 2048, "opt-6.7b": 4096}  # hidden size; ffn = 4 * hidden
@@ -116,90 +118,6 @@ def ceilings(device: str) -> dict[str, float]:
 # ---------------------------------------------------------------- anchors
 
 
-class Anchor:
-    """An established uniform low-bit kernel on a random layer: fn(x) -> y, its weights' bytes, and the error
-    of its output against its own dequantized weights (so a timing of a wrong setup is visible)."""
-
-    def __init__(self, name: str, fn: Callable[[torch.Tensor], torch.Tensor], weight_bytes: int, x_dtype: torch.dtype,
-                 reference: torch.Tensor, bias: torch.Tensor | None):
-        self.name, self.fn, self.weight_bytes, self.x_dtype = name, fn, weight_bytes, x_dtype
-        self.reference, self.bias = reference, bias
-
-    def error(self, m: int) -> float:
-        x = torch.randn(m, self.reference.shape[1], device=self.reference.device, dtype=self.x_dtype)
-        y = self.fn(x).float()
-        ref = x.float() @ self.reference.t() + (self.bias.float() if self.bias is not None else 0.0)
-        return float((y - ref).norm() / ref.norm())
-
-
-def seed_gemlite_configs(n: int, k: int, group: int) -> dict[str, str]:
-    """gemlite ships launch configurations tuned on an H100 for common LLM shapes (exactly 4096x4096 and
-    2048x2048 among ours) and autotunes any other shape on first use, compiling each candidate (minutes for
-    our six shapes and four batch sizes). On a GPU whose name matches none of its files (an H200), the H100
-    ones are loaded (same sm_90 and SM count). For a shape it has no entry for, copy the entries of the nearest
-    shape it has (in log N + log K; e.g. Llama's 14336 x 4096 for OPT's 16384 x 4096), per kernel type and
-    batch bucket. Returns, per kernel type, which shape's configurations were used."""
-    import ast
-
-    import gemlite
-    import gemlite.core as core
-
-    if not core.GEMLITE_TRITON_CONFIG_CACHE:  # gemlite loads configs by device name; an H200 gets the H100's
-        core.GemLiteLinear.load_config(os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json"))
-    used = {}
-    for name, entries in core.GEMLITE_TRITON_CONFIG_CACHE.items():
-        keys = [ast.literal_eval(key) for key in entries]
-        same = [t for t in keys if len(t) >= 6 and t[3] == group and t[4] == 8]  # 4-bit codes, 8 per int32
-        shapes = {(t[1], t[2]) for t in same}
-        if not shapes:
-            continue
-        if (n, k) in shapes:
-            used[name] = f"{n}x{k} (tuned)"
-            continue
-        near = min(shapes, key=lambda s: abs(math.log(s[0] / n)) + abs(math.log(s[1] / k)))
-        for t in same:
-            if (t[1], t[2]) == near:
-                entries.setdefault(str((t[0], n, k, *t[3:])), entries[str(t)])
-        used[name] = f"{near[0]}x{near[1]}"
-    return used
-
-
-def gemlite_anchor(rows: int, columns: int, group: int, bias: torch.Tensor, seed: int) -> Anchor:
-    from gemlite.helper import A16Wn
-
-    configs = seed_gemlite_configs(rows, columns, group)
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    codes = torch.randint(0, 16, (rows, columns), generator=g, device="cuda", dtype=torch.uint8)
-    scales = (torch.rand(rows, columns // group, generator=g, device="cuda") * 0.002 + 0.001).half()
-    zeros = torch.randint(5, 11, (rows, columns // group), generator=g, device="cuda").half()
-    reference = ((codes.float().view(rows, -1, group) - zeros.float()[..., None]) * scales.float()[..., None])
-    layer = A16Wn(device="cuda", dtype=torch.float16).from_weights(codes, scales, zeros, W_nbits=4, group_size=group,
-                                                                   bias=bias)
-    weight_bytes = sum(t.numel() * t.element_size() for t in (layer.W_q, layer.scales, layer.zeros))
-    anchor = Anchor("gemlite-u4-g128", layer, weight_bytes, torch.float16, reference.view(rows, columns), bias)
-    anchor.configs = configs
-    return anchor
-
-
-def tinygemm_anchor(rows: int, columns: int, group: int, bias: torch.Tensor, seed: int) -> Anchor:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randint(0, 16, (rows, columns), generator=g, device="cuda", dtype=torch.int32)
-    packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
-    scales = torch.rand(columns // group, rows, generator=g, device="cuda") * 0.002 + 0.001
-    offsets = (torch.rand(columns // group, rows, generator=g, device="cuda") - 0.5) * 0.01
-    scales_zeros = torch.stack([scales, offsets], 2).to(torch.bfloat16).contiguous()
-    bias_bf16 = bias.to(torch.bfloat16)
-    sz = scales_zeros.float()  # tinygemm: w = (q - 8) * scale + offset, per group of input channels
-    reference = (q.float().view(rows, -1, group) - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm(x, packed, group, scales_zeros) + bias_bf16
-
-    weight_bytes = packed.numel() * packed.element_size() + scales_zeros.numel() * 2
-    return Anchor("tinygemm-u4-g128", fn, weight_bytes, torch.bfloat16, reference.view(rows, columns), bias_bf16)
-
-
 # ---------------------------------------------------------------- precompiling
 
 
@@ -250,84 +168,6 @@ def precompile_all(tasks: list[tuple], workers: int, log: Callable[[str], None])
 
 
 # ---------------------------------------------------------------- the decode step
-
-
-def build_opt(layers: int, hidden: int, device: str) -> torch.nn.Module:
-    from transformers import OPTConfig, OPTForCausalLM
-
-    cfg = OPTConfig(vocab_size=50272, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
-                    num_attention_heads=hidden // 128 if hidden >= 128 else 4, max_position_embeddings=2048, word_embed_proj_dim=hidden,
-                    dropout=0.0, do_layer_norm_before=True)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = OPTForCausalLM(cfg).to(torch.float16).eval()
-    return model
-
-
-def decoder_linears(decoder: torch.nn.Module) -> list[str]:
-    return [n for n, mod in decoder.named_modules()
-            if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "QuantLinear"]
-
-
-def set_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
-
-
-def time_decode_step(model: torch.nn.Module, batch: int, cache_len: int, position: int, reps: int,
-                     device: str) -> dict[str, Any]:
-    """One decode step of the decoder (embeddings, layers, final norm; no lm_head) at `position` of a static
-    cache of `cache_len`, captured as a CUDA graph and replayed. The 4-D attention mask and explicit positions
-    keep the step free of host synchronisation (transformers' own mask and position code read tensors)."""
-    from transformers import StaticCache
-
-    decoder = model.model.decoder
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
-    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
-    pos = torch.full((batch, 1), position, device=device)
-    mask = torch.zeros(batch, 1, 1, cache_len, dtype=torch.bool, device=device)
-    mask[..., :position + 1] = True
-
-    def step():
-        return decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-
-    def rewind():
-        for layer in cache.layers:
-            if getattr(layer, "is_initialized", False):
-                layer.cumulative_length.fill_(position)
-
-    with torch.no_grad():
-        for _ in range(2):  # eager: initialises the cache, tunes anything untuned
-            rewind()
-            step()
-        if device != "cuda":
-            start = time.perf_counter()
-            rewind()
-            step()
-            return {"us": (time.perf_counter() - start) * 1e6, "graph": False}
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            rewind()
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        rewind()
-        with torch.cuda.graph(graph):
-            step()
-        times = []
-        for _ in range(reps):
-            rewind()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        del graph
-    times.sort()
-    return {"us": times[len(times) // 2], "graph": True}
 
 
 # ---------------------------------------------------------------- main

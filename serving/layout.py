@@ -419,38 +419,3 @@ def permute_activations(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     x_pad = torch.nn.functional.pad(x, (0, 1))
     index = torch.where(perm >= 0, perm.to(torch.int64), x.shape[-1])
     return x_pad.index_select(-1, index)
-
-
-# ---------------------------------------------------------------- the packed checkpoint (format v1)
-
-
-def read_packed_linear(f, name: str, layout: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                       torch.Tensor | None, QuantGrid]:
-    """(codes, bits, keep, grid) of one Linear of a v1 packed file opened with safetensors.safe_open
-    (`layout` is that Linear's entry of the header's "layers"): the inputs of `build_layout`.
-    Pruned weights get code 0 (build_layout replaces them by the zero point)."""
-    try:  # the packed format's module moves to formats/packed.py; either spelling works
-        from formats.packed import unpack_bits  # type: ignore[import-not-found]
-    except ImportError:
-        from export import unpack_bits  # type: ignore[import-not-found,no-redef]
-
-    rows, columns, widths = layout["rows"], layout["columns"], layout["widths"]
-    if len(widths) > 1:
-        bits = torch.tensor(widths)[unpack_bits(f.get_tensor(f"{name}.bitmap"), layout["index_bits"], columns)]
-    else:
-        bits = torch.full((columns,), widths[0])
-    keep = None
-    if layout["pruned"]:
-        keep = unpack_bits(f.get_tensor(f"{name}.mask"), 1, rows * columns).view(rows, columns).bool()
-    codes = torch.zeros(rows, columns, dtype=torch.int64)
-    for b, count in zip(widths, layout["counts"]):
-        cols = (bits == b).nonzero().squeeze(1)
-        sub_keep = keep[:, cols] if keep is not None else torch.ones(rows, len(cols), dtype=torch.bool)
-        sub = torch.zeros(rows, len(cols), dtype=torch.int64)
-        sub[sub_keep] = unpack_bits(f.get_tensor(f"{name}.codes.{b}"), b, count).to(torch.int64)
-        codes[:, cols] = sub
-    clipped = layout.get("shrink_widths", [])
-    shrink = dict(zip(clipped, f.get_tensor(f"{name}.shrink").tolist())) if clipped else {}
-    grid = QuantGrid(layout["sym"], layout["groupsize"], f.get_tensor(f"{name}.xmin"),
-                     f.get_tensor(f"{name}.xmax"), shrink)
-    return codes, bits, keep, grid

@@ -175,18 +175,15 @@ def test_swap_linears_in_a_transformers_model():
     assert stored >= predicted > 0
 
 
-def test_read_packed_linear_from_a_v1_export(tmp_path):
-    """The packed checkpoint's codes (format v1) rebuild the same weights through the serving layout."""
+def test_a_packed_export_linear_builds_the_layout(tmp_path):
+    """The packed checkpoint's codes (format v1), read back (formats.packed.read_linear), rebuild the same weights
+    through the serving layout, within its scales' rounding."""
     import json
 
     import safetensors.torch
     from safetensors import safe_open
 
-    try:
-        from formats.packed import pack_linear, unpack_linear
-    except ImportError:
-        from export import pack_linear, unpack_linear
-    from serving.layout import read_packed_linear
+    from formats.packed import pack_linear, read_linear
 
     codes, bits, keep, grid, ref = compressed(12, 96, list(WIDTHS), False, 32, prune=0.3)
     weight = ref.clone()
@@ -194,6 +191,7 @@ def test_read_packed_linear_from_a_v1_export(tmp_path):
     path = tmp_path / "p.safetensors"
     safetensors.torch.save_file(tensors, str(path), metadata={"layers": json.dumps({"l": layout_json})})
     with safe_open(str(path), "pt") as f:
-        exported = unpack_linear(f, "l", layout_json)
-        layout = build_layout(*read_packed_linear(f, "l", layout_json))
-    assert torch.allclose(dequantized_weight(layout), exported, rtol=2.0 ** -10, atol=2.0 ** -10 * 0.2)
+        read = read_linear(f, "l", layout_json)
+    assert torch.equal(read.weight(), weight)
+    layout = build_layout(read.codes, read.bits, read.keep, read.grid)
+    assert torch.allclose(dequantized_weight(layout), weight, rtol=2.0 ** -10, atol=2.0 ** -10 * 0.2)
