@@ -5,7 +5,8 @@
 #
 # Environment: MODEL (default facebook/opt-125m), CALIB (calibration set, default c4), DATA_DIR
 # (offline data; default: the hub), SPARSITY (default 0.5), EXTRA (more opt_enhanced.py flags for
-# every run), OUT (where the JSON goes; default a temporary directory).
+# every run), OUT (where the JSON goes; default a temporary directory), ONLY (comma-separated run names: those
+# runs alone; default all nine).
 # Bits are shown three ways: nominal (code bits over all weights), stored (code bits per stored weight, what
 # --target_avg_bits sets) and effective (everything the packed form holds: codes, ranges, mask, bit map).
 # Fails if a run reports no quantized channel or a mixed run's stored average is off its target by > 0.02.
@@ -28,6 +29,9 @@ budget-3.5|$common --wbits 4 --target_avg_bits 3.5 --bit_method budget
 uniform-3bit|$common --wbits 3
 budget-3.0|$common --wbits 3 --target_avg_bits 3.0 --bit_method budget
 CONFIGS
+if [ -n "${ONLY:-}" ]; then
+  grep -E "^($(echo "$ONLY" | sed 's/,/|/g'))\|" "$OUT/configs.txt" > "$OUT/only.txt" && mv "$OUT/only.txt" "$OUT/configs.txt"
+fi
 data=()
 if [ -n "${DATA_DIR:-}" ]; then data=(--data_dir "$DATA_DIR"); fi
 python3 bench.py "$MODEL" --dataset "$CALIB" --configs "$OUT/configs.txt" "${data[@]}" --json "$OUT/results.json"

@@ -118,7 +118,8 @@ def test_plot_writes_a_png(tiny_dir, tmp_path):
 def test_comparison_script_runs_and_checks_targets(tiny_dir, tmp_path):
     import subprocess
     env = dict(os.environ, MODEL=str(tiny_dir[0]), DATA_DIR=str(tiny_dir[1]), OUT=str(tmp_path),
-               EXTRA="--nsamples 4 --seqlen 64 --device cpu --eval ptb")
+               EXTRA="--nsamples 4 --seqlen 64 --device cpu --eval ptb",
+               ONLY="uniform-4bit,budget-4.0,budget-4.0-linear,quantile-3.5")  # one of each kind, of the nine
     done = subprocess.run(["bash", str(Path(__file__).parent / "run_comparison_test_fixed.sh")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -127,7 +128,7 @@ def test_comparison_script_runs_and_checks_targets(tiny_dir, tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert all(abs(r["summary"]["stored_bits"] - r["config"]["target_avg_bits"]) <= 0.02
                for r in results.values() if r["config"]["target_avg_bits"] is not None)
-    assert len(results) == 9 and all(r["summary"]["channels"] == 2 * (5 * 32 + 64) for r in results.values())
+    assert len(results) == 4 and all(r["summary"]["channels"] == 2 * (5 * 32 + 64) for r in results.values())
 
 
 def test_cli_defaults_are_run_config_defaults(monkeypatch):
