@@ -152,3 +152,15 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     write_tokenizer(root / "model")
     write_data(root / "data")
     return root / "model", root / "data"
+
+
+def cli(tiny_dir: tuple[Path, Path], tmp_path: Path, *flags: str) -> tuple[int, dict]:
+    """opt_enhanced.main on the tiny model and data (4 windows of 64 tokens, CPU, quiet), and its results JSON read
+    back ({} when none was written)."""
+    import opt_enhanced
+
+    model, data = tiny_dir
+    out = tmp_path / "r.json"
+    code = opt_enhanced.main([str(model), "c4", "--data_dir", str(data), "--nsamples", "4", "--seqlen", "64",
+                              "--quiet", "--device", "cpu", "--results_json", str(out), *flags])
+    return code, json.loads(out.read_text()) if out.exists() else {}

@@ -21,13 +21,13 @@ import torch
 
 def load_for_generation(model: str, device: torch.device) -> tuple[Any, Any]:
     """(model on `device` in eval mode, its tokenizer)."""
-    import datautils
     from modelutils import import_transformers, is_packed_export, load_model
     from pipeline.placement import load_packed
+    from tokenizer_loading import get_tokenizer
 
     import_transformers()
     net = load_packed(model) if is_packed_export(model) else load_model(model, quiet=True)
-    return net.to(device).eval(), datautils.get_tokenizer(model)
+    return net.to(device).eval(), get_tokenizer(model)
 
 
 @torch.no_grad()

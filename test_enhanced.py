@@ -1,4 +1,5 @@
-"""Tests on tiny OPT models built here; CPU, seconds each. Run: python -m pytest -q"""
+"""The end-to-end smoke test: the command line on a tiny OPT and tiny data (conftest.py), as a user runs it, with
+its outputs read back. The parts have their own tests in tests/. CPU, seconds each. Run: python -m pytest -q"""
 from __future__ import annotations
 
 import json
@@ -10,28 +11,10 @@ import pytest
 import torch
 from transformers import OPTForCausalLM
 
-from mixed import precision
 import opt_enhanced as oe
+from conftest import cli
+from mixed import precision
 from pipeline.config import RunConfig
-
-OPTIONS = [2, 3, 4, 6, 8]
-
-
-# ---------------------------------------------------------------- solver
-
-
-# ---------------------------------------------------------------- model loop
-
-
-# ---------------------------------------------------------------- CLI end to end
-
-
-def cli(tiny_dir, tmp_path, *flags) -> tuple[int, dict]:
-    model, data = tiny_dir
-    out = tmp_path / "r.json"
-    code = oe.main([str(model), "c4", "--data_dir", str(data), "--nsamples", "4", "--seqlen", "64", "--quiet",
-                    "--device", "cpu", "--results_json", str(out), *flags])
-    return code, json.loads(out.read_text()) if out.exists() else {}
 
 
 def test_cli_dense_is_bit_identical(tiny_dir, tmp_path):

@@ -40,6 +40,7 @@ from pipeline.evaluate import eval_windows, perplexity  # noqa: E402
 from pipeline.placement import place  # noqa: E402
 from systems.atomic_io import write_json  # noqa: E402
 from systems.progress import Log  # noqa: E402
+from tokenizer_loading import get_tokenizer  # noqa: E402
 from validation_texts import VALIDATION, validation_texts  # noqa: E402
 
 TEST = EVAL_DATASETS
@@ -88,7 +89,7 @@ def compressed_model(cfg: RunConfig, dev: torch.device, tokenizer):
 def run(args: argparse.Namespace) -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cache = args.cache_dir
-    tokenizer = datautils.get_tokenizer(args.model)
+    tokenizer = get_tokenizer(args.model)
     seqlen = args.seqlen
     scored = validation_texts(tokenizer, args.data_dir, cache, seqlen)
     rows = json.load(open(args.out)) if os.path.exists(args.out) else []

@@ -18,6 +18,7 @@ from pipeline.config import CHOICES, RunConfig, UsageError
 from pipeline.placement import check_export_files, device_memory, run_device
 from systems import distributed
 from systems.progress import set_stage
+from tokenizer_loading import get_tokenizer
 
 
 def check_outputs(cfg: RunConfig) -> None:
@@ -260,7 +261,7 @@ def check_model(cfg: RunConfig) -> None:
             raise UsageError(f"{flags} selects no Linear layer of {cfg.model} (layers 0..{len(names) - 1}, each with "
                              f"{', '.join(names[0] if names else [])}): nothing would be compressed; widen the "
                              f"selection")
-    tokenizer = datautils.get_tokenizer(cfg.model)
+    tokenizer = get_tokenizer(cfg.model)
     # More tokens than embedding rows cannot run; fewer than half of them leaves most rows unused, which no model
     # is trained with (their tokenizers fill 90-100% of it), but it runs, to a perplexity that means nothing.
     if not config.vocab_size // 2 <= len(tokenizer) <= config.vocab_size:

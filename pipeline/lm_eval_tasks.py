@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -333,11 +334,22 @@ def check_sources(tasks: list[str], include: str | None, data_dir: str | None) -
                         f"{BUNDLED_EXAMPLE} with --data_dir, or --lm_eval_include DIR)")
 
 
-def evaluate(model: nn.Module, tokenizer, tasks: list[str], include: str | None, batch_size: int,
-             device: str, data_dir: str | None = None, quiet: bool = False) -> dict[str, dict[str, Any]]:
+@dataclass(frozen=True)
+class TaskRun:
+    """What --lm_eval asks for: the tasks, a directory of local task definitions, windows per forward pass, where
+    the bundled tasks read their data (--data_dir), and whether lm-eval and datasets stay silent (--quiet)."""
+
+    tasks: tuple[str, ...]
+    include: str | None = None
+    batch_size: int = 8
+    data_dir: str | None = None
+    quiet: bool = False
+
+
+def evaluate(model: nn.Module, tokenizer, device: str, run: TaskRun) -> dict[str, dict[str, Any]]:
     """lm-eval's per-task results for `model` (which must sit on `device` whole), JSON-safe: a metric that
-    lm-eval could not compute (its stderr on one sample, say) becomes None rather than NaN. Bundled tasks read
-    `data_dir`. `quiet`: none of lm-eval's or datasets' log lines and progress bars."""
+    lm-eval could not compute (its stderr on one sample, say) becomes None rather than NaN."""
+    tasks, include, batch_size, data_dir, quiet = list(run.tasks), run.include, run.batch_size, run.data_dir, run.quiet
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 

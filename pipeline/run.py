@@ -26,6 +26,7 @@ from systems import distributed, streaming
 from systems.atomic_io import atomic_directory, nonfinite_path, write_json
 from systems.interrupts import Background
 from systems.progress import Log, Stages, set_stage
+from tokenizer_loading import get_tokenizer
 
 
 def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dict[str, torch.Tensor]]:
@@ -35,7 +36,7 @@ def tokenize(cfg: RunConfig, stage: Stages) -> tuple[Any, int, torch.Tensor, dic
         seqlen = cfg.seqlen or positions
         if seqlen > positions:
             raise UsageError(f"--seqlen {seqlen} exceeds the model's {positions} positions")
-        tokenizer = datautils.get_tokenizer(cfg.model)
+        tokenizer = get_tokenizer(cfg.model)
         calibration = datautils.get_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen,
                                                 cfg.data_dir, cfg.cache_dir)
         eval_ids = {d: datautils.get_eval_ids(d, tokenizer, seqlen, cfg.data_dir, cfg.cache_dir) for d in cfg.eval}
@@ -88,8 +89,9 @@ def run(cfg: RunConfig, startup: float | None = None) -> dict[str, Any]:
     scores = {}
     if cfg.lm_eval:
         with stage("lm_eval"):
-            scores = lm_eval_tasks.evaluate(model.to(dev), tokenizer, cfg.lm_eval, cfg.lm_eval_include or None,
-                                            cfg.batch_size, str(dev), cfg.data_dir, cfg.quiet)
+            tasks = lm_eval_tasks.TaskRun(tuple(cfg.lm_eval), cfg.lm_eval_include or None, cfg.batch_size,
+                                          cfg.data_dir, cfg.quiet)
+            scores = lm_eval_tasks.evaluate(model.to(dev), tokenizer, str(dev), tasks)
         log(f"lm-eval: {json.dumps(scores)}")
     timings = dict(stage.seconds, total=time.time() - started)
     if startup is not None:

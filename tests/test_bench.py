@@ -9,8 +9,8 @@ import torch
 
 import bench
 import opt_enhanced
-from pipeline.compress import compress
 from modelutils import walk_layers
+from pipeline.compress import compress
 from systems.progress import Log
 
 CPU = torch.device("cpu")

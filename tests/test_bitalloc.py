@@ -9,23 +9,20 @@ import torch
 from transformers import OPTForCausalLM
 
 import conftest
-
-from mixed import bitalloc
-from mixed import costs
-from mixed import precision
 import opt_enhanced as oe
 import pipeline.compress
+from mixed import bitalloc, costs, precision
+from mixed.bitalloc import allocate_budget, allocate_quantile
+from mixed.costs import channel_metrics, combine_metrics
+from mixed.rounding import rounding_model
+from mixed.stats import summarize
 from pipeline.checks import validate
 from pipeline.compress import compress
 from pipeline.config import RunConfig, UsageError
 from pipeline.model_scope import allocation_scope
-from mixed.costs import channel_metrics, combine_metrics
-from mixed.bitalloc import allocate_budget, allocate_quantile
-from mixed.rounding import rounding_model
-from mixed.stats import summarize
 from quant import QuantGrid
-from systems.progress import Log
 from sparsegpt_enhanced import PruneSpec, SolveSettings, SparseGPT
+from systems.progress import Log
 
 OPTIONS = [2, 3, 4, 6, 8]
 

@@ -1,4 +1,4 @@
-"""Every check that can run before the work does (issue 30): a compressed-tensors group size that does not tile a
+"""Every check that can run before the work does: a compressed-tensors group size that does not tile a
 Linear, an lm-eval task whose data file is missing, whose YAML does not parse or whose data is on an unreachable
 hub, and damaged exports (a truncated packed file, a compressed-tensors config that contradicts its tensors): each
 is exit 2 with one line naming the cause, and no layer is compressed (compress is replaced by a failure here).

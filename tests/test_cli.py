@@ -7,7 +7,6 @@ import dataclasses
 import gzip
 import json
 import os
-from pathlib import Path
 import re
 import shutil
 import signal
@@ -15,24 +14,25 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from safetensors.torch import load_file, save_file
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import OPTForCausalLM
 
-from conftest import ROOT, tiny_model, write_data, write_tokenizer
 import datautils
 import modelutils
 import opt_enhanced as oe
 import pipeline.checks
-from pipeline.checks import check_model, validate
 import pipeline.cli
-from pipeline.config import CHOICES, UsageError
 import pipeline.placement
-from pipeline.placement import device_starting
 import pipeline.run
+from conftest import ROOT, cli, tiny_model, write_data, write_tokenizer
+from pipeline.checks import check_model, validate
+from pipeline.config import CHOICES, UsageError
+from pipeline.placement import device_starting
 from systems.atomic_io import nonfinite_path, write_json
 
 QUICK = ["--nsamples", "2", "--seqlen", "32", "--quiet", "--device", "cpu", "--eval", "ptb"]
@@ -806,14 +806,6 @@ def test_a_run_imports_transformers_before_its_loading_thread(tiny_dir):
                           timeout=300)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[True]", done.stdout + done.stderr
 
-
-def cli(tiny_dir, tmp_path, *flags) -> tuple[int, dict]:
-    """main() on the tiny model with its results JSON read back ({} when none was written)."""
-    model, data = tiny_dir
-    out = tmp_path / "r.json"
-    code = oe.main([str(model), "c4", "--data_dir", str(data), "--nsamples", "4", "--seqlen", "64", "--quiet",
-                    "--device", "cpu", "--results_json", str(out), *flags])
-    return code, json.loads(out.read_text()) if out.exists() else {}
 
 
 @pytest.mark.parametrize("flags", [["--bit_options", "2,x"], ["--importance_weights", "a,b"]])

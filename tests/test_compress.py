@@ -13,13 +13,13 @@ import pytest
 import torch
 from transformers import OPTForCausalLM, PreTrainedModel
 
+import opt_enhanced as oe
+import pipeline.run
 from conftest import tiny_model
 from modelutils import find_linears
-import opt_enhanced as oe
 from pipeline.checks import validate
 from pipeline.compress import compress
 from pipeline.config import RunConfig
-import pipeline.run
 from pipeline.run import run
 from systems import atomic_io
 from systems.progress import Log

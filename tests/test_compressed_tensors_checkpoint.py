@@ -7,19 +7,17 @@ import os
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import opt_enhanced as oe
+from conftest import tiny_model
+from formats.compressed_tensors_checkpoint import available, export_compressed_tensors
 from pipeline.checks import validate
 from pipeline.compress import compress
 from pipeline.config import RunConfig
 from pipeline.evaluate import eval_windows, perplexity
 from pipeline.run import run
-from conftest import tiny_model
 from systems.progress import Log
-
-from transformers import AutoModelForCausalLM
-
-from formats.compressed_tensors_checkpoint import available, export_compressed_tensors
 
 # find_spec-style check, not an import: importing compressed-tensors takes ~5 s, paid only where a test runs
 pytestmark = pytest.mark.skipif(not available(), reason="compressed-tensors is not installed")

@@ -14,15 +14,15 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
-
-from conftest import ROOT
 import regex
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Tokenizer, PreTrainedTokenizerFast
 
 import datautils
-from datautils import DATASETS, DataError, get_calibration, get_eval_ids, get_tokenizer
+from conftest import ROOT
+from datautils import DATASETS, DataError, get_calibration, get_eval_ids
+from tokenizer_loading import get_tokenizer
 
 HERE = ROOT
 SHARED = HERE.parent / "shared"
@@ -303,7 +303,7 @@ def test_cache_is_shared_with_another_process(tmp_path, mini, no_datasets):
     ours = get_calibration("ptb", mini, 4, 0, 64, str(data), str(cache))
     script = (f"import sys, torch, datautils\n"
               f"datautils._tokenize = lambda *_: sys.exit('tokenized again')\n"
-              f"tok = datautils.get_tokenizer({str(OPT_MINI)!r})\n"
+              f"tok = get_tokenizer({str(OPT_MINI)!r})\n"
               f"torch.save(datautils.get_calibration('ptb', tok, 4, 0, 64, {str(data)!r}, {str(cache)!r}),"
               f" {str(tmp_path / 'theirs.pt')!r})\n")
     subprocess.run([sys.executable, "-c", script], cwd=HERE, check=True, env={**os.environ, "PYTHONHASHSEED": "123"})

@@ -21,8 +21,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from systems import distributed
 import opt_enhanced as oe
+from systems import distributed
 
 RUN = ["c4", "--nsamples", "8", "--seqlen", "64", "--batch_size", "2", "--eval", "wikitext2", "--quiet",
        "--device", "cpu"]

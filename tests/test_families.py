@@ -8,13 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
 
 import opt_enhanced as oe
+from mixed.stats import summarize
+from modelutils import decoder_layers, find_linears, linear_name
 from pipeline.checks import validate
 from pipeline.compress import compress
 from pipeline.config import RunConfig
 from pipeline.evaluate import eval_windows, perplexity
 from pipeline.run import run
-from mixed.stats import summarize
-from modelutils import decoder_layers, find_linears, linear_name
 from systems.progress import Log
 
 FAMILIES = {

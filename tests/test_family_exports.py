@@ -1,4 +1,4 @@
-"""Every family's packed export reloads and evaluates to the run's perplexity (issue 30).
+"""Every family's packed export reloads and evaluates to the run's perplexity.
 
 A Llama-family export used to exit 0 and then fail to load: the rotary embedding's non-persistent buffers are in
 no file, and the loader left them on the meta device ("Cannot copy out of meta tensor"). Each case compresses a
@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
-from test_families import FAMILIES
 import torch
+from test_families import FAMILIES
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import opt_enhanced as oe
 from conftest import write_data
 from formats import packed
-import opt_enhanced as oe
 
 CASES = {"llama": ("llama", False), "mistral": ("mistral", False), "qwen2-tied": ("qwen2", True),
          "qwen2-untied": ("qwen2", False)}

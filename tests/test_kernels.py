@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 
-from systems import kernels
 from quant import QuantGrid
 from sparsegpt_enhanced import PruneSpec, SparseGPT, solve_block, unstructured_mask
+from systems import kernels
 
 OPTIONS = [2, 3, 4, 6, 8]
 gpu = pytest.mark.skipif(not kernels.is_available(), reason="needs a CUDA device and Triton")

@@ -1,4 +1,4 @@
-"""`--gpus N`: the job reads like one run (issue 30). A usage error on any process is one line and exit 2; a failure
+"""`--gpus N`: the job reads like one run. A usage error on any process is one line and exit 2; a failure
 names its first cause once; Ctrl-C is one line and 130; nothing is left in the temporary directory; what can be
 checked about the launch is checked before any process starts.
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import signal
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch

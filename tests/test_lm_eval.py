@@ -5,14 +5,12 @@ import json
 
 import pytest
 import torch
-
-import opt_enhanced as oe
-from pipeline.run import run
-
 from transformers import AutoTokenizer, OPTForCausalLM
 
+import opt_enhanced as oe
 from pipeline import lm_eval_tasks
 from pipeline.lm_eval_tasks import available
+from pipeline.run import run
 
 pytestmark = pytest.mark.skipif(not available(), reason="lm-eval or accelerate is not installed")
 

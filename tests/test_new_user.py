@@ -1,12 +1,12 @@
-"""What a new user meets (issue 30): an lm-eval task that works offline out of the box (`wikitext2_local`, from
+"""What a new user meets: an lm-eval task that works offline out of the box (`wikitext2_local`, from
 --data_dir), --quiet that is quiet (lm-eval's, datasets' and transformers' bars and log lines too), and saved or
 exported configs that keep the source model's `use_cache`."""
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 import re
+from pathlib import Path
 
 import pytest
 

@@ -6,25 +6,24 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
-
 from dataclasses import replace
+from typing import Any
 
 import pytest
 import torch
 
-from systems import offload
-import pipeline.compress
 import pipeline.calibrate
-from sparsegpt_enhanced import SparseGPT
+import pipeline.compress
+from conftest import tiny_model
+from modelutils import capture_layer_inputs, decoder_layers, find_linears, forward_layer, walk_layers
 from pipeline.calibrate import collect_hessians
 from pipeline.checks import validate
 from pipeline.compress import compress
 from pipeline.config import RunConfig
 from pipeline.evaluate import eval_windows, perplexity
 from pipeline.placement import place
-from conftest import tiny_model
-from modelutils import capture_layer_inputs, decoder_layers, find_linears, forward_layer, walk_layers
+from sparsegpt_enhanced import SparseGPT
+from systems import offload
 from systems.progress import Log
 
 CPU = torch.device("cpu")

@@ -9,15 +9,15 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from formats import packed
 import opt_enhanced as oe
+from conftest import tiny_model
+from formats import packed
+from formats.packed import (ExportReport, export_compressed, load_compressed, pack_bits, read_linear, unpack_bits,
+                            write_run_record)
 from pipeline.checks import validate
 from pipeline.compress import Compressed, compress
 from pipeline.config import RunConfig
 from pipeline.run import run
-from formats.packed import (ExportReport, export_compressed, load_compressed, pack_bits, read_linear, unpack_bits,
-                            write_run_record)
-from conftest import tiny_model
 from serving.layout import dequantized_weight
 from serving.qlinear import QuantLinear
 from systems.progress import Log

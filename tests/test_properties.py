@@ -1,4 +1,4 @@
-"""Four properties a fault-injection audit found no test checking (issue 30). Each test here was seen to fail with
+"""Four properties a fault-injection audit found no test checking. Each test here was seen to fail with
 its property broken on purpose (the commit that added it says how).
 
 (a) With sparsity, the error model and the clip estimate price only the weights the mask keeps.

@@ -1,17 +1,17 @@
-"""Messages name the real cause (issue 30): a tokenizer that needs a package that is not installed says which, a
+"""Messages name the real cause: a tokenizer that needs a package that is not installed says which, a
 Llama-family directory without tokenizer files says they are missing (as OPT's does), instead of "cannot load a
 tokenizer (ValueError)". (An lm-eval YAML that does not parse: test_checks_before_work.py.)"""
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import shutil
+from pathlib import Path
 
 import pytest
 from transformers import LlamaConfig, MistralConfig
 
-import datautils
+import tokenizer_loading
 import opt_enhanced as oe
 
 QUICK = ["--nsamples", "2", "--seqlen", "32", "--quiet", "--device", "cpu", "--eval", "ptb"]
@@ -52,7 +52,7 @@ def test_a_tokenizer_that_needs_a_missing_package_names_it(mistral, tmp_path, mo
     model = Path(shutil.copytree(mistral, tmp_path / "m"))
     sentencepiece_only(model)
     # neither package is installed here: what transformers raised, and the packages said present or not
-    monkeypatch.setattr(datautils, "installed", lambda package: package in present)
+    monkeypatch.setattr(tokenizer_loading, "installed", lambda package: package in present)
     code = oe.main([str(model), "c4", "--data_dir", str(tiny_dir[1]), *QUICK, "--sparsity", "0.5"])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err

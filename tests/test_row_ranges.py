@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_solver import correlated_inputs, textbook_range, textbook_solve
 
 import opt_enhanced as oe
+from mixed import row_ranges
 from pipeline.checks import validate
 from pipeline.config import UsageError
-from mixed import row_ranges
 from sparsegpt_enhanced import PruneSpec, SolveSettings, SparseGPT
-from test_solver import correlated_inputs, textbook_range, textbook_solve
 
 
 def row_errors(W: torch.Tensor, Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:

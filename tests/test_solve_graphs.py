@@ -12,9 +12,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from systems import kernels
 from quant import QuantGrid
 from sparsegpt_enhanced import PruneSpec, SolveSettings, SparseGPT
+from systems import kernels
 from systems.solve_graphs import SolveGraphs
 
 pytestmark = pytest.mark.skipif(not kernels.is_available(), reason="needs a CUDA device and Triton")

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from quant import QuantGrid, round_to_nearest
 import sparsegpt_enhanced
+from quant import QuantGrid, round_to_nearest
 from sparsegpt_enhanced import PruneSpec, SolveSettings, SparseGPT, magnitude_prune, solve_order
 from systems import solve_graphs
 

@@ -1,4 +1,4 @@
-"""--stream cleans up on SIGINT/SIGTERM like every other output (issue 30): the compressed layers' files
+"""--stream cleans up on SIGINT/SIGTERM like every other output: the compressed layers' files
 (`.stream-*/layer-*.safetensors`, beside the --save target or in $TMPDIR) go with the run.
 
 The CLI ends its process with os._exit, so nothing it still references is collected on the way out; here the

@@ -14,15 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import OPTForCausalLM
 
-from systems import offload
 import opt_enhanced as oe
 import pipeline.lm_eval_tasks
+from conftest import tiny_model
+from modelutils import ModelError, capture_layer_inputs, decoder_layers, load_model, walk_layers
 from pipeline.checks import validate
 from pipeline.compress import compress
 from pipeline.config import RunConfig, UsageError
-from systems import streaming
-from conftest import tiny_model
-from modelutils import ModelError, capture_layer_inputs, decoder_layers, load_model, walk_layers
+from systems import offload, streaming
 from systems.progress import Log
 
 CPU = torch.device("cpu")

@@ -44,9 +44,9 @@ if not INTERPRETING:
         assert "skipped" not in done.stdout.splitlines()[-1], report
 
 else:
-    from systems import kernels
     from quant import QuantGrid
     from sparsegpt_enhanced import PruneSpec, solve_block, unstructured_mask
+    from systems import kernels
 
     OPTIONS = [2, 3, 4, 6, 8]
 

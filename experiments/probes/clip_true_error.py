@@ -16,10 +16,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # experiments/
 
-import torch  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
+import torch  # noqa: E402
 from layer_probe import first_linears, probe_arguments  # noqa: E402
+
 from mixed.rounding import rounding_model  # noqa: E402
 from quant import QuantGrid  # noqa: E402
 

@@ -18,10 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # experiments/
 
 import torch  # noqa: E402
+from validation_texts import validation_texts  # noqa: E402
 
 import datautils  # noqa: E402
 from modelutils import find_linears, load_model  # noqa: E402
-from validation_texts import validation_texts  # noqa: E402
+from tokenizer_loading import get_tokenizer  # noqa: E402
 
 SEQLEN = 2048
 
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--cache_dir", default="/tmp/opt-enhanced-cache")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = datautils.get_tokenizer(args.model)
+    tok = get_tokenizer(args.model)
     texts = validation_texts(tok, args.data_dir, args.cache_dir, SEQLEN)
     model = load_model(args.model, True).float().to(dev).eval()
     linears = {f"{i}.{n}": m for i, layer in enumerate(model.model.decoder.layers)

@@ -25,6 +25,7 @@ from modelutils import load_model  # noqa: E402
 from pipeline.checks import validate  # noqa: E402
 from pipeline.compress import compress  # noqa: E402
 from systems.progress import Log  # noqa: E402
+from tokenizer_loading import get_tokenizer  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     flags = [f for f in args.flags if f != "--"]
     cfg = opt_enhanced.parse_args([args.model, args.dataset, "--data_dir", args.data_dir, "--device", "cpu", *flags])
     validate(cfg)
-    tokenizer = datautils.get_tokenizer(cfg.model)
+    tokenizer = get_tokenizer(cfg.model)
     seqlen = cfg.seqlen or 2048
     calibration = datautils.get_calibration(args.dataset, tokenizer, cfg.nsamples, cfg.seed, seqlen, cfg.data_dir, None)
     model = load_model(cfg.model, True)

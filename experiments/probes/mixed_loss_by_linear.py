@@ -20,13 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # experiments/
 
 import torch  # noqa: E402
-
-import datautils  # noqa: E402
 from mixed_precision_sweep import compressed_model, run_config  # noqa: E402
+from validation_texts import VALIDATION, validation_texts  # noqa: E402
+
 from modelutils import decoder_layers  # noqa: E402
 from pipeline.evaluate import eval_windows, perplexity  # noqa: E402
 from systems.atomic_io import write_json  # noqa: E402
-from validation_texts import VALIDATION, validation_texts  # noqa: E402
+from tokenizer_loading import get_tokenizer  # noqa: E402
 
 KINDS = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "out_proj": ("out_proj",), "fc1": ("fc1",), "fc2": ("fc2",)}
 
@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = datautils.get_tokenizer(args.model)
+    tokenizer = get_tokenizer(args.model)
     args.seqlen = 2048  # what run_config reads besides the paths
     scored = {k: v for k, v in validation_texts(tokenizer, args.data_dir, args.cache_dir, 2048).items()
               if k in VALIDATION}

@@ -16,11 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # experiments/
 
-import torch  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
-import opt_enhanced  # noqa: E402
+import torch  # noqa: E402
 from layer_probe import first_linears, probe_arguments  # noqa: E402
+
+import opt_enhanced  # noqa: E402
 from mixed import bitalloc  # noqa: E402
 from mixed.costs import channel_costs  # noqa: E402
 from quant import QuantGrid  # noqa: E402

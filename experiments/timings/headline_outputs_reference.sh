@@ -14,13 +14,7 @@ echo "== save + export of 50%+mixed 4.0 budget"
 python3 opt_enhanced.py $M c4 --data_dir $D --cache_dir /tmp/c1 --sparsity 0.5 --wbits 4 --target_avg_bits 4 --bit_method budget --save /tmp/saved --export /tmp/packed --results_json $OUT/mixed_saved.json --plot $OUT/bits.png | tail -18
 echo "== reload the --save checkpoint"; python3 opt_enhanced.py /tmp/saved c4 --data_dir $D --cache_dir /tmp/c1 --quiet
 echo "== reload the --export packed form"
-python3 - <<'PY'
-import torch, datautils, opt_enhanced as oe
-from export import load_compressed
-m = load_compressed("/tmp/packed").cuda().eval()
-tok = datautils.get_tokenizer("/tmp/packed")
-print({d: round(oe.perplexity(m, datautils.get_eval_ids(d, tok, 2048, ".local/data", "/tmp/c1"), 2048, torch.device("cuda"), 8), 3) for d in oe.EVAL_DATASETS})
-PY
+python3 opt_enhanced.py /tmp/packed c4 --data_dir $D --cache_dir /tmp/c1 --quiet  # the packed reload
 du -b /tmp/packed/* /tmp/saved/model.safetensors
 echo "== same command twice: bit-identical?"
 for i in 1 2; do python3 opt_enhanced.py $M c4 --data_dir $D --cache_dir /tmp/c1 --sparsity 0.5 --wbits 3 --target_avg_bits 3 --bit_method budget --quiet --results_json /tmp/det$i.json >/dev/null; done
