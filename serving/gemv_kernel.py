@@ -10,7 +10,7 @@ words), then for each code slot of the word the 16 activations of that slot (gat
 permutation in-kernel, or read from x already permuted) and accumulates x * q into a (16, BLOCK_N) fp32
 tile, reduced once per bucket. The slots are unrolled: every shift and mask is a constant.
 
-Per-row grids (the hint of issue #31): y_n += s_b[n] * (sum_k x_k q_nk - z_b[n] * sum_k x_k) over the
+Per-row grids: y_n += s_b[n] * (sum_k x_k q_nk - z_b[n] * sum_k x_k) over the
 bucket's columns, so the codes are multiplied as integers and scale/zero are applied once per bucket and
 row. Codes come out of the word pre-shifted (kernel_common.main_code_raw) and the activations are scaled by
 the inverse power of two instead, which is exact: 3 instructions per weight.
