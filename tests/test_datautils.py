@@ -302,6 +302,7 @@ def test_cache_is_shared_with_another_process(tmp_path, mini, no_datasets):
     data, cache = tiny_ptb(tmp_path / "data", 3000), tmp_path / "cache"
     ours = get_calibration("ptb", mini, 4, 0, 64, str(data), str(cache))
     script = (f"import sys, torch, datautils\n"
+              f"from tokenizer_loading import get_tokenizer\n"
               f"datautils._tokenize = lambda *_: sys.exit('tokenized again')\n"
               f"tok = get_tokenizer({str(OPT_MINI)!r})\n"
               f"torch.save(datautils.get_calibration('ptb', tok, 4, 0, 64, {str(data)!r}, {str(cache)!r}),"
