@@ -384,13 +384,22 @@ def sliced_params(params: tuple[torch.Tensor, ...]) -> BlockParams:
 
 def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, row_groups: int = 1) -> torch.Tensor:
     """Exactly floor(numel * sparsity) weights of the block with the smallest OBS score w^2 / d^2 (of each of
-    `row_groups` equal slices of its rows, with more than one)."""
+    `row_groups` equal slices of its rows, with more than one).
+
+    Scores tie often (fp16 weights of one column share a d; dead channels' weights are all 0). On the GPU a radix sort
+    picks the set, and its order among ties; on the CPU a selection (kthvalue), linear in the block's size and 5x
+    faster there than the sort (384 x 128), with ties at the threshold going to the first in row-major order."""
     score = (W1 ** 2 / d[None, :] ** 2).reshape(row_groups, -1)
-    mask = torch.zeros_like(score, dtype=torch.bool)
     k = int(score.shape[1] * sparsity)
-    if k > 0:  # a radix sort: far faster than topk for k ~ numel/2
+    if k == 0:
+        return torch.zeros_like(W1, dtype=torch.bool)
+    if score.is_cuda:  # far faster than topk for k ~ numel/2
         order = torch.sort(score[0]).indices[None] if row_groups == 1 else torch.sort(score, dim=1).indices
-        mask.scatter_(1, order[:, :k], True)
+        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :k], True).view(W1.shape)
+    threshold = torch.kthvalue(score, k, dim=1, keepdim=True).values
+    mask = score < threshold
+    tied = score == threshold
+    mask |= tied & (tied.cumsum(1) <= k - mask.sum(1, keepdim=True))
     return mask.view(W1.shape)
 
 
@@ -420,25 +429,31 @@ def column_loop(
     params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference loop: per column, (N:M mask), zero the pruned, round, and push the error
-    err = (w - q) / d onto the columns to its right. W1 is updated in place."""
-    Q1 = torch.zeros_like(W1)
-    Err1 = torch.zeros_like(W1)
+    err = (w - q) / d onto the columns to its right. W1 and mask1 are updated in place.
+
+    It runs on the transposed block, where each column is a contiguous row (a row-major column is a strided
+    gather: 1.2-1.4x slower on the CPU); every value is the same, the rank-1 update being one product per element."""
+    WT, MT = W1.t().contiguous(), mask1.t().contiguous()
+    QT, ET = torch.zeros_like(WT), torch.zeros_like(WT)
+    if params is not None:
+        scale, zero, maxq = params[0].t().contiguous(), params[1].t().contiguous(), params[2]
     losses = torch.zeros(W1.shape[0], device=W1.device)
-    for i in range(W1.shape[1]):
-        w = W1[:, i]
+    for i in range(WT.shape[0]):
+        w = WT[i]
         if prune.prunen > 0 and i % prune.prunem == 0:
-            score = W1[:, i:i + prune.prunem] ** 2 / d[None, i:i + prune.prunem] ** 2
-            mask1.scatter_(1, i + torch.topk(score, prune.prunen, dim=1, largest=False).indices, True)
-        q = torch.where(mask1[:, i], 0.0, w)
+            score = WT[i:i + prune.prunem] ** 2 / d[i:i + prune.prunem, None] ** 2
+            MT.scatter_(0, i + torch.topk(score, prune.prunen, dim=0, largest=False).indices, True)
+        q = torch.where(MT[i], 0.0, w)
         if params is not None:
-            scale, zero, maxq = params
-            q = quantize(q, scale[:, i], zero[:, i], maxq[i])
-        Q1[:, i] = q
+            q = quantize(q, scale[i], zero[i], maxq[i])
+        QT[i] = q
         losses += (w - q) ** 2 / d[i] ** 2
         err = (w - q) / d[i]
-        W1[:, i:] -= err.unsqueeze(1).matmul(U1[i, i:].unsqueeze(0))
-        Err1[:, i] = err
-    return Q1, Err1, mask1, losses.sum() / 2
+        WT[i:] -= U1[i, i:, None] * err[None, :]
+        ET[i] = err
+    W1.copy_(WT.t())
+    mask1.copy_(MT.t())
+    return QT.t(), ET.t(), mask1, losses.sum() / 2
 
 
 def magnitude_prune(weight: torch.Tensor, prune: PruneSpec) -> torch.Tensor:

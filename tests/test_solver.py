@@ -14,7 +14,7 @@ import torch
 
 import sparsegpt_enhanced
 from quant import QuantGrid, round_to_nearest
-from sparsegpt_enhanced import PruneSpec, SolveSettings, SparseGPT, magnitude_prune, solve_order
+from sparsegpt_enhanced import PruneSpec, SolveSettings, SparseGPT, magnitude_prune, solve_order, unstructured_mask
 from systems import solve_graphs
 
 # ---------------------------------------------------------------- the textbook reference
@@ -456,6 +456,22 @@ def test_unstructured_sparsity_is_exact_per_block():
     assert int(res.mask.sum()) == 192 + 192 + 96
     assert torch.all(res.weight[res.mask] == 0)
     assert int((res.weight == 0).sum()) == 480
+
+
+@pytest.mark.parametrize("row_groups", [1, 3])
+def test_unstructured_mask_on_the_cpu_is_the_smallest_scores_ties_in_row_major_order(row_groups):
+    """The k smallest w^2 / d^2 of each slice of rows, where ties at the threshold (here many: integer weights)
+    go to the first in row-major order: a stable sort of the scores says which."""
+    W = torch.randint(-3, 4, (12, 10)).float()
+    d = torch.ones(10)
+    d[::2] = 2.0
+    mask = unstructured_mask(W, d, 0.45, row_groups)
+    score = (W ** 2 / d ** 2).reshape(row_groups, -1)
+    expected = torch.zeros_like(score, dtype=torch.bool)
+    k = int(score.shape[1] * 0.45)
+    for g in range(row_groups):
+        expected[g, torch.sort(score[g], stable=True).indices[:k]] = True
+    assert torch.equal(mask, expected.view(12, 10))
 
 
 def test_nm_pattern_holds_in_every_group():
