@@ -1,6 +1,6 @@
 """Benchmark: time and peak GPU memory per stage, for many configurations in one process.
 
-    python bench.py MODEL --configs FILE [--data_dir DIR] [--json OUT]
+    python bench.py MODEL --configs FILE [--data_dir DIR] [--compress-only] [--json OUT]
     python bench.py --synthetic opt-6.7b [--layers N] [--offload | --stream] [--stages | --no-overlap] [--repeat K] [--json OUT] [-- FLAGS]
     python bench.py --factor 4096 12288 49152 [--json OUT]
 
@@ -41,7 +41,7 @@ import shlex
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import torch
@@ -423,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", default=None)
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--json", default="", help="write every run's results here")
+    p.add_argument("--compress-only", dest="evaluate", action="store_false",
+                   help="--configs: time compression alone, without the perplexities (slow on a CPU)")
     argv = sys.argv[1:] if argv is None else argv
     flags = argv[argv.index("--") + 1:] if "--" in argv else []  # --synthetic: opt_enhanced flags after --
     args = p.parse_args(argv[:len(argv) - len(flags) - (1 if "--" in argv else 0)])
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, flags in read_configs(args.configs):
         cfg = opt_enhanced.parse_args(common + flags)
         validate(cfg)
-        results[name] = run(cfg)
+        results[name] = run(cfg if args.evaluate else replace(cfg, eval=[]))
         print(row(name, results[name]), flush=True)
     if args.json:
         write_json(results, args.json)

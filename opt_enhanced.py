@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the loss that picks each width's range factor: the output error of actual solves on a "
                             "sample of rows (solve), the solver's estimate, or each column's error at its full cost")
     mixed.add_argument("--clip_min", type=float, help="the smallest range factor the clip search tries (1 = min-max only)")
+    mixed.add_argument("--clip_search", choices=CHOICES["clip_search"],
+                       help=f"full: every width searched on {precision.CLIP_SAMPLE_ROWS} sample rows; fast: widths up to "
+                            f"{precision.FAST_CLIP_WIDEST} on {precision.FAST_CLIP_SAMPLE_ROWS} rows (wider ones keep the "
+                            f"min-max range); auto = fast on a CPU, full on a GPU")
     mixed.add_argument("--row_ranges", choices=CHOICES["row_ranges"],
                        help="each row's quantization range: from the dense weights (the reference), or chosen by trial "
                             "solves among that range and (with pruning) the pruned weights' range, each scaled by "

@@ -92,6 +92,8 @@ def run(args: argparse.Namespace) -> None:
     tokenizer = get_tokenizer(args.model)
     seqlen = args.seqlen
     scored = validation_texts(tokenizer, args.data_dir, cache, seqlen)
+    if args.texts:
+        scored = {name: scored[name] for name in args.texts.split(",")}
     rows = json.load(open(args.out)) if os.path.exists(args.out) else []
     done = {(r["name"], r["seed"]) for r in rows}
     only = set(args.only.split(",")) if args.only else None
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
 def table(paths: list[str]) -> None:
     rows = [r for p in paths for r in json.load(open(p))]
     names = list(dict.fromkeys(r["name"] for r in rows))
-    cols = VALIDATION + TEST
+    cols = [c for c in VALIDATION + TEST if c in rows[0]]  # the texts the runs were scored on (run --texts)
     print("| run | seeds | " + " | ".join(cols) + " | nominal b | stored b | effective b |")
     print("|---" * (len(cols) + 5) + "|")
     for name in names:
@@ -143,9 +145,9 @@ def score(paths: list[str], validation: tuple[str, ...] = VALIDATION, against: s
         base = by.get((f"{prefix}-uniform{width}", r["seed"]))
         if method.startswith("uniform") or base is None:
             continue
-        rel = lambda cols: sum(r[c] / base[c] - 1 for c in cols) / len(cols)
+        rel = lambda cols: sum(r[c] / base[c] - 1 for c in cols) / len(cols) if cols else float("nan")
         variant = "-".join(rest) or "(default of the run list)"
-        cells.setdefault(variant, {})[(prefix, method, r["seed"])] = (rel(validation), rel(TEST))
+        cells.setdefault(variant, {})[(prefix, method, r["seed"])] = (rel(validation), rel([c for c in TEST if c in r]))
     mean = lambda values, i: 100 * sum(v[i] for v in values) / len(values)
     if against:
         print(f"| variant | runs | validation ({', '.join(validation)}) | test | {against} on the same runs: validation | test |")
@@ -176,6 +178,8 @@ def main() -> None:
     r.add_argument("--cache_dir", default="/tmp/opt-enhanced-cache")
     r.add_argument("--seqlen", type=int, default=2048)
     r.add_argument("--only", default="", help="comma-separated run names")
+    r.add_argument("--texts", default="", help="comma-separated texts to score (default: every validation and test "
+                                               "text; on a CPU, e.g. ptb-valid,c4-heldout)")
     sub.add_parser("table").add_argument("paths", nargs="+")
     sc = sub.add_parser("score")
     sc.add_argument("paths", nargs="+")

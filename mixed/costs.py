@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from mixed.precision import ClipSearch, MixedPrecision
+from mixed.precision import CLIP_SAMPLE_ROWS, ClipSearch, MixedPrecision
 from quant import QuantGrid, round_to_nearest
 from mixed.rounding import RoundingModel, rounding_model
 from sparsegpt_enhanced import SolveSettings, SparseGPT
@@ -93,9 +93,6 @@ def clip_ranges(model: RoundingModel, widths: list[int], factors: tuple[float, .
     return shrink
 
 
-CLIP_SAMPLE_ROWS = 256  # rows the "solve" clip objective solves (evenly spaced; all rows of a smaller matrix)
-
-
 def solved_shrink(weight: torch.Tensor, solver: SparseGPT, settings: SolveSettings, widths: list[int],
                   factors: tuple[float, ...], row_weight: torch.Tensor | None = None,
                   sample_rows: int = CLIP_SAMPLE_ROWS) -> dict[int, float]:
@@ -138,30 +135,37 @@ def range_factors(weight: torch.Tensor, solver: SparseGPT, settings: SolveSettin
                   model: RoundingModel | None = None) -> dict[int, float]:
     """Each width's range factor (only those below 1), by `search.objective`: actual solves of a row sample
     ("solve", `solved_shrink`) or an estimate on the rounding model ("uncompensated", "solver": `clip_ranges`;
-    `model` is made here unless given). The one place mixed and uniform runs choose their factors."""
+    `model` is made here unless given). Widths wider than `search.widest` keep the min-max range. The one place
+    mixed and uniform runs choose their factors."""
+    widths = [b for b in widths if b <= search.widest]
+    if not widths:
+        return {}
     if search.objective == "solve":
-        return solved_shrink(weight, solver, settings, widths, search.factors, row_weight)
+        return solved_shrink(weight, solver, settings, widths, search.factors, row_weight, search.sample_rows)
     if model is None:
         model = rounding_model(solver, weight, settings, solver.column_order(settings), row_weight)
     return clip_ranges(model, widths, search.factors, search.objective)
 
 
 def channel_costs(weight: torch.Tensor, solver: SparseGPT, settings: SolveSettings, base_bits: int,
-                  mp: MixedPrecision, row_weight: torch.Tensor | None = None) -> ChannelCosts:
+                  mp: MixedPrecision, row_weight: torch.Tensor | None = None,
+                  shrink: dict[int, float] | None = None) -> ChannelCosts:
     """Each channel's importance, its estimated error at each width and its stored-weight count.
 
     The cost the allocators minimise is importance_j * error_j(b): the five metrics weigh an error
     whose size and shape across widths come from the Hessian and the grid. With `row_weight` (each
     output's cost to the model's loss) errors are in units of loss and comparable across Linears;
     quantile's ranking is then scaled by the Linear's mean error at the base width. Errors are priced in
-    the run's solve order at a single width (`SparseGPT.column_order` without widths: these costs decide them)."""
+    the run's solve order at a single width (`SparseGPT.column_order` without widths: these costs decide them).
+    `shrink`: range factors already chosen (the plan's, `ClipSearch.planned`), searched here when None."""
     _, imp = importance(weight, solver, settings, base_bits, mp.importance_weights)
     if row_weight is not None and mp.sensitivity_shrinkage:
         h = mp.sensitivity_shrinkage
         row_weight = (1 - h) * row_weight + h * row_weight.mean()
     model = rounding_model(solver, weight, settings, solver.column_order(settings), row_weight)
     options = sorted(mp.options)
-    shrink = range_factors(weight, solver, settings, options, mp.clip_search, row_weight, model) if mp.clip else {}
+    if shrink is None:
+        shrink = range_factors(weight, solver, settings, options, mp.clip_search, row_weight, model) if mp.clip else {}
     losses = {b: model.loss(b, shrink.get(b, 1.0)) for b in options}
     error = torch.stack([losses[b] for b in options], 1)
     kept = model.kept_per_column().to(error.dtype)

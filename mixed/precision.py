@@ -44,13 +44,35 @@ def clip_factors(smallest: float) -> tuple[float, ...]:
     return tuple(f for f in CLIP_FACTORS if f >= smallest - 1e-9)
 
 
+CLIP_SAMPLE_ROWS = 256  # rows the "solve" clip objective solves (evenly spaced; all rows of a smaller matrix)
+# --clip_search fast (the CPU's default): its sample and its widest searched width (benchmarks/mixed_cost.md)
+FAST_CLIP_SAMPLE_ROWS = 64
+FAST_CLIP_WIDEST = 4
+
+
 @dataclass(frozen=True)
 class ClipSearch:
     """How each width's range factor is chosen: the factors tried (1.0 first) and the loss that picks one
-    ("solve": actual solves of a sample of rows; "uncompensated", "solver": estimates; `costs.range_factors`)."""
+    ("solve": actual solves of a sample of rows; "uncompensated", "solver": estimates; `costs.range_factors`),
+    the rows the "solve" objective samples, and the widest width searched (wider ones keep the min-max range)."""
 
     factors: tuple[float, ...]
     objective: str = "solve"
+    sample_rows: int = CLIP_SAMPLE_ROWS
+    widest: int = 8
+    # In model scope, take each Linear's factors from the plan (chosen on the dense model's inputs) rather than
+    # search again on the compressed model's.
+    planned: bool = False
+
+    @classmethod
+    def named(cls, name: str, factors: tuple[float, ...], objective: str) -> "ClipSearch":
+        """--clip_search: "full" searches every width on CLIP_SAMPLE_ROWS rows, for the plan and again for the
+        solve; "fast", a CPU's default, only widths up to FAST_CLIP_WIDEST on FAST_CLIP_SAMPLE_ROWS rows, once per
+        Linear (benchmarks/mixed_cost.md)."""
+        if name == "fast":
+            return cls(factors, objective, FAST_CLIP_SAMPLE_ROWS, FAST_CLIP_WIDEST, planned=True)
+        return cls(factors, objective)
+
 
 
 @dataclass(frozen=True)
@@ -81,11 +103,12 @@ class MixedPrecision:
     # columns), "uncompensated" (each column's error at its full cost H_jj), or "solve": the output error
     # an actual solve at that width leaves on a sample of rows (`solved_shrink`).
     clip_objective: str = "solve"
+    clip_search_kind: str = "full"  # full | fast (ClipSearch.named)
     drift_correction: bool = True  # carry each Linear's stored-bit surplus or deficit to the next
 
     @property
     def clip_search(self) -> "ClipSearch":
-        return ClipSearch(self.clip_factors, self.clip_objective)
+        return ClipSearch.named(self.clip_search_kind, self.clip_factors, self.clip_objective)
 
     def __post_init__(self) -> None:
         if self.error_shrinkage is None:

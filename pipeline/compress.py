@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from families import decoder_of
-from mixed import bitalloc, costs, row_ranges
+from mixed import bitalloc, costs, precision, row_ranges
 from mixed.precision import MixedPrecision
 from mixed.stats import LinearStats, code_bits, storage_bits
 from modelutils import capture_layer_inputs, check_finite, decoder_layers, find_linears, linear_name, walk_layers
@@ -25,7 +25,7 @@ from pipeline.model_scope import BitPlan, allocation_scope, plan_model_bits
 from quant import QuantGrid
 from sparsegpt_enhanced import SparseGPT, magnitude_prune
 from systems import distributed, offload
-from systems.progress import Log
+from systems.progress import Log, TimeLeft
 
 
 @dataclass
@@ -58,6 +58,12 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     inputs = capture_layer_inputs(model, calibration, dev, cfg.batch_size) if calibrated else None
     graphs = solve_graphs(cfg, dev)
     plan = BitPlan()
+    if cfg.clipped:
+        cfg = replace(cfg, clip_search=cfg.clip_search_on(dev))
+        if cfg.clip_search == "fast":
+            log(f"clip search: fast, the CPU's default (widths up to {precision.FAST_CLIP_WIDEST} on "
+                f"{precision.FAST_CLIP_SAMPLE_ROWS} sample rows; --clip_search full searches every width on "
+                f"{precision.CLIP_SAMPLE_ROWS})")
     if cfg.mixed:
         out.bit_scope = allocation_scope(cfg, model, dev)
         log(f"bit allocation: {'one over the whole model' if out.bit_scope == 'model' else 'each Linear on target'}"
@@ -69,6 +75,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     budget = bitalloc.StoredBits(cfg.mixed_precision.drift_correction if cfg.mixed else False)
     parallel, rank = distributed.size() > 1, distributed.rank()
     progress = lambda items: log.bar(items, nlayers, "compress layers")
+    left = TimeLeft(nlayers, "compression")
     for i, layer in walk_layers(model, dev, inputs, progress, check=True, overlap=None if cfg.overlap else False,
                                 moves=moves):
         tick = time.time()
@@ -97,7 +104,7 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
             if grid is not None:
                 out.grids[stats.name], out.bits[stats.name] = grid, bits
         del solvers  # this layer's Hessians and factors (~20 GB at OPT-175B width) go before the next layer's come
-        log(f"layer {i + 1}/{nlayers} compressed in {time.time() - tick:.2f}s")
+        log(f"layer {i + 1}/{nlayers} compressed in {time.time() - tick:.2f}s, {left.step()}")
     return out
 
 
@@ -117,8 +124,9 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
         bits = torch.full((columns,), cfg.wbits, dtype=torch.int64)
     if cfg.mixed:
         with log.stage("costs"):
-            priced = costs.channel_costs(W, solver, settings, cfg.wbits, cfg.mixed_precision,
-                                         plan.sensitivity.get(name))
+            mp = cfg.mixed_precision
+            priced = costs.channel_costs(W, solver, settings, cfg.wbits, mp, plan.sensitivity.get(name),
+                                         plan.range_factors(name, mp.clip_search))
         imp_range = (priced.importance.min().item(), priced.importance.max().item())
         shrink = priced.shrink
         with log.stage("allocate"):
@@ -131,7 +139,7 @@ def compress_linear(name: str, linear: nn.Linear, solver: SparseGPT | None, plan
         predicted = code_bits(priced.size.round().long(), bits)  # what the allocator expects to store
     elif cfg.quantize and cfg.clipped and solver is not None:
         with log.stage("clip"):
-            shrink = costs.range_factors(W, solver, settings, [cfg.wbits], cfg.clip_search)
+            shrink = costs.range_factors(W, solver, settings, [cfg.wbits], cfg.uniform_clip_search)
     error, damping = 0.0, cfg.percdamp
     grid = QuantGrid.for_weight(W.float(), cfg.sym, cfg.groupsize, shrink) if cfg.quantize else None
     if solver is None:  # the baselines: magnitude pruning and/or round-to-nearest

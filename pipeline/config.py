@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+import torch
+
 from mixed import precision
 from mixed.precision import ClipSearch, MixedPrecision
 from sparsegpt_enhanced import SOLVE_ORDERS, PruneSpec, SolveSettings
@@ -18,6 +20,7 @@ CHOICES = {
     "bit_granularity": ("channel", "linear"),
     "clip": ("auto", "none", "width"),
     "clip_objective": ("solver", "uncompensated", "solve"),
+    "clip_search": ("auto", "full", "fast"),
     "row_ranges": ("dense", "search"),
     "shrinkage_mean": ("per_channel", "per_weight"),
     "channel_cost": ("weighted", "error"),
@@ -70,6 +73,7 @@ class RunConfig:
     clip: str = "auto"
     clip_objective: str = MixedPrecision.clip_objective
     clip_min: float = precision.CLIP_MIN
+    clip_search: str = "auto"  # auto: by the device (clip_search_on)
     row_ranges: str = "dense"
     error_shrinkage: float | None = None  # None: the method's (precision.ERROR_SHRINKAGE)
     bit_options: list[int] | None = None  # None: the allocator's (allowed_widths)
@@ -118,10 +122,17 @@ class RunConfig:
         return SolveSettings(self.prune, self.sym, self.groupsize, self.blocksize, self.percdamp,
                              self.solve_order_as_run, not self.no_fused)
 
+    def clip_search_on(self, dev: torch.device) -> str:
+        """--clip_search as run on `dev`: as asked, else "fast" on a CPU, where the full search is most of a mixed
+        run (benchmarks/mixed_cost.md), and "full" on a GPU."""
+        if self.clip_search != "auto":
+            return self.clip_search
+        return "full" if dev.type == "cuda" else "fast"
+
     @property
-    def clip_search(self) -> ClipSearch:
+    def uniform_clip_search(self) -> ClipSearch:
         """How a uniform run with --clip width chooses its range factors (mixed runs: `mixed_precision`)."""
-        return ClipSearch(precision.clip_factors(self.clip_min), self.clip_objective)
+        return ClipSearch.named(self.clip_search, precision.clip_factors(self.clip_min), self.clip_objective)
 
     @property
     def clipped(self) -> bool:
@@ -143,7 +154,7 @@ class RunConfig:
         return MixedPrecision(self.target_avg_bits, tuple(self.allowed_widths), self.bit_method,
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
                               clip=self.clipped, clip_factors=precision.clip_factors(self.clip_min),
-                              clip_objective=self.clip_objective,
+                              clip_objective=self.clip_objective, clip_search_kind=self.clip_search,
                               sensitivity_shrinkage=self.sensitivity_shrinkage, shrinkage_mean=self.shrinkage_mean,
                               channel_cost=self.channel_cost)
 

@@ -14,12 +14,13 @@ import torch.nn as nn
 from families import decoder_of
 from mixed import bitalloc
 from mixed.costs import ChannelCosts, channel_costs
+from mixed.precision import ClipSearch
 from modelutils import (LayerInputs, decoder_layers, find_linears, head_modules, layer_output, linear_name,
                         logits_from_hidden, resident, walk_layers)
 from pipeline.calibrate import collect_hessians, selected_names
 from pipeline.config import RunConfig
 from systems import distributed
-from systems.progress import Log
+from systems.progress import Log, TimeLeft
 from systems.solve_graphs import SolveGraphs
 
 
@@ -114,6 +115,11 @@ class BitPlan:
     budgets: dict[str, float] = field(default_factory=dict)
     widths: dict[str, int] = field(default_factory=dict)
     sensitivity: dict[str, torch.Tensor] = field(default_factory=dict)
+    shrink: dict[str, dict[int, float]] = field(default_factory=dict)  # each Linear's range factors, if kept
+
+    def range_factors(self, name: str, search: ClipSearch) -> dict[int, float] | None:
+        """The factors the plan chose for a Linear when the search keeps them (`ClipSearch.planned`), else None."""
+        return self.shrink.get(name) if search.planned else None
 
 
 def plan_model_bits(model: nn.Module, calibration: torch.Tensor, inputs: LayerInputs, cfg: RunConfig,
@@ -129,6 +135,7 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, inputs: LayerIn
     priced: dict[str, ChannelCosts] = {}
     tied: list[list[str]] = []
     settings = cfg.solve_settings
+    left = TimeLeft(nlayers, "planning")
     for i, layer in walk_layers(model, dev, inputs):
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
@@ -143,11 +150,12 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, inputs: LayerIn
             groups.setdefault(shared.get(n, n), []).append(name)  # q/k/v (and gate/up): one width
         tied += groups.values()
         del solvers  # as in compress: not alive while the next layer's are built
-        log(f"costed layer {i + 1}/{nlayers}")
+        log(f"costed layer {i + 1}/{nlayers}, {left.step()}")
     mp = cfg.mixed_precision
+    shrink = {name: c.shrink for name, c in priced.items()}
     if mp.granularity == "linear":
-        return BitPlan(widths=bitalloc.plan_linear_widths(priced, tied, mp))
-    return BitPlan(budgets=bitalloc.plan_budgets(priced, mp), sensitivity=sensitivity)
+        return BitPlan(widths=bitalloc.plan_linear_widths(priced, tied, mp), shrink=shrink)
+    return BitPlan(budgets=bitalloc.plan_budgets(priced, mp), sensitivity=sensitivity, shrink=shrink)
 
 
 def allocation_scope(cfg: RunConfig, model: nn.Module, dev: torch.device) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from typing import ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 
@@ -33,6 +33,24 @@ class Log:
             return iterable
         from tqdm import tqdm
         return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+class TimeLeft:
+    """The time a loop over `total` like items (decoder layers: the same shapes each) has left, from the mean time
+    of the items done so far, for a progress line ("about 40 s of planning left")."""
+
+    def __init__(self, total: int, task: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.task, self.clock, self.done = total, task, clock, 0
+        self.started = clock()
+
+    def step(self) -> str:
+        """Count one item done and say what is left."""
+        self.done += 1
+        if self.done >= self.total:
+            return f"{self.task} done"
+        left = (self.clock() - self.started) / self.done * (self.total - self.done)
+        amount = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min"
+        return f"about {amount} of {self.task} left"
 
 
 _quiet = [False]

@@ -116,6 +116,7 @@ USAGE = [
     (["--wbits", "4", "--target_avg_bits", "4", "--bit_granularity", "linear", "--offload"], "drop --offload"),
     (["--wbits", "4", "--target_avg_bits", "4", "--bit_granularity", "linear", "--bit_scope", "layer"],
      "drop --bit_scope layer"),
+    (["--wbits", "4", "--clip_search", "fast"], "searches none"),
 ]
 if not torch.cuda.is_available():
     USAGE.append((["--device", "cuda"], "CUDA is not available"))
