@@ -74,7 +74,6 @@ class ClipSearch:
         return cls(factors, objective)
 
 
-
 @dataclass(frozen=True)
 class MixedPrecision:
     """Every parameter of a mixed-precision allocation; experiments pass variants of it."""

@@ -59,10 +59,11 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     graphs = solve_graphs(cfg, dev)
     plan = BitPlan()
     if cfg.clipped:
+        default = " (the CPU's default)" if cfg.clip_search == "auto" else ""
         cfg = replace(cfg, clip_search=cfg.clip_search_on(dev))
         if cfg.clip_search == "fast":
-            log(f"clip search: fast, the CPU's default (widths up to {precision.FAST_CLIP_WIDEST} on "
-                f"{precision.FAST_CLIP_SAMPLE_ROWS} sample rows; --clip_search full searches every width on "
+            log(f"clip search: fast{default}, widths up to {precision.FAST_CLIP_WIDEST} on "
+                f"{precision.FAST_CLIP_SAMPLE_ROWS} sample rows, once per Linear (--clip_search full: every width on "
                 f"{precision.CLIP_SAMPLE_ROWS})")
     if cfg.mixed:
         out.bit_scope = allocation_scope(cfg, model, dev)

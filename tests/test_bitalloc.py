@@ -524,6 +524,23 @@ def test_clip_search_searches_widths_up_to_its_widest_on_its_sample_and_leaves_w
     assert replace(cfg, clip_search="full").clip_search_on(torch.device("cpu")) == "full"
 
 
+@pytest.mark.parametrize("search, solves_per_linear", [("full", 2), ("fast", 1)])
+def test_fast_clip_search_searches_each_linear_once_in_model_scope(monkeypatch, search, solves_per_linear):
+    """Model scope: the full search runs for the plan and again for the solve; fast keeps the plan's factors, and
+    the run's factors are then the plan's."""
+    searched = []
+    real = costs.solved_shrink
+
+    def counted(weight, *args, **kw):
+        searched.append(tuple(weight.shape))
+        return real(weight, *args, **kw)
+
+    monkeypatch.setattr(costs, "solved_shrink", counted)
+    stats = compress_tiny(tiny_model(), sparsity=0.5, wbits=3, target_avg_bits=3.0, bit_method="budget",
+                          bit_scope="model", clip_search=search, clip_min=0.5)
+    assert len(searched) == solves_per_linear * len(stats) == solves_per_linear * 12
+
+
 def test_solved_clip_objective_keeps_the_stored_target(monkeypatch):
     recorder = MaskRecorder(monkeypatch)  # the search's solves of sampled rows are not the model's
     stats = compress_tiny(tiny_model(), sparsity=0.5, wbits=3, target_avg_bits=3.0, bit_method="budget",
