@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "sample of rows (solve), the solver's estimate, or each column's error at its full cost")
     mixed.add_argument("--clip_min", type=float, help="the smallest range factor the clip search tries (1 = min-max only)")
     mixed.add_argument("--clip_search", choices=CHOICES["clip_search"],
-                       help=f"full: every width searched on {precision.CLIP_SAMPLE_ROWS} sample rows; fast: widths up to "
-                            f"{precision.FAST_CLIP_WIDEST} on {precision.FAST_CLIP_SAMPLE_ROWS} rows (wider ones keep the "
-                            f"min-max range); auto = fast on a CPU, full on a GPU")
+                       help=f"full: every width's range factor searched, for the model-wide plan and again for the "
+                            f"solve; fast: widths up to {precision.FAST_CLIP_WIDEST} (wider ones keep the min-max range), "
+                            f"once per Linear: 1.6-2x faster on a CPU, but it gave up mixed precision's gain over "
+                            f"uniform on PTB validation text (benchmarks/mixed_cost.md)")
     mixed.add_argument("--row_ranges", choices=CHOICES["row_ranges"],
                        help="each row's quantization range: from the dense weights (the reference), or chosen by trial "
                             "solves among that range and (with pruning) the pruned weights' range, each scaled by "

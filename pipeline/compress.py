@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from families import decoder_of
-from mixed import bitalloc, costs, precision, row_ranges
+from mixed import bitalloc, costs, row_ranges
 from mixed.precision import MixedPrecision
 from mixed.stats import LinearStats, code_bits, storage_bits
 from modelutils import capture_layer_inputs, check_finite, decoder_layers, find_linears, linear_name, walk_layers
@@ -58,13 +58,6 @@ def compress(model: nn.Module, calibration: torch.Tensor, cfg: RunConfig, dev: t
     inputs = capture_layer_inputs(model, calibration, dev, cfg.batch_size) if calibrated else None
     graphs = solve_graphs(cfg, dev)
     plan = BitPlan()
-    if cfg.clipped:
-        default = " (the CPU's default)" if cfg.clip_search == "auto" else ""
-        cfg = replace(cfg, clip_search=cfg.clip_search_on(dev))
-        if cfg.clip_search == "fast":
-            log(f"clip search: fast{default}, widths up to {precision.FAST_CLIP_WIDEST} on "
-                f"{precision.FAST_CLIP_SAMPLE_ROWS} sample rows, once per Linear (--clip_search full: every width on "
-                f"{precision.CLIP_SAMPLE_ROWS})")
     if cfg.mixed:
         out.bit_scope = allocation_scope(cfg, model, dev)
         log(f"bit allocation: {'one over the whole model' if out.bit_scope == 'model' else 'each Linear on target'}"

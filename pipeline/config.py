@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-import torch
-
 from mixed import precision
 from mixed.precision import ClipSearch, MixedPrecision
 from sparsegpt_enhanced import SOLVE_ORDERS, PruneSpec, SolveSettings
@@ -20,7 +18,7 @@ CHOICES = {
     "bit_granularity": ("channel", "linear"),
     "clip": ("auto", "none", "width"),
     "clip_objective": ("solver", "uncompensated", "solve"),
-    "clip_search": ("auto", "full", "fast"),
+    "clip_search": ("full", "fast"),
     "row_ranges": ("dense", "search"),
     "shrinkage_mean": ("per_channel", "per_weight"),
     "channel_cost": ("weighted", "error"),
@@ -73,7 +71,7 @@ class RunConfig:
     clip: str = "auto"
     clip_objective: str = MixedPrecision.clip_objective
     clip_min: float = precision.CLIP_MIN
-    clip_search: str = "auto"  # auto: by the device (clip_search_on)
+    clip_search: str = "full"
     row_ranges: str = "dense"
     error_shrinkage: float | None = None  # None: the method's (precision.ERROR_SHRINKAGE)
     bit_options: list[int] | None = None  # None: the allocator's (allowed_widths)
@@ -121,13 +119,6 @@ class RunConfig:
         """What every solve, cost estimate and clip search of the run is made with: one object, made here."""
         return SolveSettings(self.prune, self.sym, self.groupsize, self.blocksize, self.percdamp,
                              self.solve_order_as_run, not self.no_fused)
-
-    def clip_search_on(self, dev: torch.device) -> str:
-        """--clip_search as run on `dev`: as asked, else "fast" on a CPU, where the full search is most of a mixed
-        run (benchmarks/mixed_cost.md), and "full" on a GPU."""
-        if self.clip_search != "auto":
-            return self.clip_search
-        return "full" if dev.type == "cuda" else "fast"
 
     @property
     def uniform_clip_search(self) -> ClipSearch:

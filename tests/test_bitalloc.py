@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -502,7 +501,7 @@ def test_solved_clip_takes_the_factor_whose_solve_leaves_the_least_output_error(
 def test_clip_search_searches_widths_up_to_its_widest_on_its_sample_and_leaves_wider_ones_unclipped():
     """A ClipSearch with `widest` and `sample_rows`: widths up to `widest` get the factor whose solve of the sampled
     rows leaves the least output error (the textbook loop's), wider ones none, though the full search clips them.
-    --clip_search fast is such a search; auto is fast on a CPU only."""
+    --clip_search fast is such a search."""
     from test_solver import correlated_inputs, textbook_solve
 
     X = correlated_inputs(400, 32, seed=3)
@@ -518,10 +517,10 @@ def test_clip_search_searches_widths_up_to_its_widest_on_its_sample_and_leaves_w
             for f in factors}
     assert true[shrink[2]] <= min(true.values()) * 1.001, (shrink, true)
     fast = precision.ClipSearch.named("fast", factors, "solve")
-    assert (fast.sample_rows, fast.widest) == (precision.FAST_CLIP_SAMPLE_ROWS, precision.FAST_CLIP_WIDEST) == (64, 4)
-    cfg = oe.parse_args(["model", "c4", "--wbits", "3", "--target_avg_bits", "3"])
-    assert [cfg.clip_search_on(torch.device(d)) for d in ("cpu", "cuda")] == ["fast", "full"]
-    assert replace(cfg, clip_search="full").clip_search_on(torch.device("cpu")) == "full"
+    assert (fast.sample_rows, fast.widest, fast.planned) == (256, precision.FAST_CLIP_WIDEST, True)
+    assert precision.FAST_CLIP_WIDEST == 4
+    full = oe.parse_args(["model", "c4", "--wbits", "3", "--target_avg_bits", "3"]).mixed_precision.clip_search
+    assert (full.sample_rows, full.widest, full.planned) == (256, 8, False)
 
 
 @pytest.mark.parametrize("search, solves_per_linear", [("full", 2), ("fast", 1)])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# benchmarks/serving.md: the mixed-width Linears run at their bit-widths. One GPU machine, from the repository
+# BENCHMARKS.md §6 (Serving): the mixed-width Linears run at their bit-widths. One GPU machine, from the repository
 # root, with .local/ copies of ../shared (opt-mini, data) and gemlite's wheel in .local/whl (gemlite is on the
 # package index as an sdist only: `pip wheel --no-deps gemlite==0.6.0.post2 -w .local/whl`).
 #   1. the kernels against the dequantized weights, compiled (tests/test_serving_kernel.py on the GPU);
