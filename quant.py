@@ -77,6 +77,7 @@ class QuantGrid:
     xmax: torch.Tensor
     shrink: dict[int, float] = field(default_factory=dict)  # width -> factor on the range; absent = 1
     row_scale: torch.Tensor | None = None  # (rows, 1) factor on each row's ranges: copies of rows on scaled grids
+    row_bits: torch.Tensor | None = None  # (rows, 1) each row's width, in place of the columns': copies at other widths
 
     @classmethod
     def for_weight(cls, w: torch.Tensor, sym: bool, groupsize: int = 0, shrink: dict[int, float] | None = None
@@ -104,8 +105,11 @@ class QuantGrid:
             self.xmin[:, g], self.xmax[:, g] = weight_range(w[:, g0:g0 + self.groupsize], self.sym)
 
     def column_params(self, start: int, stop: int, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Scale, zero (rows, stop-start) and maxq (stop-start,) for columns [start, stop) at widths `bits`."""
+        """Scale, zero (rows, stop-start) and maxq (stop-start,) for columns [start, stop) at widths `bits`; with
+        `row_bits`, at each row's width instead, and maxq (rows, stop-start)."""
         group = torch.arange(start, stop, device=self.xmin.device) // self.groupsize
+        if self.row_bits is not None:
+            bits = self.row_bits.expand(-1, stop - start)
         bits = bits.to(self.xmin.device, torch.int64)
         maxq = (2 ** bits - 1).float()
         xmin, xmax = self.xmin[:, group], self.xmax[:, group]

@@ -435,8 +435,8 @@ def column_loop(
     gather: 1.2-1.4x slower on the CPU); every value is the same, the rank-1 update being one product per element."""
     WT, MT = W1.t().contiguous(), mask1.t().contiguous()
     QT, ET = torch.zeros_like(WT), torch.zeros_like(WT)
-    if params is not None:
-        scale, zero, maxq = params[0].t().contiguous(), params[1].t().contiguous(), params[2]
+    if params is not None:  # maxq: one per column, or per row and column (QuantGrid.row_bits)
+        scale, zero, maxq = (p.t().contiguous() if p.dim() == 2 else p for p in params)
     losses = torch.zeros(W1.shape[0], device=W1.device)
     for i in range(WT.shape[0]):
         w = WT[i]

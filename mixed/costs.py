@@ -106,27 +106,33 @@ def solved_shrink(weight: torch.Tensor, solver: SparseGPT, settings: SolveSettin
     Linear's true output error by up to 6 (attention k/q, 3 bits, with or without sparsity). Rows are solved
     independently (apart from an unstructured mask's threshold, which a sample of rows estimates), so a
     sample prices a factor at a fraction of a full solve. Each width is one solve: the sample stacked once
-    per factor, each copy on its own scaled ranges and with its own mask (`row_groups`). The columns go in
-    the run's order at a single width (`SparseGPT.column_order` without widths)."""
+    per factor, each copy on its own scaled ranges and with its own mask (`row_groups`); on the CPU, where a
+    solve's cost is its Python loop over columns more than its arithmetic, every width goes in that one solve,
+    each copy at its own width (`QuantGrid.row_bits`). The columns go in the run's order at a single width
+    (`SparseGPT.column_order` without widths)."""
     rows = weight.shape[0]
     pick = torch.arange(rows) if rows <= sample_rows else torch.linspace(0, rows - 1, sample_rows).round().long()
     pick = pick.to(weight.device)
     W = weight[pick].float()
     r = None if row_weight is None else row_weight.to(W.device)[pick].float()
     copies = len(factors)
-    stacked = W.repeat(copies, 1)
-    scale = torch.tensor(factors, device=W.device).repeat_interleave(W.shape[0])[:, None]
     order = solver.column_order(settings)
     shrink: dict[int, float] = {}
-    for b in widths:
-        grid = replace(QuantGrid.for_weight(stacked, settings.sym, settings.groupsize), row_scale=scale)
-        bits = torch.full((W.shape[1],), b, dtype=torch.int64)
-        D = stacked - solver.fasterprune(stacked, settings, grid, bits, order, row_groups=copies).weight
-        per_row = ((D @ solver.xtx) * D).sum(1).view(copies, -1)  # X^T X, not H: one factor for every f
-        losses = per_row.sum(1) if r is None else (per_row * r).sum(1)
-        best = factors[int(torch.argmin(losses))]
-        if best != 1.0:
-            shrink[b] = best
+    for group in ([widths] if W.device.type == "cpu" else [[b] for b in widths]):
+        n = len(group) * copies
+        stacked = W.repeat(n, 1)
+        scale = torch.tensor(factors, device=W.device).repeat_interleave(W.shape[0]).repeat(len(group))[:, None]
+        row_bits = torch.tensor(group, device=W.device).repeat_interleave(copies * W.shape[0])[:, None]
+        grid = replace(QuantGrid.for_weight(stacked, settings.sym, settings.groupsize), row_scale=scale,
+                       row_bits=row_bits if len(group) > 1 else None)
+        bits = torch.full((W.shape[1],), group[0], dtype=torch.int64)
+        D = stacked - solver.fasterprune(stacked, settings, grid, bits, order, row_groups=n).weight
+        per_row = ((D @ solver.xtx) * D).sum(1).view(len(group), copies, -1)  # X^T X, not H: one factor for every f
+        losses = per_row.sum(2) if r is None else (per_row * r).sum(2)
+        for b, loss in zip(group, losses):
+            best = factors[int(torch.argmin(loss))]
+            if best != 1.0:
+                shrink[b] = best
     return shrink
 
 
