@@ -105,11 +105,11 @@ def solved_shrink(weight: torch.Tensor, solver: SparseGPT, settings: SolveSettin
     opt-mini (experiments/probes/clip_true_error.py), a factor of 0.8 that both estimates favour multiplied a
     Linear's true output error by up to 6 (attention k/q, 3 bits, with or without sparsity). Rows are solved
     independently (apart from an unstructured mask's threshold, which a sample of rows estimates), so a
-    sample prices a factor at a fraction of a full solve. Each width is one solve: the sample stacked once
-    per factor, each copy on its own scaled ranges and with its own mask (`row_groups`); on the CPU, where a
-    solve's cost is its Python loop over columns more than its arithmetic, every width goes in that one solve,
-    each copy at its own width (`QuantGrid.row_bits`). The columns go in the run's order at a single width
-    (`SparseGPT.column_order` without widths)."""
+    sample prices a factor at a fraction of a full solve. The sample is stacked once per factor, each copy on
+    its own scaled ranges and with its own mask (`row_groups`), in one solve per width on a GPU (its fused kernel
+    takes one width per column) and one for all widths on the CPU, where a solve costs its Python loop over
+    columns more than its arithmetic (each copy at its own width: `QuantGrid.row_bits`). The columns go in the
+    run's order at a single width (`SparseGPT.column_order` without widths)."""
     rows = weight.shape[0]
     pick = torch.arange(rows) if rows <= sample_rows else torch.linspace(0, rows - 1, sample_rows).round().long()
     pick = pick.to(weight.device)
