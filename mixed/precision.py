@@ -44,7 +44,6 @@ def clip_factors(smallest: float) -> tuple[float, ...]:
     return tuple(f for f in CLIP_FACTORS if f >= smallest - 1e-9)
 
 
-CLIP_SAMPLE_ROWS = 256  # rows the "solve" clip objective solves (evenly spaced; all rows of a smaller matrix)
 FAST_CLIP_WIDEST = 4  # --clip_search fast: the widest width searched (benchmarks/mixed_cost.md)
 
 
@@ -52,11 +51,10 @@ FAST_CLIP_WIDEST = 4  # --clip_search fast: the widest width searched (benchmark
 class ClipSearch:
     """How each width's range factor is chosen: the factors tried (1.0 first) and the loss that picks one
     ("solve": actual solves of a sample of rows; "uncompensated", "solver": estimates; `costs.range_factors`),
-    the rows the "solve" objective samples, and the widest width searched (wider ones keep the min-max range)."""
+    and the widest width searched (wider ones keep the min-max range)."""
 
     factors: tuple[float, ...]
     objective: str = "solve"
-    sample_rows: int = CLIP_SAMPLE_ROWS
     widest: int = 8
     # In model scope, take each Linear's factors from the plan (chosen on the dense model's inputs) rather than
     # search again on the compressed model's.

@@ -498,29 +498,28 @@ def test_solved_clip_takes_the_factor_whose_solve_leaves_the_least_output_error(
     assert len(set(chosen.values())) > 1  # the factors differ by width and sparsity: the test can tell them apart
 
 
-def test_clip_search_searches_widths_up_to_its_widest_on_its_sample_and_leaves_wider_ones_unclipped():
-    """A ClipSearch with `widest` and `sample_rows`: widths up to `widest` get the factor whose solve of the sampled
-    rows leaves the least output error (the textbook loop's), wider ones none, though the full search clips them.
+def test_clip_search_searches_widths_up_to_its_widest_and_leaves_wider_ones_unclipped():
+    """A ClipSearch with `widest`: widths up to it get the factor whose solve leaves the least output error (the
+    textbook loop's), wider ones none, though the full search clips them.
     --clip_search fast is such a search."""
     from test_solver import correlated_inputs, textbook_solve
 
     X = correlated_inputs(400, 32, seed=3)
     W = torch.randn(150, 32, generator=torch.Generator().manual_seed(4))
     W[:, 5] *= 3
-    rows = torch.linspace(0, 149, 64).round().long()
     factors = precision.clip_factors(0.5)
     settings = SolveSettings(PruneSpec(sparsity=0.5), blocksize=16, fused=False)
-    shrink = costs.range_factors(W, solver_for(X), settings, [2, 3, 4], precision.ClipSearch(factors, "solve", 64, 2))
+    shrink = costs.range_factors(W, solver_for(X), settings, [2, 3, 4], precision.ClipSearch(factors, "solve", widest=2))
     full = costs.range_factors(W, solver_for(X), settings, [2, 3, 4], precision.ClipSearch(factors, "solve"))
     assert list(shrink) == [2] and {3, 4} <= set(full)
-    true = {f: output_error(W[rows], textbook_solve(W[rows], X, bits=[2] * 32, shrink=f, sparsity=0.5)[0], X)
+    true = {f: output_error(W, textbook_solve(W, X, bits=[2] * 32, shrink=f, sparsity=0.5)[0], X)
             for f in factors}
     assert true[shrink[2]] <= min(true.values()) * 1.001, (shrink, true)
     fast = precision.ClipSearch.named("fast", factors, "solve")
-    assert (fast.sample_rows, fast.widest, fast.planned) == (256, precision.FAST_CLIP_WIDEST, True)
+    assert (fast.widest, fast.planned) == (precision.FAST_CLIP_WIDEST, True)
     assert precision.FAST_CLIP_WIDEST == 4
     full = oe.parse_args(["model", "c4", "--wbits", "3", "--target_avg_bits", "3"]).mixed_precision.clip_search
-    assert (full.sample_rows, full.widest, full.planned) == (256, 8, False)
+    assert (full.widest, full.planned) == (8, False)
 
 
 @pytest.mark.parametrize("search, solves_per_linear", [("full", 2), ("fast", 1)])
