@@ -106,20 +106,33 @@ class QuantGrid:
 
     def column_params(self, start: int, stop: int, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scale, zero (rows, stop-start) and maxq (stop-start,) for columns [start, stop) at widths `bits`; with
-        `row_bits`, at each row's width instead, and maxq (rows, stop-start)."""
-        group = torch.arange(start, stop, device=self.xmin.device) // self.groupsize
-        if self.row_bits is not None:
-            bits = self.row_bits.expand(-1, stop - start)
-        bits = bits.to(self.xmin.device, torch.int64)
-        maxq = (2 ** bits - 1).float()
-        xmin, xmax = self.xmin[:, group], self.xmax[:, group]
+        `row_bits`, at each row's width instead, and maxq (rows, stop-start).
+
+        The columns of a span share a few (group, width) pairs: the parameters are computed once per pair, on
+        (rows, pairs), and gathered per column (the same values as computing each column's, at a fraction of the
+        work: a solve asks for spans of up to 1,024 columns, and the clip search stacks thousands of rows)."""
+        device = self.xmin.device
+        first, last = start // self.groupsize, -(-stop // self.groupsize)  # the groups the span touches
+        group = torch.arange(start, stop, device=device) // self.groupsize
+        xmin, xmax = self.xmin[:, first:last], self.xmax[:, first:last]
+        if self.row_bits is not None:  # (rows, 1): one width per row
+            widths, column_pair = self.row_bits.to(device, torch.int64), group - first
+        else:
+            every = MAX_WIDTH + 1  # pair p: group first + p // every at width p % every (no device sync)
+            widths = torch.arange(every, device=device).repeat(xmin.shape[1])[None, :]
+            xmin, xmax = xmin.repeat_interleave(every, 1), xmax.repeat_interleave(every, 1)
+            column_pair = (group - first) * every + bits.to(device, torch.int64)
+        maxq = (2 ** widths - 1).float()
         if self.shrink:
-            factor = torch.tensor([self.shrink.get(b, 1.0) for b in range(MAX_WIDTH + 1)], device=bits.device)
-            xmin, xmax = xmin * factor[bits], xmax * factor[bits]
+            factor = torch.tensor([self.shrink.get(b, 1.0) for b in range(MAX_WIDTH + 1)], device=device)
+            xmin, xmax = xmin * factor[widths], xmax * factor[widths]
         if self.row_scale is not None:
             xmin, xmax = xmin * self.row_scale, xmax * self.row_scale
         scale, zero = grid_params(xmin, xmax, maxq, self.sym)
-        return scale, zero, maxq
+        scale, zero = scale[:, column_pair], zero[:, column_pair]
+        if self.row_bits is not None:
+            return scale, zero, maxq.expand(-1, stop - start)
+        return scale, zero, maxq[0, column_pair]
 
     def round_at(self, w: torch.Tensor, width: int, shrink: float = 1.0) -> torch.Tensor:
         """Every value of w to the nearest point of its grid at one width, the range scaled by `shrink`:
