@@ -48,6 +48,10 @@ def pytest_configure(config: pytest.Config) -> None:
         import torch
 
         torch.set_num_threads(1)
+        if hasattr(config, "workerinput"):  # an xdist worker imports transformers for its tests anyway
+            import modelutils
+
+            modelutils.import_transformers()  # as the CLI does: without scikit-learn (1.2 s, unused)
 
 
 # The costliest tests, costliest first (CPU seconds on the 2-core machine beside other load: the comparison
