@@ -397,11 +397,12 @@ def main(argv: list[str] | None = None) -> int:
                     for name, module in modules.items():
                         set_module(decoder, name, module)
                     del modules
-                    measured = after - before - bias_bytes
-                    mem = {"weights_bytes_measured": measured, "weights_bytes_predicted": predicted,
-                           "ratio": measured / predicted if predicted else None, "fp16_bytes": fp16_bytes}
-                    log(f"decode step {variant}: weights {measured / 2 ** 20:.1f} MiB on the GPU, predicted "
-                        f"{predicted / 2 ** 20:.1f} MiB ({mem['ratio']:.4f}x), fp16 {fp16_bytes / 2 ** 20:.1f} MiB")
+                    if device == "cuda":  # the allocator's count: there is none for the CPU
+                        measured = after - before - bias_bytes
+                        mem = {"weights_bytes_measured": measured, "weights_bytes_predicted": predicted,
+                               "ratio": measured / predicted if predicted else None, "fp16_bytes": fp16_bytes}
+                        log(f"decode step {variant}: weights {measured / 2 ** 20:.1f} MiB on the GPU, predicted "
+                            f"{predicted / 2 ** 20:.1f} MiB ({mem['ratio']:.4f}x), fp16 {fp16_bytes / 2 ** 20:.1f} MiB")
                 for batch in step_batches:
                     res = time_decode_step(model, batch, args.cache_len, args.cache_len // 2, args.reps, device)
                     entry = {"variant": variant, "batch": batch, "layers": args.step_layers, **res, **mem}
