@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     mixed.add_argument("--clip_search", choices=CHOICES["clip_search"],
                        help=f"full: every width's range factor searched, for the model-wide plan and again for the "
                             f"solve; fast: widths up to {precision.FAST_CLIP_WIDEST} (wider ones keep the min-max range), "
-                            f"once per Linear: 1.3-1.6x faster on a CPU, but it gave up mixed precision's gain over "
+                            f"once per Linear: 2.0-2.2x faster on a CPU, but it gave up mixed precision's gain over "
                             f"uniform on PTB validation text (benchmarks/mixed_cost.md)")
     mixed.add_argument("--row_ranges", choices=CHOICES["row_ranges"],
                        help="each row's quantization range: from the dense weights (the reference), or chosen by trial "

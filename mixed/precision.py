@@ -63,7 +63,7 @@ class ClipSearch:
     @classmethod
     def named(cls, name: str, factors: tuple[float, ...], objective: str) -> "ClipSearch":
         """--clip_search: "full" (the default) searches every width, for the model-wide plan and again for the solve;
-        "fast" only widths up to FAST_CLIP_WIDEST, once per Linear: 1.3-1.6x faster on a CPU, and it gave up mixed
+        "fast" only widths up to FAST_CLIP_WIDEST, once per Linear: 2.0-2.2x faster on a CPU, and it gave up mixed
         precision's gain over uniform on PTB validation text there (benchmarks/mixed_cost.md)."""
         if name == "fast":
             return cls(factors, objective, widest=FAST_CLIP_WIDEST, planned=True)
