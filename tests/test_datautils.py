@@ -368,6 +368,7 @@ class SlowBPE:
         others = [b for b in range(256) if b not in printable]
         self.byte_char = {b: chr(b) for b in printable} | {b: chr(256 + k) for k, b in enumerate(others)}
         self.bpe = lru_cache(maxsize=None)(self._bpe)
+        self.word_ids = lru_cache(maxsize=None)(self._word_ids)  # a text repeats its words: each is encoded once
 
     def _bpe(self, word: str) -> tuple[str, ...]:
         parts = list(word)
@@ -392,8 +393,11 @@ class SlowBPE:
                 ids.append(self.vocab[piece])
                 continue
             for word in self.WORD.findall(piece):
-                ids.extend(self.vocab[t] for t in self.bpe("".join(self.byte_char[b] for b in word.encode())))
+                ids.extend(self.word_ids(word))
         return ids
+
+    def _word_ids(self, word: str) -> tuple[int, ...]:
+        return tuple(self.vocab[t] for t in self.bpe("".join(self.byte_char[b] for b in word.encode())))
 
 
 @needs_shared
