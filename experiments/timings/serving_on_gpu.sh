@@ -8,13 +8,16 @@
 #   3. python -m serving.benchmark: per Linear at OPT-6.7B and OPT-1.3B shapes (decode batch 1, 8, 32, prefill
 #      2048) and a CUDA-graph decode step, against fp16 (cuBLAS), gemlite A16W4 and torch's int4 matmul
 #      (MODELS, DEADLINE in seconds and BENCH_ARGS, more of its flags, narrow it to fit a shorter lease).
+# SKIP=tests leaves step 1 out.
 source experiments/timings/record.sh serving_on_gpu
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .local/whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || echo "gemlite: not installed"
 export SERVING_AUTOTUNE_CACHE=$OUT/autotune.json
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-echo "== GPU kernel tests"
-timeout 75 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_serving_kernel.py 2>&1 | tail -4
+if [ "${SKIP:-}" != tests ]; then
+  echo "== GPU kernel tests"
+  timeout 75 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_serving_kernel.py 2>&1 | tail -4
+fi
 echo "== opt-mini: mixed 3.0, 50%, exported; the export evaluated and generating"
 C="--data_dir $D --cache_dir /tmp/c1 --quiet"
 export SERVING_AUTOTUNE=0  # correctness here: default launch configurations, no tuning
