@@ -59,7 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # run before the other slow tests, which run before the rest, so that no worker is left with a long test
 # at the end while the other one waits.
 COSTLIEST = ("test_enhanced.py::test_comparison_script_runs_and_checks_targets",
-             "tests/test_triton_interpret.py::test_kernel_under_the_triton_interpreter",
+             "tests/test_triton_interpret.py::test_kernels_under_the_triton_interpreter",
              "tests/test_datautils.py::test_cache_is_shared_with_another_process",
              "tests/test_datautils.py::test_text_windows_match_the_reference_draw")
 

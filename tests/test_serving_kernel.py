@@ -2,19 +2,16 @@
 weights quant.py dequantizes from the same codes, multiplied in float64.
 
 Where there is a GPU the compiled kernels run here, on layer-sized shapes. Without one, the same checks on
-tiny shapes run through Triton's CPU interpreter in a child process (the interpreter has to be chosen
-before Triton is first imported, as in test_triton_interpret.py); they are kept small so that the child,
-its start included, takes a few seconds on a 2-core machine.
+tiny shapes run through Triton's CPU interpreter, in the child process that test_triton_interpret.py starts
+for every interpreted kernel test (the interpreter has to be chosen before Triton is first imported); they are
+kept small so that they take a few seconds on a 2-core machine.
 
 Every case covers each width of its mix with a ragged last unit and holes, the split-K reduction, and,
 for the tensor-core kernel, both ways of reading the activations (gathered in-kernel, permuted first).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,24 +19,7 @@ import torch
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ON_GPU = torch.cuda.is_available() and not INTERPRETING
 
-if not (INTERPRETING or ON_GPU):
-
-    @pytest.mark.slow
-    def test_serving_kernels_under_the_triton_interpreter():
-        """This file's comparisons, in a process that imports Triton with TRITON_INTERPRET=1."""
-        if importlib.util.find_spec("triton") is None:
-            pytest.skip("Triton is not installed")
-        here = os.path.dirname(os.path.abspath(__file__))
-        env = dict(os.environ, TRITON_INTERPRET="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
-                   PYTHONPATH=os.pathsep.join([os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
-                               os.path.basename(__file__)], cwd=here, env=env, capture_output=True, text=True,
-                              timeout=600)
-        report = done.stdout[-6000:] + done.stderr[-2000:]
-        assert done.returncode == 0, report
-        assert "skipped" not in done.stdout.splitlines()[-1], report
-
-else:
+if INTERPRETING or ON_GPU:  # elsewhere test_triton_interpret.py runs this file under the interpreter
     from quant import QuantGrid, dequantize
     from serving.layout import WIDTHS, build_layout
     from serving.mixed_matmul import KernelConfig, launch

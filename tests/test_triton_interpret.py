@@ -1,16 +1,18 @@
-"""The fused Triton kernel (kernels.py) on the CPU, through Triton's interpreter, against the PyTorch
-column loop bit for bit: the kernel's logic is checked on machines without a GPU (CI). Where there is one,
-test_kernels.py checks the compiled kernel itself and this is skipped (the lent H200 image's Triton 3.6
-interpreter fails on the kernel).
+"""The Triton kernels on the CPU, through Triton's interpreter: the fused solve kernel (kernels.py) against the
+PyTorch column loop bit for bit, here, and the serving kernels against the dequantized weights
+(test_serving_kernel.py), so that their logic is checked on machines without a GPU (CI). Where there is
+one, test_kernels.py and test_serving_kernel.py check the compiled kernels themselves and this is skipped
+(the lent H200 image's Triton 3.6 interpreter fails on the fused kernel).
 
 The interpreter has to be chosen before Triton is first imported (Triton's own @jit helpers, such as
 the ones behind tl.sum, are compiled or interpreted from then on), so a normal run has one test here
-that runs this file again in a child process with TRITON_INTERPRET=1, where the comparisons below are
-defined. To see them directly:
-    TRITON_INTERPRET=1 python -m pytest -q --noconftest test_triton_interpret.py
+that runs both files again in one child process with TRITON_INTERPRET=1, where their comparisons are
+defined (one child for both: a child's start, with torch and Triton imported, costs seconds). To see them:
+    cd tests && TRITON_INTERPRET=1 PYTHONPATH=.. python -m pytest -q --noconftest \
+        test_triton_interpret.py test_serving_kernel.py
 Skips without Triton. Needs a Triton whose interpreter broadcasts a scalar load mask: 3.7.1 (what
 torch 2.13 pins on CUDA, and requirements.txt) and 3.8.0 do; 3.9.0 fails with "mask has unsupported
-dtype". A few seconds (the interpreter runs the kernel in NumPy).
+dtype". A few seconds (the interpreter runs the kernels in NumPy).
 """
 from __future__ import annotations
 
@@ -27,9 +29,11 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 if not INTERPRETING:
 
+    INTERPRETED = ("test_triton_interpret.py", "test_serving_kernel.py")
+
     @pytest.mark.slow
-    def test_kernel_under_the_triton_interpreter():
-        """This file's comparisons, in a process that imports Triton with TRITON_INTERPRET=1."""
+    def test_kernels_under_the_triton_interpreter():
+        """The comparisons of INTERPRETED, in one process that imports Triton with TRITON_INTERPRET=1."""
         if importlib.util.find_spec("triton") is None:
             pytest.skip("Triton is not installed")
         if torch.cuda.is_available():
@@ -37,7 +41,7 @@ if not INTERPRETING:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the modules under test, without conftest
         env = dict(os.environ, TRITON_INTERPRET="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1", PYTHONPATH=root)
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
-                               os.path.basename(__file__)], cwd=os.path.dirname(os.path.abspath(__file__)),
+                               *INTERPRETED], cwd=os.path.dirname(os.path.abspath(__file__)),
                               env=env, capture_output=True, text=True, timeout=600)
         report = done.stdout[-6000:] + done.stderr[-2000:]
         assert done.returncode == 0, report
