@@ -146,6 +146,16 @@ def write_data(root: Path, words: int = 4000) -> None:
                 f.write(json.dumps({"text": text(300)}) + "\n")
 
 
+@pytest.fixture
+def quick_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests that launch processes in this one (distributed.launch): torch's elastic rendezvous names each of
+    its events after its caller by walking the whole stack with source lines (inspect.stack(), twice per event),
+    which under pytest's deep stack took about 2 CPU seconds per launch; the name is only logged."""
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous
+
+    monkeypatch.setattr(dynamic_rendezvous, "get_method_name", lambda depth=2: "rendezvous")
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(model directory, data directory): a 2-layer OPT with a byte tokenizer, and offline data for it.

@@ -186,7 +186,7 @@ def test_assignment_balances_by_solver_cost():
 
 
 @pytest.mark.slow
-def test_torchrun_launch(tiny_dir, tmp_path, capfd):
+def test_torchrun_launch(tiny_dir, tmp_path, capfd, quick_rendezvous):
     """The real launcher, through --gpus 2 on the CPU: one JSON line on stdout (rank 0), one results file."""
     model, data = tiny_dir
     out = tmp_path / "r.json"

@@ -25,6 +25,8 @@ import opt_enhanced as oe
 import pipeline.cli
 from systems import distributed
 
+pytestmark = pytest.mark.usefixtures("quick_rendezvous")
+
 # A child process of the launcher, as small as one can be: it reports `line` with exit `code` (kind `kind`) per
 # rank, after `delay` seconds, the way distributed.report does, and exits; a rank not in `ranks` sleeps until it is
 # stopped. Each writes its pid first.
