@@ -61,9 +61,11 @@ from systems import offload as offload_module
 from systems.atomic_io import write_json
 from systems.progress import Log, Stages
 
-# hidden, layers, heads, ffn of the published OPT models, and opt-tiny (no such model) for smoke tests on the CPU
+# hidden, layers, heads, ffn of the published OPT models, opt-tiny (no such model) for smoke tests on the CPU, and
+# opt-mini's shape for its stage timings
 SHAPES = {"opt-125m": (768, 12, 12, 3072), "opt-1.3b": (2048, 24, 32, 8192), "opt-6.7b": (4096, 32, 32, 16384),
-          "opt-13b": (5120, 40, 40, 20480), "opt-175b": (12288, 96, 96, 49152), "opt-tiny": (64, 2, 4, 256)}
+          "opt-13b": (5120, 40, 40, 20480), "opt-175b": (12288, 96, 96, 49152), "opt-tiny": (64, 2, 4, 256),
+          "opt-mini": (384, 8, 6, 1536)}  # ../shared's opt-mini (its vocabulary 8,192, here OPT's 50,272)
 CPU_FACTOR_MAX = 2048  # --factor on the CPU: larger sizes take minutes on the development machine
 
 STAGES = ("load", "tokenize", "compress", "evaluate", "total")
