@@ -739,16 +739,6 @@ def test_requirements_list_every_third_party_import():
     assert "tqdm" in names
 
 
-@pytest.mark.slow  # a subprocess: importing torch again
-def test_importing_the_cli_leaves_transformers_for_the_run():
-    """transformers takes seconds to import; the CLI imports it while the GPU starts (device_starting), which
-    only overlaps if nothing imported it at module level."""
-    script = "import sys, opt_enhanced; print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
-
-
 def test_the_gpu_warm_up_runs_beside_the_block_and_is_waited_for(monkeypatch):
     """device_starting: the warm-up runs on its own thread while the block runs, the block's end waits for it,
     and its error is raised there; the block's own error wins. CPU runs start nothing."""
@@ -788,11 +778,14 @@ def test_the_gpu_warm_up_runs_beside_the_block_and_is_waited_for(monkeypatch):
 
 
 @pytest.mark.slow  # a subprocess: importing torch again
-def test_a_run_imports_transformers_before_its_loading_thread(tiny_dir):
-    """run() loads the model on a thread while the main thread tokenizes; both use transformers, and two threads
-    importing it at once failed ("cannot import name 'AutoConfig' from 'transformers'", bench.py calling run()
-    directly). Here run() is called without main(), in a process that has not imported transformers."""
+def test_transformers_is_imported_by_the_run_not_the_cli_and_before_the_loading_thread(tiny_dir):
+    """transformers takes seconds to import; the CLI imports it while the GPU starts (device_starting), which only
+    overlaps if nothing imported it at module level. run() then loads the model on a thread while the main thread
+    tokenizes; both use transformers, and two threads importing it at once failed ("cannot import name
+    'AutoConfig' from 'transformers'", bench.py calling run() directly). Here run() is called without main(), in a
+    process that has not imported transformers."""
     script = ("import sys, opt_enhanced as oe, pipeline.run\nfrom systems import interrupts\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
               "seen = []\n"
               "class Spy(interrupts.Background):\n"
               "    def __init__(self, fn):\n"
@@ -805,8 +798,8 @@ def test_a_run_imports_transformers_before_its_loading_thread(tiny_dir):
               "print(seen)\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[True]", done.stdout + done.stderr
-
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and lines[0] == "[]" and lines[-1] == "[True]", done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("flags", [["--bit_options", "2,x"], ["--importance_weights", "a,b"]])
