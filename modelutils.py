@@ -163,6 +163,8 @@ def import_transformers(unused: tuple[str, ...] = UNUSED_OPTIONAL_IMPORTS) -> No
     importing it; the packages in `unused` answer "no" during this import (a None entry in
     sys.modules) and are importable again afterwards, for whatever needs them (lm-eval's metrics). Should a
     transformers version import one unconditionally, the import is made again the ordinary way."""
+    if "transformers.models.auto.modeling_auto" in sys.modules:
+        return  # imported already: nothing to hide, and another thread may be using it
     hidden = [name for name in unused if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None

@@ -8,7 +8,7 @@ import os
 from typing import TYPE_CHECKING
 
 from datautils import DataError
-from modelutils import model_source
+from modelutils import import_transformers, model_source
 
 if TYPE_CHECKING:  # transformers is imported when a run needs it (modelutils.import_transformers)
     from transformers import PreTrainedTokenizerBase
@@ -18,6 +18,7 @@ def get_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The model's fast (Rust) tokenizer: the same ids as the slow one the reference used, many times faster.
     FileNotFoundError for a local path that is not a model directory (modelutils.model_source); DataError if
     it cannot be loaded or encodes text to nothing (its files missing)."""
+    import_transformers()  # without scikit-learn, as a run imports it (AutoTokenizer pulls in generation)
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
