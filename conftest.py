@@ -54,14 +54,15 @@ def pytest_configure(config: pytest.Config) -> None:
             modelutils.import_transformers()  # as the CLI does: without scikit-learn (1.2 s, unused)
 
 
-# The costliest tests, costliest first (CPU seconds on the 2-core machine beside other load: the comparison
-# script 8.6, Triton's interpreter 7.0, a second Python process 6.4, PTB's 5 MB tokenized twice 4.8). They
+# The costliest tests, costliest first (seconds on the 2-core machine in the test command: Triton's interpreter
+# 8.1, the child processes 4-8 each). They
 # run before the other slow tests, which run before the rest, so that no worker is left with a long test
 # at the end while the other one waits.
-COSTLIEST = ("test_enhanced.py::test_comparison_script_runs_and_checks_targets",
-             "tests/test_triton_interpret.py::test_kernels_under_the_triton_interpreter",
-             "tests/test_datautils.py::test_cache_is_shared_with_another_process",
-             "tests/test_datautils.py::test_text_windows_match_the_reference_draw")
+COSTLIEST = ("tests/test_triton_interpret.py::test_kernels_under_the_triton_interpreter",
+             "tests/test_cli.py::test_the_command_in_a_fresh_process_without_root_powers",
+             "tests/test_distributed.py::test_torchrun_launch",
+             "test_enhanced.py::test_comparison_script_runs_and_checks_targets",
+             "tests/test_datautils.py::test_cache_is_shared_with_another_process")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -160,21 +160,30 @@ def import_transformers(unused: tuple[str, ...] = UNUSED_OPTIONAL_IMPORTS) -> No
     """Import the transformers classes a run uses. The auto classes pull in generation, torch.distributed and
     dynamo pieces: seconds, which the CLI spends while the GPU starts (opt_enhanced.device_starting); nothing
     imports transformers at module level. transformers asks whether each optional package is installed before
-    importing it; the packages in `unused` answer "no" during this import (a None entry in
-    sys.modules) and are importable again afterwards, for whatever needs them (lm-eval's metrics). Should a
-    transformers version import one unconditionally, the import is made again the ordinary way."""
+    importing it, so the packages in `unused` are hidden from it (import_hiding)."""
     if "transformers.models.auto.modeling_auto" in sys.modules:
         return  # imported already: nothing to hide, and another thread may be using it
+
+    def auto_classes() -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import_hiding(unused, auto_classes)
+
+
+def import_hiding(unused: tuple[str, ...], do_import: Callable[[], None]) -> None:
+    """Call do_import while the packages in `unused` answer "not installed" (a None entry in sys.modules); they
+    are importable again afterwards, for whatever needs them (lm-eval's metrics imports scikit-learn). Should the
+    import need one after all (an ImportError), it is made again with nothing hidden."""
     hidden = [name for name in unused if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        do_import()
     except ImportError:
         for name in hidden:
             sys.modules.pop(name, None)
         hidden = []
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+        do_import()
     finally:
         for name in hidden:
             if name in sys.modules and sys.modules[name] is None:

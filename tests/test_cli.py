@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -214,57 +215,6 @@ def test_output_paths_are_checked_before_any_work(tiny_dir, tmp_path, capsys, mo
     assert code == 2
     assert_one_line_error(capsys, message)
     assert os.listdir(out) == [] and sorted(os.listdir(elsewhere)) == ["adir", "afile"]
-
-
-def as_unprivileged(cases: list[list[str]]) -> list[tuple[int, str]]:
-    """(exit code, stderr) of main() on each argv, in one subprocess that file permissions bind: root there
-    lacks the capabilities that let it read and write anything (setpriv); anyone else runs as is."""
-    script = ("import contextlib, io, json, sys\nimport opt_enhanced as oe\nout = []\n"
-              "for argv in json.loads(sys.argv[1]):\n    err = io.StringIO()\n"
-              "    with contextlib.redirect_stderr(err):\n        out.append([oe.main(argv), err.getvalue()])\n"
-              "print(json.dumps(out))\n")
-    cmd = [sys.executable, "-c", script, json.dumps(cases)]
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("root, and no setpriv to drop the capabilities that bypass file permissions")
-        cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--", *cmd]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert done.returncode == 0, done.stderr
-    return [(code, err) for code, err in json.loads(done.stdout.strip().splitlines()[-1])]
-
-
-@pytest.mark.slow  # a subprocess: importing torch again
-def test_permissions_as_a_user_without_them(tiny_dir, tmp_path):
-    """Read-only output and cache directories, an unreadable weights file and data file: as a user whom the
-    permissions bind (the run as root would just write and read)."""
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    model = copy_model(tiny_dir[0], tmp_path / "m")
-    data = tmp_path / "data"
-    shutil.copytree(tiny_dir[1], data)
-    (model / "model.safetensors").chmod(0)
-    (data / "ptb" / "ptb.test.txt").chmod(0)
-    locked.chmod(0o555)
-    quick = ["--data_dir", str(tiny_dir[1]), *QUICK]
-    cases = [
-        ([str(tiny_dir[0]), "c4", *quick, "--results_json", str(locked / "r.json")], 2, "cannot write into"),
-        ([str(tiny_dir[0]), "c4", *quick, "--save", str(locked / "s")], 2, "cannot write into"),
-        ([str(model), "c4", *quick], 2, f"cannot read {model / 'model.safetensors'} (permission denied)"),
-        ([str(tiny_dir[0]), "c4", *QUICK, "--data_dir", str(data)], 2,
-         f"cannot read {data / 'ptb' / 'ptb.test.txt'} (permission denied)"),
-        ([str(tiny_dir[0]), "c4", *quick, "--cache_dir", str(locked / "cache")], 0,
-         "warning: cannot write the cache entry"),
-    ]
-    try:
-        got = as_unprivileged([argv for argv, _, _ in cases])
-    finally:
-        locked.chmod(0o755)
-    for (argv, code, message), (got_code, err) in zip(cases, got):
-        assert got_code == code and message in err and "Traceback" not in err, (argv, err)
-        if code:
-            assert len(err.strip().splitlines()) == 1, err
-    assert os.listdir(locked) == []
 
 
 def test_cache_dir_that_is_a_file(tiny_dir, tmp_path, capsys):
@@ -689,22 +639,6 @@ def test_signal_during_the_interpreters_exit_is_ignored(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: --seqlen 1"), done.stderr
 
 
-@pytest.mark.slow  # a subprocess: importing torch again
-def test_the_command_ends_with_its_outputs_and_last_line_written(tiny_dir, tmp_path):
-    """The process ends at once after main() (no interpreter teardown): whatever it printed into a pipe and wrote
-    must be there, the final JSON line and the results file both, with startup counted from the process's start."""
-    model, data = tiny_dir
-    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "opt_enhanced.py", str(model), "c4", "--data_dir", str(data), *QUICK,
-                           "--results_json", str(tmp_path / "r.json")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=buffered)
-    assert done.returncode == 0, done.stderr
-    last = json.loads(done.stdout.strip().splitlines()[-1])
-    written = json.loads((tmp_path / "r.json").read_text())
-    assert last["perplexity"]["ptb"] == pytest.approx(written["perplexity"]["ptb"], rel=1e-3)
-    assert 0 < written["timings"]["startup"] < 300
-
-
 # ---------------------------------------------------------------- small things a first-time user meets
 
 
@@ -778,28 +712,65 @@ def test_the_gpu_warm_up_runs_beside_the_block_and_is_waited_for(monkeypatch):
 
 
 @pytest.mark.slow  # a subprocess: importing torch again
-def test_transformers_is_imported_by_the_run_not_the_cli_and_before_the_loading_thread(tiny_dir):
-    """transformers takes seconds to import; the CLI imports it while the GPU starts (device_starting), which only
-    overlaps if nothing imported it at module level. run() then loads the model on a thread while the main thread
-    tokenizes; both use transformers, and two threads importing it at once failed ("cannot import name
-    'AutoConfig' from 'transformers'", bench.py calling run() directly). Here run() is called without main(), in a
-    process that has not imported transformers."""
-    script = ("import sys, opt_enhanced as oe, pipeline.run\nfrom systems import interrupts\n"
-              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))\n"
-              "seen = []\n"
-              "class Spy(interrupts.Background):\n"
-              "    def __init__(self, fn):\n"
-              "        seen.append(all(m in sys.modules for m in ('transformers.models.auto.configuration_auto',\n"
-              "            'transformers.models.auto.modeling_auto', 'transformers.models.auto.tokenization_auto')))\n"
-              "        super().__init__(fn)\n"
-              "pipeline.run.Background = Spy\n"
-              f"pipeline.run.run(oe.parse_args([{str(tiny_dir[0])!r}, 'c4', '--data_dir', {str(tiny_dir[1])!r}, '--device', "
-              "'cpu', '--nsamples', '4', '--seqlen', '64', '--eval', 'ptb', '--quiet']))\n"
-              "print(seen)\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    lines = done.stdout.strip().splitlines()
-    assert done.returncode == 0 and lines[0] == "[]" and lines[-1] == "[True]", done.stdout + done.stderr
+def test_the_command_in_a_fresh_process_without_root_powers(tiny_dir, tmp_path):
+    """The checks that need a process of their own, in one (tests/fresh_process.py; each child imports torch and
+    transformers: seconds), which file permissions bind: root there lacks the capabilities that let it read and
+    write anything (setpriv); anyone else runs as is.
+    - transformers takes seconds to import; the CLI imports it while the GPU starts (device_starting), which only
+      overlaps if importing the CLI does not import it. run() then loads the model on a thread while the main thread
+      tokenizes; both use transformers, and two threads importing it at once failed ("cannot import name
+      'AutoConfig' from 'transformers'"), so run() imports it before that thread starts, also when called without
+      main() (bench.py), and without scikit-learn (modelutils.import_hiding), which stays importable.
+    - Read-only output and cache directories, an unreadable weights file and data file: one-line errors, nothing
+      written (the run as root would just write and read).
+    - The process ends at once after main() (no interpreter teardown): whatever it printed into a pipe and wrote
+      must be there, the final JSON line and the results file both, with startup counted from the process's start.
+    """
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    model = copy_model(tiny_dir[0], tmp_path / "m")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dir[1], data)
+    (model / "model.safetensors").chmod(0)
+    (data / "ptb" / "ptb.test.txt").chmod(0)
+    locked.chmod(0o555)
+    run = [str(tiny_dir[0]), "c4", "--data_dir", str(tiny_dir[1]), *QUICK]
+    cases = [
+        ([*run, "--results_json", str(locked / "r.json")], 2, "cannot write into"),
+        ([*run, "--save", str(locked / "s")], 2, "cannot write into"),
+        ([str(model), *run[1:]], 2, f"cannot read {model / 'model.safetensors'} (permission denied)"),
+        ([str(tiny_dir[0]), "c4", *QUICK, "--data_dir", str(data)], 2,
+         f"cannot read {data / 'ptb' / 'ptb.test.txt'} (permission denied)"),
+        ([*run, "--cache_dir", str(locked / "cache")], 0, "warning: cannot write the cache entry"),
+    ]
+    cmd = [sys.executable, str(ROOT / "tests" / "fresh_process.py"), json.dumps([argv for argv, _, _ in cases]),
+           json.dumps([*run, "--seed", "1", "--eval", "wikitext2"]),  # other windows: the cases tokenize afresh
+           *run, "--results_json", str(tmp_path / "r.json")]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv to drop the capabilities that bypass file permissions")
+        cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--", *cmd]
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=buffered)
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    reports = {name: json.loads(value) for name, value in
+               (line.split(" ", 2)[1:] for line in done.stderr.splitlines() if line.startswith("fresh_process "))}
+    assert reports["imported_by_the_cli"] == [], reports
+    sklearn_installed = importlib.util.find_spec("sklearn") is not None
+    assert reports["before_the_loading_thread"] == {"auto_classes": True, "sklearn_imported": False,
+                                                    "sklearn_found": sklearn_installed}
+    for (argv, code, message), (got_code, err) in zip(cases, reports["cases"], strict=True):
+        assert got_code == code and message in err and "Traceback" not in err, (argv, err)
+        if code:
+            assert len(err.strip().splitlines()) == 1, err
+    assert os.listdir(locked) == []
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert last["perplexity"]["ptb"] == pytest.approx(written["perplexity"]["ptb"], rel=1e-3)
+    assert 0 < written["timings"]["startup"] < 300
 
 
 @pytest.mark.parametrize("flags", [["--bit_options", "2,x"], ["--importance_weights", "a,b"]])
