@@ -63,13 +63,13 @@ def _gpu_name(device: torch.device) -> str:
 
 
 def _splits(layout: ServingLayout, tiles: int, sms: int) -> list[int]:
-    """Splits along K worth trying: the powers of two around the smallest that gives at least one program per
-    SM (one fewer, and two more: more programs in flight at the price of more partial sums), never more than
-    the work."""
+    """Splits along K worth trying: powers of two from one fewer than the smallest that gives a program per SM
+    up to one plane-panel per program (at most eight values). Decode streams weights and nothing else, so more
+    programs mean more loads in flight; their partial sums cost one atomic add per output each."""
     total = max(1, layout.total_cost)
-    fits = [s for s in (1, 2, 4, 8, 16, 32, 64, 128) if s <= total]
+    fits = [1 << i for i in range(16) if 1 << i <= total]
     first = next((i for i, s in enumerate(fits) if tiles * s >= sms), len(fits) - 1)
-    return fits[max(0, first - 1):first + 3]
+    return fits[max(0, first - 1):][:8]
 
 
 # (block_n, num_warps, num_stages, gather) of the decode kernel; (block_n, num_warps, num_stages) of the
@@ -197,10 +197,11 @@ def kernel_call(shape: LaunchShape, config: KernelConfig, m: int, tensors: dict[
             args + [m, n, stride_x, n, shape.groups, shape.zero_columns], dict(kwargs, BLOCK_M=config.block_m))
 
 
-def precompile(shape: LaunchShape, config: KernelConfig, m: int) -> None:
-    """Compile (into Triton's on-disk cache) the kernel `launch` would run, without running it."""
+def precompile(shape: LaunchShape, config: KernelConfig, m: int):
+    """Compile (into Triton's on-disk cache) the kernel `launch` would run, without running it; Triton's
+    compiled kernel."""
     kernel, grid, args, kwargs = kernel_call(shape, config, m)
-    kernel.warmup(*args, grid=grid, **kwargs)
+    return kernel.warmup(*args, grid=grid, **kwargs)
 
 
 def launch(x2d: torch.Tensor, layout: ServingLayout, bias: torch.Tensor | None, config: KernelConfig,

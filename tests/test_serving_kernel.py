@@ -65,7 +65,8 @@ if INTERPRETING or ON_GPU:  # elsewhere test_triton_interpret.py runs this file 
             "3+8-bit sym g128 (a group per position)": (16, 260, [3, 8], True, 128, 0.0),
             "4-bit asym g128 (a group per slot run)": (16, 256, [4], False, 128, 0.0),
         }
-        GEMV = [KernelConfig("gemv", 16, 1, 2, 4, 1, True)]
+        GEMV = [KernelConfig("gemv", 16, 1, 2, 4, 1, True),
+                KernelConfig("gemv", 16, 1, 32, 4, 1, True)]  # more programs along K than plane-panels
         GEMM = [(5, KernelConfig("gemm", 16, 16, 2, 4, 1, True)), (5, KernelConfig("gemm", 16, 16, 1, 4, 1, False))]
     else:
         CASES = {
@@ -98,7 +99,10 @@ if INTERPRETING or ON_GPU:  # elsewhere test_triton_interpret.py runs this file 
 
     def test_gemv_kernel_matches_dequantized_matmul(layer):
         index, layout, ref, bias = layer
-        for i, config in enumerate(GEMV[:1] if few(index) else GEMV):
+        configs = GEMV[:1] if few(index) else GEMV
+        if INTERPRETING and index == 0:
+            configs = GEMV
+        for i, config in enumerate(configs):
             check(layout, ref, bias, 1, config, seed=i)
 
     def test_gemm_kernel_matches_dequantized_matmul(layer):
