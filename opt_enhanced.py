@@ -122,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     mixed.add_argument("--clip_min", type=float, help="the smallest range factor the clip search tries (1 = min-max only)")
     mixed.add_argument("--clip_search", choices=CHOICES["clip_search"],
                        help=f"full: every width's range factor searched, for the model-wide plan and again for the "
-                            f"solve; fast: widths up to {precision.FAST_CLIP_WIDEST} (wider ones keep the min-max range), "
-                            f"once per Linear: 2.0-2.2x faster on a CPU, but it gave up mixed precision's gain over "
-                            f"uniform on PTB validation text (benchmarks/mixed_cost.md)")
+                            f"solve; once: for the plan only (in model scope; 1.5x cheaper on a CPU and as good on "
+                            f"validation text there); fast: once, and only widths up to {precision.FAST_CLIP_WIDEST}; "
+                            f"auto: once on a CPU, full on a GPU (benchmarks/mixed_cost.md)")
     mixed.add_argument("--row_ranges", choices=CHOICES["row_ranges"],
                        help="each row's quantization range: from the dense weights (the reference), or chosen by trial "
                             "solves among that range and (with pruning) the pruned weights' range, each scaled by "

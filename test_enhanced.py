@@ -40,6 +40,18 @@ def test_cli_mixed_run_reports_statistics(tiny_dir, tmp_path, capsys):
     assert res["config"]["error_shrinkage"] is None  # as asked; what ran is recorded beside it
     assert res["mixed_precision"]["error_shrinkage"] == precision.ERROR_SHRINKAGE["budget"]
     assert res["mixed_precision"]["method"] == "budget" and res["mixed_precision"]["target"] == 3.0
+    assert res["config"]["clip_search"] == "auto" and res["mixed_precision"]["clip_search_kind"] == "once"  # CPU
+
+
+@pytest.mark.parametrize("flags, said", [([], True), (["--clip_search", "full"], False)])
+def test_a_mixed_run_on_the_cpu_says_it_searched_once(tiny_dir, tmp_path, capsys, flags, said):
+    """The CPU's default clip search differs from the GPU's: the run says so under its statistics."""
+    model, data = tiny_dir
+    code = oe.main([str(model), "c4", "--data_dir", str(data), "--nsamples", "4", "--seqlen", "64", "--device", "cpu",
+                    "--eval", "ptb", "--sparsity", "0.5", "--wbits", "4", "--target_avg_bits", "3.0", *flags])
+    out = capsys.readouterr().out
+    assert code == 0 and "Quantization statistics" in out
+    assert ("Clip search: each Linear's range factors searched once (the CPU's default" in out) == said
 
 
 def test_cli_budget_at_4_bits_with_sparsity_stores_only_the_widths_next_to_the_target(tiny_dir, tmp_path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from mixed.precision import ClipSearch, MixedPrecision
+from mixed.precision import CLIP_SAMPLE_ROWS, ClipSearch, MixedPrecision
 from quant import QuantGrid, round_to_nearest
 from mixed.rounding import RoundingModel, rounding_model
 from sparsegpt_enhanced import SolveSettings, SparseGPT
@@ -93,9 +93,6 @@ def clip_ranges(model: RoundingModel, widths: list[int], factors: tuple[float, .
     return shrink
 
 
-CLIP_SAMPLE_ROWS = 256  # rows the "solve" clip objective solves (evenly spaced; all rows of a smaller matrix)
-
-
 def solved_shrink(weight: torch.Tensor, solver: SparseGPT, settings: SolveSettings, widths: list[int],
                   factors: tuple[float, ...], row_weight: torch.Tensor | None = None,
                   sample_rows: int = CLIP_SAMPLE_ROWS) -> dict[int, float]:
@@ -150,7 +147,7 @@ def range_factors(weight: torch.Tensor, solver: SparseGPT, settings: SolveSettin
     if not widths:
         return {}
     if search.objective == "solve":
-        return solved_shrink(weight, solver, settings, widths, search.factors, row_weight)
+        return solved_shrink(weight, solver, settings, widths, search.factors, row_weight, search.sample_rows)
     if model is None:
         model = rounding_model(solver, weight, settings, solver.column_order(settings), row_weight)
     return clip_ranges(model, widths, search.factors, search.objective)

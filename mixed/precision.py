@@ -45,6 +45,7 @@ def clip_factors(smallest: float) -> tuple[float, ...]:
 
 
 FAST_CLIP_WIDEST = 4  # --clip_search fast: the widest width searched (benchmarks/mixed_cost.md)
+CLIP_SAMPLE_ROWS = 256  # rows the "solve" clip objective solves (evenly spaced; all rows of a smaller matrix)
 
 
 @dataclass(frozen=True)
@@ -59,15 +60,17 @@ class ClipSearch:
     # In model scope, take each Linear's factors from the plan (chosen on the dense model's inputs) rather than
     # search again on the compressed model's.
     planned: bool = False
+    sample_rows: int = CLIP_SAMPLE_ROWS
 
     @classmethod
-    def named(cls, name: str, factors: tuple[float, ...], objective: str) -> "ClipSearch":
-        """--clip_search: "full" (the default) searches every width, for the model-wide plan and again for the solve;
-        "fast" only widths up to FAST_CLIP_WIDEST, once per Linear: 2.0-2.2x faster on a CPU, and it gave up mixed
-        precision's gain over uniform on PTB validation text there (benchmarks/mixed_cost.md)."""
+    def named(cls, name: str, factors: tuple[float, ...], objective: str,
+              sample_rows: int = CLIP_SAMPLE_ROWS) -> "ClipSearch":
+        """--clip_search (as run: RunConfig.clip_search_as_run): "full" searches every width, for the model-wide plan
+        and again for the solve (the GPU's default); "once" for the plan only (the CPU's default); "fast" once and
+        only widths up to FAST_CLIP_WIDEST (benchmarks/mixed_cost.md)."""
         if name == "fast":
-            return cls(factors, objective, widest=FAST_CLIP_WIDEST, planned=True)
-        return cls(factors, objective)
+            return cls(factors, objective, widest=FAST_CLIP_WIDEST, planned=True, sample_rows=sample_rows)
+        return cls(factors, objective, planned=name == "once", sample_rows=sample_rows)
 
 
 @dataclass(frozen=True)
@@ -98,12 +101,13 @@ class MixedPrecision:
     # columns), "uncompensated" (each column's error at its full cost H_jj), or "solve": the output error
     # an actual solve at that width leaves on a sample of rows (`solved_shrink`).
     clip_objective: str = "solve"
-    clip_search_kind: str = "full"  # full | fast (ClipSearch.named)
+    clip_search_kind: str = "full"  # full | once | fast (ClipSearch.named)
+    clip_sample_rows: int = CLIP_SAMPLE_ROWS
     drift_correction: bool = True  # carry each Linear's stored-bit surplus or deficit to the next
 
     @property
     def clip_search(self) -> "ClipSearch":
-        return ClipSearch.named(self.clip_search_kind, self.clip_factors, self.clip_objective)
+        return ClipSearch.named(self.clip_search_kind, self.clip_factors, self.clip_objective, self.clip_sample_rows)
 
     def __post_init__(self) -> None:
         if self.error_shrinkage is None:

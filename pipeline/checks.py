@@ -172,7 +172,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.clip == "width" and (not cfg.quantize or cfg.nearest or cfg.gmp):
         raise UsageError("--clip width chooses ranges from calibration statistics: it needs --wbits and "
                          "no --nearest/--gmp")
-    if cfg.clip_search != "full" and not cfg.clipped:
+    if cfg.clip_search not in ("auto", "full") and not cfg.clipped:
         raise UsageError(f"--clip_search {cfg.clip_search} sets how range factors are searched, and this run searches "
                          f"none: add --target_avg_bits or --clip width")
     if cfg.row_ranges == "search" and (not cfg.quantize or cfg.nearest or cfg.gmp or cfg.groupsize > 0):

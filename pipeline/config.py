@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+import torch
+
 from mixed import precision
 from mixed.precision import ClipSearch, MixedPrecision
 from sparsegpt_enhanced import SOLVE_ORDERS, PruneSpec, SolveSettings
@@ -18,7 +20,7 @@ CHOICES = {
     "bit_granularity": ("channel", "linear"),
     "clip": ("auto", "none", "width"),
     "clip_objective": ("solver", "uncompensated", "solve"),
-    "clip_search": ("full", "fast"),
+    "clip_search": ("auto", "full", "once", "fast"),
     "row_ranges": ("dense", "search"),
     "shrinkage_mean": ("per_channel", "per_weight"),
     "channel_cost": ("weighted", "error"),
@@ -71,7 +73,7 @@ class RunConfig:
     clip: str = "auto"
     clip_objective: str = MixedPrecision.clip_objective
     clip_min: float = precision.CLIP_MIN
-    clip_search: str = "full"
+    clip_search: str = "auto"  # auto: by the device (clip_search_as_run)
     row_ranges: str = "dense"
     error_shrinkage: float | None = None  # None: the method's (precision.ERROR_SHRINKAGE)
     bit_options: list[int] | None = None  # None: the allocator's (allowed_widths)
@@ -90,6 +92,7 @@ class RunConfig:
     sensitivity_shrinkage: float = MixedPrecision.sensitivity_shrinkage
     shrinkage_mean: str = MixedPrecision.shrinkage_mean
     channel_cost: str = MixedPrecision.channel_cost
+    clip_sample_rows: int = MixedPrecision.clip_sample_rows
 
     @property
     def prune(self) -> PruneSpec:
@@ -121,9 +124,24 @@ class RunConfig:
                              self.solve_order_as_run, not self.no_fused)
 
     @property
+    def solve_device(self) -> str:
+        """Where the layers are solved: --device, else CUDA where there is one (placement.run_device)."""
+        return self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def clip_search_as_run(self) -> str:
+        """--clip_search as asked, else "once" where the layers are solved on a CPU and "full" elsewhere. On a CPU
+        the solve's second search (on the compressed model's inputs) was a third of a mixed run and bought nothing
+        on validation text there (benchmarks/mixed_cost.md); the GPU's defaults were chosen with "full"."""
+        if self.clip_search != "auto":
+            return self.clip_search
+        return "once" if self.solve_device.startswith("cpu") else "full"
+
+    @property
     def uniform_clip_search(self) -> ClipSearch:
         """How a uniform run with --clip width chooses its range factors (mixed runs: `mixed_precision`)."""
-        return ClipSearch.named(self.clip_search, precision.clip_factors(self.clip_min), self.clip_objective)
+        return ClipSearch.named(self.clip_search_as_run, precision.clip_factors(self.clip_min), self.clip_objective,
+                                self.clip_sample_rows)
 
     @property
     def clipped(self) -> bool:
@@ -145,9 +163,9 @@ class RunConfig:
         return MixedPrecision(self.target_avg_bits, tuple(self.allowed_widths), self.bit_method,
                               self.bit_granularity, tuple(self.importance_weights), self.error_shrinkage,
                               clip=self.clipped, clip_factors=precision.clip_factors(self.clip_min),
-                              clip_objective=self.clip_objective, clip_search_kind=self.clip_search,
+                              clip_objective=self.clip_objective, clip_search_kind=self.clip_search_as_run,
                               sensitivity_shrinkage=self.sensitivity_shrinkage, shrinkage_mean=self.shrinkage_mean,
-                              channel_cost=self.channel_cost)
+                              channel_cost=self.channel_cost, clip_sample_rows=self.clip_sample_rows)
 
     def selected(self, layer: int, name: str) -> bool:
         """The reference's --minlayer/--maxlayer/--prune_only/--invert filter."""

@@ -23,7 +23,7 @@ from systems.interrupts import Background
 
 def run_device(cfg: RunConfig) -> torch.device:
     """Where layers are processed: --device, else CUDA if present; under torchrun each process's own GPU."""
-    return distributed.local_device(torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    return distributed.local_device(torch.device(cfg.solve_device))
 
 
 def use_device(dev: torch.device) -> None:

@@ -518,14 +518,18 @@ def test_clip_search_searches_widths_up_to_its_widest_and_leaves_wider_ones_uncl
     fast = precision.ClipSearch.named("fast", factors, "solve")
     assert (fast.widest, fast.planned) == (precision.FAST_CLIP_WIDEST, True)
     assert precision.FAST_CLIP_WIDEST == 4
-    full = oe.parse_args(["model", "c4", "--wbits", "3", "--target_avg_bits", "3"]).mixed_precision.clip_search
-    assert (full.widest, full.planned) == (8, False)
+    mixed = ["model", "c4", "--wbits", "3", "--target_avg_bits", "3"]
+    on_gpu = oe.parse_args([*mixed, "--device", "cuda"]).mixed_precision.clip_search
+    on_cpu = oe.parse_args([*mixed, "--device", "cpu"]).mixed_precision.clip_search
+    assert (on_gpu.widest, on_gpu.planned) == (8, False) and (on_cpu.widest, on_cpu.planned) == (8, True)
+    asked = oe.parse_args([*mixed, "--device", "cpu", "--clip_search", "full"]).mixed_precision.clip_search
+    assert asked == on_gpu
 
 
-@pytest.mark.parametrize("search, solves_per_linear", [("full", 2), ("fast", 1)])
+@pytest.mark.parametrize("search, solves_per_linear", [("full", 2), ("once", 1), ("fast", 1)])
 def test_fast_clip_search_searches_each_linear_once_in_model_scope(monkeypatch, search, solves_per_linear):
-    """Model scope: the full search runs for the plan and again for the solve; fast keeps the plan's factors, and
-    the run's factors are then the plan's."""
+    """Model scope: the full search runs for the plan and again for the solve; once and fast keep the plan's
+    factors, and the run's factors are then the plan's."""
     searched = []
     real = costs.solved_shrink
 
