@@ -3,7 +3,8 @@ bucket metadata, and writing the output (with the split-K reduction).
 
 Triton is imported only where a CUDA device is present or TRITON_INTERPRET=1 asks for its CPU
 interpreter (which must be chosen before Triton is first imported), so this module imports everywhere;
-`is_available()` says whether the kernels can run.
+`is_available()` says whether the kernels can run. SERVING_COMPILE_ONLY=1 imports it without either, for
+compiling the kernels for a GPU this machine lacks (experiments/probes/kernel_registers.py).
 
 Reading codes (layout.py has the packing): code c of a unit is, for c < W*S, bits [b*(c%S), b*(c%S)+b) of
 word c//S; the C - W*S spare codes of 3 and 6 bits are read from a 6-bit stream that collects each word's top
@@ -22,12 +23,13 @@ import os
 import torch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_COMPILE_ONLY = os.environ.get("SERVING_COMPILE_ONLY", "0") == "1"
 
 triton = None
 tl = None
 _IMPORT_ERROR: Exception | None = None
 try:
-    if not (_INTERPRET or torch.cuda.is_available()):
+    if not (_INTERPRET or _COMPILE_ONLY or torch.cuda.is_available()):
         raise ImportError("no CUDA device")
     import triton  # noqa: F811
     import triton.language as tl  # noqa: F811

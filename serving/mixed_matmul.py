@@ -74,8 +74,11 @@ def _splits(layout: ServingLayout, tiles: int, sms: int) -> list[int]:
 
 # (block_n, num_warps, num_stages, gather) of the decode kernel; (block_n, num_warps, num_stages) of the
 # tensor-core kernel for up to 64 rows; (block_n, block_m, num_warps, num_stages) for more rows. Each is a
-# compilation per width mix and group mode (5-17 s of CPU for five widths), so the lists are short.
-GEMV_TILES = ((64, 4, 2, True), (128, 4, 2, True), (256, 4, 2, True), (128, 4, 2, False), (256, 4, 2, False))
+# compilation per width mix and group mode (5-17 s of CPU for five widths), so the lists are short. On the H100
+# the decode tuning chose the narrowest tile (64) for most mixed and 3-bit layers, and the largest split it was
+# offered: fewer registers per thread, more programs resident (serving/NOTES.md, "Measured"), hence 32 too.
+GEMV_TILES = ((32, 4, 2, True), (64, 4, 2, True), (128, 4, 2, True), (256, 4, 2, True), (128, 4, 2, False),
+              (256, 4, 2, False))
 GEMM_SMALL_TILES = ((64, 4, 2), (128, 4, 3))
 GEMM_LARGE_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 4, 3))
 

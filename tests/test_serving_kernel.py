@@ -81,7 +81,7 @@ if INTERPRETING or ON_GPU:  # elsewhere test_triton_interpret.py runs this file 
         }
         # tiles of mixed_matmul's tuning candidates (kernels shared with serving.benchmark's Triton cache)
         GEMV = [KernelConfig("gemv", 128, 1, 1, 4, 2, True), KernelConfig("gemv", 128, 1, 8, 4, 2, False),
-                KernelConfig("gemv", 256, 1, 16, 4, 2, True)]
+                KernelConfig("gemv", 256, 1, 16, 4, 2, True), KernelConfig("gemv", 32, 1, 64, 4, 2, True)]
         GEMM = [(8, KernelConfig("gemm", 64, 16, 4, 4, 2, True)), (32, KernelConfig("gemm", 128, 32, 8, 4, 3, True)),
                 (256, KernelConfig("gemm", 128, 128, 1, 8, 3, False)), (96, KernelConfig("gemm", 64, 256, 2, 4, 3, False))]
 
