@@ -9,7 +9,9 @@ static KV cache, the step captured as a CUDA graph), for
 at decode batches 1, 8, 32 and prefill 2048 tokens; plus the weights' GPU memory against the prediction.
 
 Every timing is the median over runs timed with CUDA events, with the L2 cache overwritten before each run
-(a layer's weights are cold in a real model); a decode step is a CUDA-graph replay. Our kernels are
+(a layer's weights are cold in a real model), each call captured as a CUDA graph and replayed (so that a
+microseconds-long kernel is not timed waiting for the Python that launches it; the log says how many calls could
+not be captured and ran eagerly); a decode step is a CUDA-graph replay too. Our kernels are
 autotuned first (the result lands in the on-disk tuning cache); before that, every kernel variant the
 tuning will try is compiled in parallel worker processes (Triton's on-disk cache), so that compilation
 does not occupy the GPU machine serially. One progress line per case; the record goes to OUT/serving.json
@@ -444,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
             record.phases["step"] = time.time() - t0
         time_anchors(model)
         record.phases[f"anchors {model}"] = time.time() - t0
+    if device == "cuda":
+        record.env["timed_calls"] = dict(mm.GRAPH_CAPTURES)
+        log(f"timed calls: {mm.GRAPH_CAPTURES['graphed']} as CUDA graphs, {mm.GRAPH_CAPTURES['eager']} eagerly "
+            "(those could not be captured)")
     save()
     table = summary(record, models, batches)
     with open(os.path.join(args.out, "serving_table.txt"), "w") as f:

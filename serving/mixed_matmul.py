@@ -245,12 +245,33 @@ def tune_key(layout: ServingLayout, m: int, device: torch.device, has_bias: bool
 
 
 _FLUSH: dict[str, torch.Tensor] = {}
+GRAPH_CAPTURES = {"graphed": 0, "eager": 0}  # how time_us ran its calls (a call that cannot be captured runs eager)
 
 
-def time_us(fn: Callable[[], object], reps: int = 20, flush: bool = True) -> float:
+def _captured(fn: Callable[[], object]) -> Callable[[], object] | None:
+    """fn captured as a CUDA graph (its replay), or None where it cannot be captured. Timed as graphs, a call
+    costs its kernels alone, as in a served model's captured step; timed eagerly, a short kernel also waits for
+    the Python that launches it (tens of microseconds: more than a decode-sized Linear takes)."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # on a side stream first, as capture wants
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+    except Exception:  # noqa: BLE001 - counted; the call is then timed eagerly
+        torch.cuda.synchronize()
+        return None
+
+
+def time_us(fn: Callable[[], object], reps: int = 20, flush: bool = True, graph: bool = True) -> float:
     """Median microseconds of fn over `reps` runs timed with CUDA events, the L2 cache overwritten before each
     run (64 MiB written: more than an H100's or H200's 50-60 MB of L2), as a layer of a model finds it: its
-    weights were evicted by the other layers' since its last call."""
+    weights were evicted by the other layers' since its last call. With `graph`, fn is captured as a CUDA graph
+    and replayed (GRAPH_CAPTURES counts how each call was timed)."""
     if not torch.cuda.is_available():  # the interpreter: wall clock, for the plumbing only
         import time
 
@@ -263,14 +284,17 @@ def time_us(fn: Callable[[], object], reps: int = 20, flush: bool = True) -> flo
     buffer = _FLUSH.get(str(device))
     if flush and buffer is None:
         buffer = _FLUSH[str(device)] = torch.empty(16 * 2 ** 20, dtype=torch.float32, device="cuda")
-    fn()
+    fn()  # compiles, tunes and allocates what later calls reuse
+    run = _captured(fn) if graph else None
+    GRAPH_CAPTURES["graphed" if run is not None else "eager"] += 1
+    run = run or fn
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends):
         if flush:
             buffer.zero_()
         start.record()
-        fn()
+        run()
         end.record()
     torch.cuda.synchronize()
     times = sorted(start.elapsed_time(end) * 1e3 for start, end in zip(starts, ends))
