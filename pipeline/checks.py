@@ -166,6 +166,8 @@ def validate(cfg: RunConfig) -> None:
                         ("sensitivity_shrinkage", cfg.sensitivity_shrinkage)):
         if value is not None and not 0 <= value <= 1:
             raise UsageError(f"{flag} {value} is outside [0, 1]")
+    if cfg.clip_sample_rows < 1:
+        raise UsageError(f"clip_sample_rows {cfg.clip_sample_rows}: the clip search solves at least one row")
     if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope != "layer"):
         raise UsageError("--bit_granularity linear allocates one width per Linear across the whole model: "
                          "add --target_avg_bits, and drop --bit_scope layer")
