@@ -28,10 +28,11 @@ if triton is not None:
                      rows, rmask, N, GROUPS, ZCOLS, lo, hi, magic,
                      SLOT: tl.constexpr, BITS: tl.constexpr, C: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
                      GROUP_MODE: tl.constexpr, SYM: tl.constexpr, GATHER_X: tl.constexpr, ALIGNED: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr):
         """This program's share of one bucket, (BLOCK_N,) fp32. The slot body is written out here rather than
         in helpers: it is unrolled C times per panel, and Triton's interpreter (the CPU tests) pays for
-        every helper call."""
+        every helper call. PREFETCH: the next panel's words are loaded before this panel's are used (two panels
+        in flight per program, at the price of their registers)."""
         units, panels, word_offset, x_offset, zero_offset, cost_offset, slot_offset = bucket_meta(
             meta_ptr, SLOT, ALIGNED)
         factor = tl.load(factors_ptr + SLOT)
@@ -41,6 +42,17 @@ if triton is not None:
         MASK = (1 << BITS) - 1
         acc = tl.zeros([16, BLOCK_N], tl.float32)
         xsum = tl.zeros([16], tl.float32)
+        if PREFETCH:  # the first panel's planes (W of them; unused ones repeat plane 0 and are optimised away)
+            first = p0 * 16 + u
+            fmask = ((first < units) & (p0 < p1))[:, None] & rmask[None, :]
+            fptr = codes_ptr + word_offset + first[:, None] * N + rows[None, :]
+            next0 = tl.load(fptr, mask=fmask, other=0)
+            next1 = next0
+            next2 = next0
+            if W > 1:
+                next1 = tl.load(fptr + plane, mask=fmask, other=0)
+            if W > 2:
+                next2 = tl.load(fptr + 2 * plane, mask=fmask, other=0)
         for p in range(p0, p1):
             unit = p * 16 + u
             umask = unit < units
@@ -48,10 +60,30 @@ if triton is not None:
             wptr = codes_ptr + word_offset + unit[:, None] * N + rows[None, :]
             pos = x_offset + p * (16 * C) + u  # positions of slot 0; slot c is 16 * c further
             stream = tl.zeros([16, BLOCK_N], tl.int32)
+            if PREFETCH:  # this panel's planes, and the next panel's on their way
+                held0 = next0
+                held1 = next1
+                held2 = next2
+                later = unit + 16
+                lmask = ((later < units) & (p + 1 < p1))[:, None] & rmask[None, :]
+                lptr = wptr + 16 * N
+                next0 = tl.load(lptr, mask=lmask, other=0)
+                if W > 1:
+                    next1 = tl.load(lptr + plane, mask=lmask, other=0)
+                if W > 2:
+                    next2 = tl.load(lptr + 2 * plane, mask=lmask, other=0)
             for c in tl.static_range(C):
                 if c < W * S:
                     if c % S == 0:  # the next plane's words
-                        w = tl.load(wptr + (c // S) * plane, mask=wmask, other=0)
+                        if PREFETCH:
+                            if c // S == 0:
+                                w = held0
+                            elif c // S == 1:
+                                w = held1
+                            else:
+                                w = held2
+                        else:
+                            w = tl.load(wptr + (c // S) * plane, mask=wmask, other=0)
                         if C > W * S:  # 3 and 6 bits: collect the top bits that hold the spare codes
                             stream = stream | (((w >> 30) & 3) << (2 * (c // S)))
                     # code c % S: (w & mask) | magic, one instruction, is the float 2**23 + q * 2**P (P the code's
@@ -99,7 +131,7 @@ if triton is not None:
                           N, GROUPS, ZCOLS,
                           WIDTH_MASK: tl.constexpr, GROUP_MODE: tl.constexpr, SYM: tl.constexpr,
                           GATHER_X: tl.constexpr, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
+                          BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr = False):
         """out[0, n] = sum_k x[0, k] W[n, k] (+ bias[n]). Grid: (cdiv(N, BLOCK_N), splits along K)."""
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
@@ -114,22 +146,22 @@ if triton is not None:
         if WIDTH_MASK & 1:
             acc += _gemv_bucket(x_ptr, perm_ptr, codes_ptr, spans_ptr, factors_ptr, zeros_ptr, gslot_ptr, gpos_ptr,
                                 meta_ptr, rows, rmask, N, GROUPS, ZCOLS, lo, hi, magic, 0, 2, 16, 1, 16,
-                                GROUP_MODE, SYM, GATHER_X, ALIGNED, BLOCK_N)
+                                GROUP_MODE, SYM, GATHER_X, ALIGNED, BLOCK_N, PREFETCH)
         if WIDTH_MASK & 2:
             acc += _gemv_bucket(x_ptr, perm_ptr, codes_ptr, spans_ptr, factors_ptr, zeros_ptr, gslot_ptr, gpos_ptr,
                                 meta_ptr, rows, rmask, N, GROUPS, ZCOLS, lo, hi, magic, 1, 3, 32, 3, 10,
-                                GROUP_MODE, SYM, GATHER_X, ALIGNED, BLOCK_N)
+                                GROUP_MODE, SYM, GATHER_X, ALIGNED, BLOCK_N, PREFETCH)
         if WIDTH_MASK & 4:
             acc += _gemv_bucket(x_ptr, perm_ptr, codes_ptr, spans_ptr, factors_ptr, zeros_ptr, gslot_ptr, gpos_ptr,
                                 meta_ptr, rows, rmask, N, GROUPS, ZCOLS, lo, hi, magic, 2, 4, 8, 1, 8,
-                                GROUP_MODE, SYM, GATHER_X, ALIGNED, BLOCK_N)
+                                GROUP_MODE, SYM, GATHER_X, ALIGNED, BLOCK_N, PREFETCH)
         if WIDTH_MASK & 8:
             acc += _gemv_bucket(x_ptr, perm_ptr, codes_ptr, spans_ptr, factors_ptr, zeros_ptr, gslot_ptr, gpos_ptr,
                                 meta_ptr, rows, rmask, N, GROUPS, ZCOLS, lo, hi, magic, 3, 6, 16, 3, 5,
-                                GROUP_MODE, SYM, GATHER_X, ALIGNED, BLOCK_N)
+                                GROUP_MODE, SYM, GATHER_X, ALIGNED, BLOCK_N, PREFETCH)
         if WIDTH_MASK & 16:
             acc += _gemv_bucket(x_ptr, perm_ptr, codes_ptr, spans_ptr, factors_ptr, zeros_ptr, gslot_ptr, gpos_ptr,
                                 meta_ptr, rows, rmask, N, GROUPS, ZCOLS, lo, hi, magic, 4, 8, 4, 1, 4,
-                                GROUP_MODE, SYM, GATHER_X, ALIGNED, BLOCK_N)
+                                GROUP_MODE, SYM, GATHER_X, ALIGNED, BLOCK_N, PREFETCH)
         store_output(acc[None, :], tl.arange(0, 1), rows, 1, N, out_ptr, 0, bias_ptr, ws_ptr, cnt_ptr, pid_n,
                      nsplit, HAS_BIAS)

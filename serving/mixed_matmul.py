@@ -29,7 +29,8 @@ if kernel_common.triton is not None:
 @dataclass(frozen=True)
 class KernelConfig:
     """One launch configuration. kind: "gemv" (one activation row) or "gemm"; split: programs along K;
-    gather: the kernel reads x through the permutation itself (else x[..., perm] is formed first)."""
+    gather: the kernel reads x through the permutation itself (else x[..., perm] is formed first); prefetch
+    (gemv): each program loads the next panel's words before it uses this panel's."""
 
     kind: str
     block_n: int
@@ -38,6 +39,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     gather: bool = True
+    prefetch: bool = False
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -72,13 +74,14 @@ def _splits(layout: ServingLayout, tiles: int, sms: int) -> list[int]:
     return fits[max(0, first - 1):][:8]
 
 
-# (block_n, num_warps, num_stages, gather) of the decode kernel; (block_n, num_warps, num_stages) of the
+# (block_n, num_warps, num_stages, gather, prefetch) of the decode kernel; (block_n, num_warps, num_stages) of the
 # tensor-core kernel for up to 64 rows; (block_n, block_m, num_warps, num_stages) for more rows. Each is a
 # compilation per width mix and group mode (5-17 s of CPU for five widths), so the lists are short. On the H100
 # the decode tuning chose the narrowest tile (64) for most mixed and 3-bit layers, and the largest split it was
 # offered: fewer registers per thread, more programs resident (serving/NOTES.md, "Measured"), hence 32 too.
-GEMV_TILES = ((32, 4, 2, True), (64, 4, 2, True), (128, 4, 2, True), (256, 4, 2, True), (128, 4, 2, False),
-              (256, 4, 2, False))
+GEMV_TILES = ((32, 4, 2, True, False), (64, 4, 2, True, False), (128, 4, 2, True, False), (256, 4, 2, True, False),
+              (128, 4, 2, False, False), (256, 4, 2, False, False),
+              (32, 4, 2, True, True), (64, 4, 2, True, True), (128, 4, 2, True, True))
 GEMM_SMALL_TILES = ((64, 4, 2), (128, 4, 3))
 GEMM_LARGE_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 4, 3))
 
@@ -90,9 +93,10 @@ def candidate_configs(layout: ServingLayout, m: int, device: torch.device) -> li
     n = layout.rows
     out: list[KernelConfig] = []
     if m == 1:
-        for block_n, warps, stages, gather in GEMV_TILES:
+        for block_n, warps, stages, gather, prefetch in GEMV_TILES:
             tiles = -(-n // block_n)
-            out += [KernelConfig("gemv", block_n, 1, s, warps, stages, gather) for s in _splits(layout, tiles, sms)]
+            out += [KernelConfig("gemv", block_n, 1, s, warps, stages, gather, prefetch)
+                    for s in _splits(layout, tiles, sms)]
     elif m <= 64:
         block_m = max(16, batch_bucket(m))
         for block_n, warps, stages in GEMM_SMALL_TILES:
@@ -194,7 +198,8 @@ def kernel_call(shape: LaunchShape, config: KernelConfig, m: int, tensors: dict[
     if config.kind == "gemv":
         if m != 1:
             raise ValueError("the gemv kernel takes one row of activations")
-        return mixed_gemv_kernel, (tiles_n, config.split), args + [n, shape.groups, shape.zero_columns], kwargs
+        return (mixed_gemv_kernel, (tiles_n, config.split), args + [n, shape.groups, shape.zero_columns],
+                dict(kwargs, PREFETCH=config.prefetch))
     stride_x = shape.columns if config.gather else shape.positions
     return (mixed_gemm_kernel, (tiles_n, tiles_m, config.split),
             args + [m, n, stride_x, n, shape.groups, shape.zero_columns], dict(kwargs, BLOCK_M=config.block_m))

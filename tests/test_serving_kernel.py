@@ -64,9 +64,12 @@ if INTERPRETING or ON_GPU:  # elsewhere test_triton_interpret.py runs this file 
             "all widths asym per-row pruned": (16, 160, ALL, False, 0, 0.3),
             "3+8-bit sym g128 (a group per position)": (16, 260, [3, 8], True, 128, 0.0),
             "4-bit asym g128 (a group per slot run)": (16, 256, [4], False, 128, 0.0),
+            "3-bit asym per-row, three panels (prefetched)": (16, 1056, [3], False, 0, 0.0),
         }
         GEMV = [KernelConfig("gemv", 16, 1, 2, 4, 1, True),
-                KernelConfig("gemv", 16, 1, 32, 4, 1, True)]  # more programs along K than plane-panels
+                KernelConfig("gemv", 16, 1, 32, 4, 1, True),  # more programs along K than plane-panels
+                KernelConfig("gemv", 16, 1, 1, 4, 1, True, prefetch=True),  # every panel after a prefetch
+                KernelConfig("gemv", 16, 1, 3, 4, 1, False, prefetch=True)]
         GEMM = [(5, KernelConfig("gemm", 16, 16, 2, 4, 1, True)), (5, KernelConfig("gemm", 16, 16, 1, 4, 1, False))]
     else:
         CASES = {
@@ -81,7 +84,8 @@ if INTERPRETING or ON_GPU:  # elsewhere test_triton_interpret.py runs this file 
         }
         # tiles of mixed_matmul's tuning candidates (kernels shared with serving.benchmark's Triton cache)
         GEMV = [KernelConfig("gemv", 128, 1, 1, 4, 2, True), KernelConfig("gemv", 128, 1, 8, 4, 2, False),
-                KernelConfig("gemv", 256, 1, 16, 4, 2, True), KernelConfig("gemv", 32, 1, 64, 4, 2, True)]
+                KernelConfig("gemv", 256, 1, 16, 4, 2, True), KernelConfig("gemv", 32, 1, 64, 4, 2, True),
+                KernelConfig("gemv", 64, 1, 4, 4, 2, True, prefetch=True)]
         GEMM = [(8, KernelConfig("gemm", 64, 16, 4, 4, 2, True)), (32, KernelConfig("gemm", 128, 32, 8, 4, 3, True)),
                 (256, KernelConfig("gemm", 128, 128, 1, 8, 3, False)), (96, KernelConfig("gemm", 64, 256, 2, 4, 3, False))]
 
@@ -102,6 +106,8 @@ if INTERPRETING or ON_GPU:  # elsewhere test_triton_interpret.py runs this file 
         configs = GEMV[:1] if few(index) else GEMV
         if INTERPRETING and index == 0:
             configs = GEMV
+        if INTERPRETING and index == 3:  # a bucket of several panels: what the prefetch loads next is used
+            configs = [c for c in GEMV if c.prefetch]
         for i, config in enumerate(configs):
             check(layout, ref, bias, 1, config, seed=i)
 

@@ -68,14 +68,14 @@ def main() -> None:
     args = ap.parse_args()
     rows, columns = linear_shape("opt-6.7b", args.linear)
     print(f"opt-6.7b {args.linear} ({rows} x {columns}), sm_{args.arch}, decode (batch 1)")
-    print("| variant | BLOCK_N | warps | gather | registers | spilled B | programs per SM (registers) | compile s |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| variant | BLOCK_N | warps | gather | prefetch | registers | spilled B | programs per SM (registers) | compile s |")
+    print("| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
     for variant in args.variants.split(","):
         layout, bias = random_layer(rows, columns, variant, 1, "cpu")
         shape = mm.LaunchShape.of(layout, True)
         seen = set()
         for config in mm.candidate_configs(layout, 1, torch.device("cpu")):
-            tile = (config.block_n, config.num_warps, config.num_stages, config.gather)
+            tile = (config.block_n, config.num_warps, config.num_stages, config.gather, config.prefetch)
             if tile in seen:  # splits share one compiled kernel
                 continue
             seen.add(tile)
@@ -85,7 +85,7 @@ def main() -> None:
             usage = resource_usage(compile_offline(kernel, values, kwargs, args.arch))
             warp_regs = -(-usage["regs"] * 32 // 256) * 256  # allocated per warp in units of 256
             blocks = REGISTERS_PER_SM // (warp_regs * config.num_warps)
-            print(f"| {variant} | {config.block_n} | {config.num_warps} | {config.gather} | {usage['regs']} | "
+            print(f"| {variant} | {config.block_n} | {config.num_warps} | {config.gather} | {config.prefetch} | {usage['regs']} | "
                   f"{usage['local_bytes']} | {blocks} | {time.time() - start:.1f} |", flush=True)
 
 
