@@ -80,7 +80,7 @@ def _splits(layout: ServingLayout, tiles: int, sms: int) -> list[int]:
 # the decode tuning chose the narrowest tile (64) for most mixed and 3-bit layers, and the largest split it was
 # offered: fewer registers per thread, more programs resident (serving/NOTES.md, "Measured"), hence 32 too.
 GEMV_TILES = ((32, 4, 2, True, False), (64, 4, 2, True, False), (128, 4, 2, True, False), (256, 4, 2, True, False),
-              (128, 4, 2, False, False), (256, 4, 2, False, False),
+              (128, 4, 2, False, False),  # x permuted first: chosen for none of 12 layers on the H100, kept at one tile
               (32, 4, 2, True, True), (64, 4, 2, True, True), (128, 4, 2, True, True))
 GEMM_SMALL_TILES = ((64, 4, 2), (128, 4, 3))
 GEMM_LARGE_TILES = ((128, 128, 8, 3), (128, 256, 8, 3), (64, 256, 4, 3))
