@@ -24,6 +24,19 @@ if triton is not None:
     from .kernel_common import bucket_meta, load_zero, panel_range, store_output
 
     @triton.jit
+    def _panel_planes(ptr, mask, plane, W: tl.constexpr):
+        """One panel's (16 units, BLOCK_N rows) words of each of its W planes; past W, plane 0 again (unused, and
+        optimised away)."""
+        w0 = tl.load(ptr, mask=mask, other=0)
+        w1 = w0
+        w2 = w0
+        if W > 1:
+            w1 = tl.load(ptr + plane, mask=mask, other=0)
+        if W > 2:
+            w2 = tl.load(ptr + 2 * plane, mask=mask, other=0)
+        return w0, w1, w2
+
+    @triton.jit
     def _gemv_bucket(x_ptr, perm_ptr, codes_ptr, spans_ptr, factors_ptr, zeros_ptr, gslot_ptr, gpos_ptr, meta_ptr,
                      rows, rmask, N, GROUPS, ZCOLS, lo, hi, magic,
                      SLOT: tl.constexpr, BITS: tl.constexpr, C: tl.constexpr, W: tl.constexpr, S: tl.constexpr,
@@ -42,17 +55,11 @@ if triton is not None:
         MASK = (1 << BITS) - 1
         acc = tl.zeros([16, BLOCK_N], tl.float32)
         xsum = tl.zeros([16], tl.float32)
-        if PREFETCH:  # the first panel's planes (W of them; unused ones repeat plane 0 and are optimised away)
+        if PREFETCH:  # the first panel's planes
             first = p0 * 16 + u
             fmask = ((first < units) & (p0 < p1))[:, None] & rmask[None, :]
-            fptr = codes_ptr + word_offset + first[:, None] * N + rows[None, :]
-            next0 = tl.load(fptr, mask=fmask, other=0)
-            next1 = next0
-            next2 = next0
-            if W > 1:
-                next1 = tl.load(fptr + plane, mask=fmask, other=0)
-            if W > 2:
-                next2 = tl.load(fptr + 2 * plane, mask=fmask, other=0)
+            next0, next1, next2 = _panel_planes(codes_ptr + word_offset + first[:, None] * N + rows[None, :], fmask,
+                                                plane, W)
         for p in range(p0, p1):
             unit = p * 16 + u
             umask = unit < units
@@ -64,14 +71,8 @@ if triton is not None:
                 held0 = next0
                 held1 = next1
                 held2 = next2
-                later = unit + 16
-                lmask = ((later < units) & (p + 1 < p1))[:, None] & rmask[None, :]
-                lptr = wptr + 16 * N
-                next0 = tl.load(lptr, mask=lmask, other=0)
-                if W > 1:
-                    next1 = tl.load(lptr + plane, mask=lmask, other=0)
-                if W > 2:
-                    next2 = tl.load(lptr + 2 * plane, mask=lmask, other=0)
+                lmask = ((unit + 16 < units) & (p + 1 < p1))[:, None] & rmask[None, :]
+                next0, next1, next2 = _panel_planes(wptr + 16 * N, lmask, plane, W)
             for c in tl.static_range(C):
                 if c < W * S:
                     if c % S == 0:  # the next plane's words
