@@ -129,6 +129,8 @@ class QuantGrid:
         if self.row_scale is not None:
             xmin, xmax = xmin * self.row_scale, xmax * self.row_scale
         scale, zero = grid_params(xmin, xmax, maxq, self.sym)
+        if self.row_bits is not None and last - first == 1:  # one pair per row: every column's view of it
+            return scale.expand(-1, stop - start), zero.expand(-1, stop - start), maxq.expand(-1, stop - start)
         scale, zero = scale[:, column_pair], zero[:, column_pair]
         if self.row_bits is not None:
             return scale, zero, maxq.expand(-1, stop - start)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from systems import kernels
@@ -61,6 +62,9 @@ class SolveSettings:
     percdamp: float = 0.01
     order: str = "stored"  # the column order's rule (SOLVE_ORDERS; `solve_order`)
     fused: bool = True  # the fused Triton block kernel (and CUDA-graph replay) on CUDA
+    # Columns of the unfused column loop whose errors reach the rest of their block through one product (`column_loop`);
+    # 0: one rank-1 update per column, the reference's order of operations (and the fused kernel's, bit for bit).
+    inner_blocksize: int = 0
 
     @property
     def order_unit(self) -> int:
@@ -84,6 +88,9 @@ class SolveResult:
     weight: torch.Tensor  # float32, pruned weights exactly zero
     mask: torch.Tensor  # True where a weight was pruned
     error: float  # OBS estimate of the increase in ||XW^T||^2 (sum of (w - q)^2 / [U]_jj^2 / 2)
+    # Each row's sum of err^2 over its columns: (w0 - q) H_d (w0 - q)^T, the output error the solve left on the damped
+    # Hessian H_d = U^-1 U^-T (w0 - q = err U, row by row), with the dead columns zeroed in w0.
+    row_error: torch.Tensor
 
 
 HESSIAN_STRIP = 4096  # rows of X^T X that add_batch fills per product (wider inputs skip the lower triangle)
@@ -147,14 +154,16 @@ class SparseGPT:
 
     @property
     def hessian(self) -> torch.Tensor:
-        return self.xtx * self._scale()
+        return self.xtx * self.scale
 
     @property
     def hessian_diag(self) -> torch.Tensor:
         """diag(H) without forming H (an n x n copy is 9.7 GB at OPT-175B's fc2)."""
-        return self.xtx.diagonal() * self._scale()
+        return self.xtx.diagonal() * self.scale
 
-    def _scale(self) -> float:
+    @property
+    def scale(self) -> float:
+        """s in H = s X^T X."""
         if self.ntokens == 0:
             raise RuntimeError("SparseGPT: no calibration inputs were added")
         return 2.0 / self.ntokens
@@ -182,7 +191,7 @@ class SparseGPT:
         damp_used = percdamp
         for _ in range(6):
             damped = diag + damp_used * torch.mean(diag)
-            H = self.xtx.index_select(0, reverse).index_select(1, reverse).mul_(self._scale())
+            H = self.xtx.index_select(0, reverse).index_select(1, reverse).mul_(self.scale)
             H.diagonal().copy_(damped.flip(0))
             L, info = torch.linalg.cholesky_ex(H)
             del H
@@ -222,7 +231,6 @@ class SparseGPT:
         `row_groups` > 1 solves that many equal slices of the rows as separate matrices in one pass (the
         unstructured mask is chosen within each slice; everything else is per row already): stacked copies
         of one matrix, e.g. on different grids, cost one solve instead of one each."""
-        prune, blocksize, fused = settings.prune, settings.blocksize, settings.fused
         factor = self.inverse_factor(settings.percdamp, order)
         W = weight.float().clone()
         if order is not None:
@@ -233,17 +241,24 @@ class SparseGPT:
         W[:, factor.dead] = 0
         if self.graphs is not None and self.graphs.covers(W) and not (grid is not None and grid.grouped):
             params = () if grid is None else grid.column_params(0, W.shape[1], bits_per_column)
-            W, mask, error = self.graphs.run(
-                (prune.sparsity, prune.prunen, prune.prunem, blocksize, fused, row_groups),
-                lambda W, U, *p: block_loop(W, U, prune, blocksize, fused, row_groups, sliced_params(p)),
+            W, mask, row_error = self.graphs.run(
+                (settings.prune, settings.blocksize, settings.fused, settings.inner_blocksize, row_groups),
+                lambda W, U, *p: block_loop(W, U, settings, row_groups, sliced_params(p)),
                 W, factor.upper, *params)
         else:
-            W, mask, error = block_loop(W, factor.upper, prune, blocksize, fused, row_groups,
-                                        grid_params(grid, bits_per_column, blocksize))
+            W, mask, row_error = block_loop(W, factor.upper, settings, row_groups,
+                                            grid_params(grid, bits_per_column, settings.blocksize))
         if order is not None:
             restore = torch.argsort(order)
             W, mask = W[:, restore], mask[:, restore]
-        return SolveResult(W, mask, error.item())
+        return SolveResult(laid_out_like(W, weight), laid_out_like(mask, weight), row_error.double().sum().item() / 2,
+                           row_error)
+
+
+def laid_out_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x with `like`'s strides (a copy only if they differ): a solve gives its weights back in the layout they came in,
+    row-major from a Linear, columns first from the clip search's stacked sample (the layout the CPU's sweep uses)."""
+    return x if x.stride() == like.stride() else torch.empty_like(like, dtype=x.dtype).copy_(x)
 
 
 TRIANGULAR_LEAF = 1024  # below this, a triangular inverse is one solve against the identity
@@ -336,23 +351,42 @@ def solve_order(hessian_diag: torch.Tensor, mode: str, bits: torch.Tensor | None
 BlockParams = Callable[[torch.Tensor, int, int], "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
 
 
-def block_loop(W: torch.Tensor, U: torch.Tensor, prune: PruneSpec, blocksize: int, fused: bool, row_groups: int,
+def block_loop(W: torch.Tensor, U: torch.Tensor, settings: SolveSettings, row_groups: int,
                block_params: BlockParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The lazy-block sweep over W's columns (in place; W is also returned) with the upper factor U of H^-1, both in
-    solve order: each block solved (`solve_block`), its error pushed onto the columns after it. `block_params(W,
-    i1, i2)` gives the grid of columns [i1, i2) (None: no quantization). Returns (W, mask, error as a 0-d
-    tensor): nothing here waits for the device."""
-    columns = W.shape[1]
-    mask = torch.zeros_like(W, dtype=torch.bool)
-    error = torch.zeros((), dtype=torch.float64, device=W.device)
+    """The lazy-block sweep over W's columns with the upper factor U of H^-1, both in solve order: each block of
+    `settings.blocksize` solved, its error pushed onto the columns after it. `block_params(W, i1, i2)` gives the grid
+    of columns [i1, i2) (None: no quantization). Returns (W, mask, each row's error as in `SolveResult.row_error`);
+    W may be modified in place; nothing here waits for the device.
+
+    With the fused kernel (CUDA) each block is solved row-major (`solve_block`). Otherwise the whole sweep runs on the
+    transposed matrix, where each column is a contiguous row for the column loop and no block is transposed back and
+    forth (the block product then reads U's transpose: the same sums)."""
+    columns, blocksize = W.shape[1], settings.blocksize
+    row_error = torch.zeros(W.shape[0], device=W.device)
+    if settings.fused and W.is_cuda and kernels.is_available():
+        mask = torch.zeros_like(W, dtype=torch.bool)
+        for i1 in range(0, columns, blocksize):
+            i2 = min(i1 + blocksize, columns)
+            Q1, Err1, mask[:, i1:i2], _ = solve_block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], settings.prune,
+                                                      block_params(W, i1, i2), True, row_groups,
+                                                      settings.inner_blocksize)
+            W[:, i1:i2] = Q1
+            W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
+            row_error += Err1.square().sum(1)
+        return W, mask, row_error
+    WT = W.t().contiguous()
+    MT = torch.zeros_like(WT, dtype=torch.bool)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
-        Q1, Err1, mask[:, i1:i2], block_error = solve_block(W[:, i1:i2].clone(), U[i1:i2, i1:i2], prune,
-                                                            block_params(W, i1, i2), fused, row_groups)
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(U[i1:i2, i2:])
-        error += block_error
-    return W, mask, error
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diag(U1)
+        params = block_params(WT.t(), i1, i2)
+        MT[i1:i2] = block_mask(WT[i1:i2].t(), d, settings.prune, row_groups).t()
+        ET1 = column_loop(WT[i1:i2], d, U1, MT[i1:i2], settings.prune,
+                          None if params is None else tuple(columns_first(p) for p in params), settings.inner_blocksize)
+        WT[i2:] -= U[i1:i2, i2:].t().matmul(ET1)
+        row_error += ET1.square().sum(0)
+    return WT.t(), MT.t(), row_error
 
 
 def grid_params(grid: QuantGrid | None, bits: torch.Tensor | None, blocksize: int) -> BlockParams:
@@ -387,8 +421,9 @@ def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, row_gr
     `row_groups` equal slices of its rows, with more than one).
 
     Scores tie often (fp16 weights of one column share a d; dead channels' weights are all 0). On the GPU a radix sort
-    picks the set, and its order among ties; on the CPU a selection (kthvalue), linear in the block's size and 5x
-    faster there than the sort (384 x 128), with ties at the threshold going to the first in row-major order."""
+    picks the set, and its order among ties; on the CPU a selection (numpy's introselect: the same threshold as
+    torch.kthvalue, 5x faster on the clip search's stacked blocks, which is 25x faster than the sort), with ties at
+    the threshold going to the first in row-major order."""
     score = (W1 ** 2 / d[None, :] ** 2).reshape(row_groups, -1)
     k = int(score.shape[1] * sparsity)
     if k == 0:
@@ -396,11 +431,21 @@ def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, row_gr
     if score.is_cuda:  # far faster than topk for k ~ numel/2
         order = torch.sort(score[0]).indices[None] if row_groups == 1 else torch.sort(score, dim=1).indices
         return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :k], True).view(W1.shape)
-    threshold = torch.kthvalue(score, k, dim=1, keepdim=True).values
+    threshold = torch.from_numpy(np.partition(score.numpy(), k - 1, axis=1)[:, k - 1:k])
     mask = score < threshold
     tied = score == threshold
-    mask |= tied & (tied.cumsum(1) <= k - mask.sum(1, keepdim=True))
+    wanted = k - mask.sum(1, keepdim=True)
+    if bool((tied.sum(1, keepdim=True) == wanted).all()):  # every tie is taken (the rule below picks them all)
+        return (mask | tied).view(W1.shape)
+    mask |= tied & (tied.cumsum(1) <= wanted)
     return mask.view(W1.shape)
+
+
+def block_mask(W1: torch.Tensor, d: torch.Tensor, prune: PruneSpec, row_groups: int) -> torch.Tensor:
+    """A block's unstructured mask, chosen before its column loop (all False otherwise: N:M is chosen in the loop)."""
+    if prune.prunen == 0 and prune.sparsity > 0:
+        return unstructured_mask(W1, d, prune.sparsity, row_groups)
+    return torch.zeros(W1.shape, dtype=torch.bool, device=W1.device)
 
 
 def solve_block(
@@ -410,50 +455,72 @@ def solve_block(
     params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     fused: bool = True,
     row_groups: int = 1,
+    inner_blocksize: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block: its unstructured mask, then the sequential column loop, as one Triton kernel
+    """One row-major block: its unstructured mask, then the sequential column loop, as one Triton kernel
     launch on CUDA (`kernels.py`) or in plain PyTorch. Returns (Q1, Err1, mask1, error) with the
     error as a 0-d tensor, so that the caller syncs once, not once per block."""
     d = torch.diag(U1)
-    if prune.prunen == 0 and prune.sparsity > 0:
-        mask1 = unstructured_mask(W1, d, prune.sparsity, row_groups)
-    else:
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+    mask1 = block_mask(W1, d, prune, row_groups)
     if fused and W1.is_cuda and kernels.is_available() and kernels.supports(W1.shape[1], prune.prunen, prune.prunem):
         return kernels.solve_block_fused(W1, U1, mask1, prune.prunen, prune.prunem, params)
-    return column_loop(W1, d, U1, mask1, prune, params)
+    WT, MT = W1.t().contiguous(), mask1.t().contiguous()
+    ET = column_loop(WT, d, U1, MT, prune, None if params is None else tuple(columns_first(p) for p in params),
+                     inner_blocksize)
+    mask1.copy_(MT.t())
+    return WT.t(), ET.t(), mask1, ET.square().sum() / 2
 
 
 def column_loop(
-    W1: torch.Tensor, d: torch.Tensor, U1: torch.Tensor, mask1: torch.Tensor, prune: PruneSpec,
-    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference loop: per column, (N:M mask), zero the pruned, round, and push the error
-    err = (w - q) / d onto the columns to its right. W1 and mask1 are updated in place.
+    WT: torch.Tensor, d: torch.Tensor, U1: torch.Tensor, MT: torch.Tensor, prune: PruneSpec,
+    params: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, inner_blocksize: int = 0,
+) -> torch.Tensor:
+    """The reference loop on a transposed block (columns, rows), where each column is a contiguous row (a row-major
+    column is a strided gather: 1.2-1.4x slower on the CPU): per column, (N:M mask), zero the pruned, round, and push
+    the error err = (w - q) / d onto the columns to its right. Every value is the same as row-major, the rank-1
+    update being one product per element. WT becomes Q and MT the mask (N:M), in place; returns the errors ET.
+    `params`: each column's (scale, zero, maxq) as rows (`columns_first`).
 
-    It runs on the transposed block, where each column is a contiguous row (a row-major column is a strided
-    gather: 1.2-1.4x slower on the CPU); every value is the same, the rank-1 update being one product per element."""
-    WT, MT = W1.t().contiguous(), mask1.t().contiguous()
-    QT, ET = torch.zeros_like(WT), torch.zeros_like(WT)
-    if params is not None:  # maxq: one per column, or per row and column (QuantGrid.row_bits)
-        scale, zero, maxq = (p.t().contiguous() if p.dim() == 2 else p for p in params)
-    losses = torch.zeros(W1.shape[0], device=W1.device)
-    for i in range(WT.shape[0]):
+    `inner_blocksize` > 0 pushes each column's error only onto the columns of its inner block (that many columns,
+    rounded up to whole N:M groups), and each inner block's errors onto the rest of the block by one product, as the
+    lazy blocks do across blocks: the same solve up to the order of summation, with most of the rank-1 updates'
+    reads and writes (which bound the CPU loop on tall stacks of rows) turned into one matrix product."""
+    ET = torch.empty_like(WT)
+    # A product with the kept weights zeroes the pruned ones (1.5x faster than where() on the bool mask at the clip
+    # search's 3,840 rows); a pruned negative weight becomes -0.0, which rounding turns into +0.0 on every grid.
+    keep = (~MT).float() if params is not None else None
+    if params is not None:
+        scale, zero, maxq = params
+    columns = WT.shape[0]
+    inner = columns if inner_blocksize <= 0 else -(-inner_blocksize // max(prune.prunem, 1)) * max(prune.prunem, 1)
+    for i in range(columns):
+        if i % inner == 0 and i > 0:  # every earlier column's error, onto this inner block's columns
+            WT[i:i + inner] -= U1[:i, i:i + inner].t().matmul(ET[:i])
+        end = min(i - i % inner + inner, columns)
         w = WT[i]
         if prune.prunen > 0 and i % prune.prunem == 0:
             score = WT[i:i + prune.prunem] ** 2 / d[i:i + prune.prunem, None] ** 2
             MT.scatter_(0, i + torch.topk(score, prune.prunen, dim=0, largest=False).indices, True)
-        q = torch.where(MT[i], 0.0, w)
+            if keep is not None:
+                keep[i:i + prune.prunem] = ~MT[i:i + prune.prunem]
         if params is not None:
-            q = quantize(q, scale[i], zero[i], maxq[i])
-        QT[i] = q
-        losses += (w - q) ** 2 / d[i] ** 2
-        err = (w - q) / d[i]
-        WT[i:] -= U1[i, i:, None] * err[None, :]
-        ET[i] = err
-    W1.copy_(WT.t())
-    mask1.copy_(MT.t())
-    return QT.t(), ET.t(), mask1, losses.sum() / 2
+            q = quantize(w * keep[i], scale[i], zero[i], maxq[i])
+        else:
+            q = torch.where(MT[i], 0.0, w)
+        torch.sub(w, q, out=ET[i]).div_(d[i])
+        WT[i + 1:end] -= U1[i, i + 1:end, None] * ET[i][None, :]
+        w.copy_(q)
+    return ET
+
+
+def columns_first(p: torch.Tensor) -> torch.Tensor:
+    """A block's parameters (rows, columns) as one contiguous row per column; parameters that every column shares
+    (a view with column stride 0: per-row grids) stay a view, not copied once per column."""
+    if p.dim() < 2:
+        return p
+    if p.stride(1) == 0:
+        return p[:, :1].t().expand(p.shape[1], -1)
+    return p.t().contiguous()
 
 
 def magnitude_prune(weight: torch.Tensor, prune: PruneSpec) -> torch.Tensor:

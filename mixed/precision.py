@@ -46,6 +46,9 @@ def clip_factors(smallest: float) -> tuple[float, ...]:
 
 FAST_CLIP_WIDEST = 4  # --clip_search fast: the widest width searched (benchmarks/mixed_cost.md)
 CLIP_SAMPLE_ROWS = 256  # rows the "solve" clip objective solves (evenly spaced; all rows of a smaller matrix)
+# The clip search's solves push errors within 16-column inner blocks (SolveSettings.inner_blocksize): its stacked
+# copies make tall blocks, whose rank-1 updates bound the CPU loop (benchmarks/mixed_cost.md).
+SEARCH_INNER_BLOCKSIZE = 16
 
 
 @dataclass(frozen=True)

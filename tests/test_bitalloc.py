@@ -498,6 +498,22 @@ def test_solved_clip_takes_the_factor_whose_solve_leaves_the_least_output_error(
     assert len(set(chosen.values())) > 1  # the factors differ by width and sparsity: the test can tell them apart
 
 
+def test_the_undamped_output_error_of_a_solve_is_each_rows_error_on_the_inputs():
+    """costs.undamped_row_error: each row's sum over the tokens of (x . (w0 - q))^2, from the solve's errors on the
+    damped Hessian; a dead input channel (always zero) leaves its weights out."""
+    from test_solver import correlated_inputs
+
+    X = correlated_inputs(400, 32, seed=3)
+    X[:, 7] = 0
+    solver = solver_for(X)
+    W = torch.randn(12, 32, generator=torch.Generator().manual_seed(4))
+    settings = SolveSettings(PruneSpec(sparsity=0.5), blocksize=16, fused=False)
+    result = solver.fasterprune(W, settings, QuantGrid.for_weight(W, False), torch.full((32,), 3))
+    expected = ((X.double() @ (W.double() - result.weight.double()).t()) ** 2).sum(0)
+    got = costs.undamped_row_error(result, W, solver, settings)
+    assert torch.allclose(got.double(), expected, rtol=1e-3)
+
+
 def test_clip_search_searches_widths_up_to_its_widest_and_leaves_wider_ones_unclipped():
     """A ClipSearch with `widest`: widths up to it get the factor whose solve leaves the least output error (the
     textbook loop's), wider ones none, though the full search clips them.

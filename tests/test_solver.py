@@ -109,8 +109,9 @@ def textbook_solve(W: torch.Tensor, X: torch.Tensor, *, sparsity: float = 0.0, p
 
 def solve(W: torch.Tensor, batches: list[torch.Tensor], *, sparsity: float = 0.0, prunen: int = 0, prunem: int = 0,
           bits: list[int] | None = None, sym: bool = False, groupsize: int = -1, blocksize: int = 16,
-          percdamp: float = 0.01):
-    """The code under test, as opt_enhanced calls it: add_batch per batch, the grid from the dense weight."""
+          percdamp: float = 0.01, inner_blocksize: int = 0):
+    """The code under test, as opt_enhanced calls it (the clip search with `inner_blocksize`): add_batch per batch,
+    the grid from the dense weight."""
     solver = SparseGPT(W.shape[1])
     for x in batches:
         solver.add_batch(x)
@@ -118,7 +119,8 @@ def solve(W: torch.Tensor, batches: list[torch.Tensor], *, sparsity: float = 0.0
     if bits is not None:
         grid = QuantGrid.for_weight(W.float(), sym, groupsize)
         width = torch.tensor(bits)
-    settings = SolveSettings(PruneSpec(sparsity, prunen, prunem), blocksize=blocksize, percdamp=percdamp, fused=False)
+    settings = SolveSettings(PruneSpec(sparsity, prunen, prunem), blocksize=blocksize, percdamp=percdamp, fused=False,
+                             inner_blocksize=inner_blocksize)
     return solver.fasterprune(W, settings, grid, width)
 
 
@@ -157,20 +159,39 @@ def grid_step(W: torch.Tensor, bits: list[int] | None) -> float:
     return 2 * W.abs().max().item() / (2 ** max(bits) - 1)
 
 
+@pytest.mark.parametrize("inner_blocksize", [0, 5])
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_solver_matches_the_textbook_column_loop(name, scale):
+def test_solver_matches_the_textbook_column_loop(name, scale, inner_blocksize):
+    """Also with inner blocks (the clip search's): 5 columns within the 16-column blocks, 8 (whole groups) for 2:4."""
     settings = CASES[name]
     g = torch.Generator().manual_seed(1)
     W = torch.randn(24, 48, generator=g)
     X = correlated_inputs(400, 48, seed=2) * scale
     batches = [X[:150], X[150:170], X[170:]]  # unequal batches, as the last calibration batch is
-    result = solve(W, batches, blocksize=16, **settings)
+    result = solve(W, batches, blocksize=16, inner_blocksize=inner_blocksize, **settings)
     expected = textbook_solve(W, X, blocksize=16, **settings)
     assert_matches_textbook(result, expected, grid_step(W, settings.get("bits")))
     sparsity = settings.get("sparsity", 0.0)
     if sparsity:
         assert int(result.mask.sum()) == 3 * int(24 * 16 * sparsity)  # exactly floor(sparsity * numel) per block
+
+
+@pytest.mark.parametrize("name", ["50% unstructured", "2:4 + 3-bit", "60% + mixed widths, sym",
+                                  "50% + 3-bit, groups of 32 (two blocks each)"])
+def test_each_rows_error_is_its_output_error_on_the_damped_hessian(name):
+    """SolveResult.row_error: each row's (w0 - q) H_d (w0 - q)^T, with H_d = 2/n X^T X + lam I and lam = percdamp times
+    the mean of diag(2/n X^T X), computed here in float64 from the inputs; `error` is half their sum."""
+    settings = CASES[name]
+    W = torch.randn(24, 48, generator=torch.Generator().manual_seed(1))
+    X = correlated_inputs(400, 48, seed=2)
+    result = solve(W, [X], blocksize=16, **settings)
+    H = 2 / X.shape[0] * X.double().t() @ X.double()
+    H += 0.01 * H.diagonal().mean() * torch.eye(48, dtype=torch.float64)
+    D = W.double() - result.weight.double()
+    expected = ((D @ H) * D).sum(1)
+    assert torch.allclose(result.row_error.double(), expected, rtol=1e-4, atol=1e-6 * expected.max().item())
+    assert result.error == pytest.approx(expected.sum().item() / 2, rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["50% + 4-bit", "2:4 + 3-bit", "50% + 3-bit, groups of 32 (two blocks each)"])
