@@ -381,7 +381,7 @@ def block_loop(W: torch.Tensor, U: torch.Tensor, settings: SolveSettings, row_gr
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
         params = block_params(WT.t(), i1, i2)
-        MT[i1:i2] = block_mask(WT[i1:i2].t(), d, settings.prune, row_groups).t()
+        MT[i1:i2] = block_mask(WT[i1:i2], d, settings.prune, row_groups)
         ET1 = column_loop(WT[i1:i2], d, U1, MT[i1:i2], settings.prune,
                           None if params is None else tuple(columns_first(p) for p in params), settings.inner_blocksize)
         WT[i2:] -= U[i1:i2, i2:].t().matmul(ET1)
@@ -421,31 +421,45 @@ def unstructured_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float, row_gr
     `row_groups` equal slices of its rows, with more than one).
 
     Scores tie often (fp16 weights of one column share a d; dead channels' weights are all 0). On the GPU a radix sort
-    picks the set, and its order among ties; on the CPU a selection (numpy's introselect: the same threshold as
-    torch.kthvalue, 5x faster on the clip search's stacked blocks, which is 25x faster than the sort), with ties at
-    the threshold going to the first in row-major order."""
+    picks the set, and its order among ties; on the CPU a selection (`selected_mask`)."""
+    if not W1.is_cuda:
+        return selected_mask(W1.t(), d, sparsity, row_groups).t()
     score = (W1 ** 2 / d[None, :] ** 2).reshape(row_groups, -1)
     k = int(score.shape[1] * sparsity)
     if k == 0:
         return torch.zeros_like(W1, dtype=torch.bool)
-    if score.is_cuda:  # far faster than topk for k ~ numel/2
-        order = torch.sort(score[0]).indices[None] if row_groups == 1 else torch.sort(score, dim=1).indices
-        return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :k], True).view(W1.shape)
-    threshold = torch.from_numpy(np.partition(score.numpy(), k - 1, axis=1)[:, k - 1:k])
+    # far faster than topk for k ~ numel/2
+    order = torch.sort(score[0]).indices[None] if row_groups == 1 else torch.sort(score, dim=1).indices
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(1, order[:, :k], True).view(W1.shape)
+
+
+def selected_mask(WT1: torch.Tensor, d: torch.Tensor, sparsity: float, row_groups: int) -> torch.Tensor:
+    """`unstructured_mask` on the CPU, for a transposed block (columns, rows), the mask as (columns, rows): each slice's
+    threshold by a selection (numpy's introselect: the same value as torch.kthvalue, 5x faster on the clip search's
+    stacked blocks, which is 25x faster than a sort), and ties at the threshold going to the first in row-major order."""
+    columns, rows = WT1.shape
+    score = (WT1 ** 2 / d[:, None] ** 2).view(columns, row_groups, -1)
+    k = int(score[:, 0].numel() * sparsity)
+    if k == 0:
+        return torch.zeros_like(WT1, dtype=torch.bool)
+    values = score.transpose(0, 1).reshape(row_groups, -1)  # each slice's scores, in any order
+    threshold = torch.from_numpy(np.partition(values.numpy(), k - 1, axis=1)[:, k - 1]).view(1, row_groups, 1)
     mask = score < threshold
     tied = score == threshold
-    wanted = k - mask.sum(1, keepdim=True)
-    if bool((tied.sum(1, keepdim=True) == wanted).all()):  # every tie is taken (the rule below picks them all)
-        return (mask | tied).view(W1.shape)
-    mask |= tied & (tied.cumsum(1) <= wanted)
-    return mask.view(W1.shape)
+    wanted = k - mask.sum((0, 2))
+    if not bool((tied.sum((0, 2)) == wanted).all()):  # some ties at the threshold stay: the first in row-major order
+        in_row_order = tied.permute(1, 2, 0).reshape(row_groups, -1)
+        taken = in_row_order & (in_row_order.cumsum(1) <= wanted[:, None])
+        tied = taken.view(row_groups, -1, columns).permute(2, 0, 1)
+    return (mask | tied).reshape(columns, rows)
 
 
-def block_mask(W1: torch.Tensor, d: torch.Tensor, prune: PruneSpec, row_groups: int) -> torch.Tensor:
-    """A block's unstructured mask, chosen before its column loop (all False otherwise: N:M is chosen in the loop)."""
+def block_mask(WT1: torch.Tensor, d: torch.Tensor, prune: PruneSpec, row_groups: int) -> torch.Tensor:
+    """A transposed block's unstructured mask (columns, rows), chosen before its column loop (all False otherwise: N:M
+    is chosen in the loop)."""
     if prune.prunen == 0 and prune.sparsity > 0:
-        return unstructured_mask(W1, d, prune.sparsity, row_groups)
-    return torch.zeros(W1.shape, dtype=torch.bool, device=W1.device)
+        return unstructured_mask(WT1.t(), d, prune.sparsity, row_groups).t()
+    return torch.zeros(WT1.shape, dtype=torch.bool, device=WT1.device)
 
 
 def solve_block(
@@ -461,7 +475,7 @@ def solve_block(
     launch on CUDA (`kernels.py`) or in plain PyTorch. Returns (Q1, Err1, mask1, error) with the
     error as a 0-d tensor, so that the caller syncs once, not once per block."""
     d = torch.diag(U1)
-    mask1 = block_mask(W1, d, prune, row_groups)
+    mask1 = block_mask(W1.t(), d, prune, row_groups).t()
     if fused and W1.is_cuda and kernels.is_available() and kernels.supports(W1.shape[1], prune.prunen, prune.prunem):
         return kernels.solve_block_fused(W1, U1, mask1, prune.prunen, prune.prunem, params)
     WT, MT = W1.t().contiguous(), mask1.t().contiguous()
