@@ -104,7 +104,7 @@ def run(cfg: RunConfig, startup: float | None = None) -> dict[str, Any]:
             raise RuntimeError("quantization was requested but no channel was quantized (check --minlayer/--maxlayer/--prune_only)")
         log(format_summary(summary, stats))
         if cfg.mixed and cfg.clipped and cfg.clip_search == "auto" and cfg.clip_search_as_run == "once":
-            log("Clip search: each Linear's range factors searched once (the CPU's default, 1.5x cheaper there; "
+            log("Clip search: each Linear's range factors searched once (the CPU's default, 1.3x cheaper there; "
                 "--clip_search full searches again for each solve, as on a GPU)")
     check_results(cfg, ppl, summary, stats)
     results = {
