@@ -6,6 +6,7 @@ before the sequential loop (`BitPlan`).
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -24,8 +25,8 @@ from systems.progress import Log, TimeLeft
 from systems.solve_graphs import SolveGraphs
 
 
-def output_sensitivity(model: nn.Module, calibration: torch.Tensor, inputs: LayerInputs, dev: torch.device
-                       ) -> dict[str, torch.Tensor]:
+def output_sensitivity(model: nn.Module, calibration: torch.Tensor, inputs: LayerInputs, dev: torch.device,
+                       log: Callable[[str], None] = lambda msg: None) -> dict[str, torch.Tensor]:
     """Mean over the calibration tokens of (dLoss/dy_i)^2 for every output y_i of every decoder Linear:
     the diagonal Fisher of the dense model's next-token loss. An output error e_i costs the loss about
     F_i e_i^2 / 2, so it puts the Hessian-weighted errors of different Linears in one unit.
@@ -33,7 +34,9 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, inputs: Laye
     `inputs`: those of decoder layer 0 (capture_layer_inputs), in batches of `inputs.batch_size` windows. The backward pass goes a layer at a
     time (backward_layer_by_layer), so the GPU holds one layer's activations rather than the whole
     model's (OPT-6.7B ran out of 80 GB otherwise), in fp32 (fp16 -> fp32 -> fp16 is exact) with TF32
-    matmuls. Each layer is visited twice per batch, so the layers must stay on the GPU: not with --offload."""
+    matmuls. Each layer is visited twice per batch, so the layers must stay on the GPU: not with --offload.
+    With more than one batch, `log` gets a line per batch with the time left (at OPT-175B width the pass takes
+    about 11 s per decoder layer on an H100, minutes for a whole model)."""
     layers = decoder_layers(model)
     if not resident(layers, dev):
         raise RuntimeError("--bit_scope model needs the whole model on the run's device (its loss gradients visit "
@@ -55,11 +58,15 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, inputs: Laye
     tokens = 0
     precision = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # TF32 matmuls: several times faster, ample for a mean of squares
+    starts = range(0, len(calibration), batch_size)
+    left = TimeLeft(len(starts), "the sensitivity pass")
     try:
-        for start in range(0, len(calibration), batch_size):
+        for start in starts:
             ids = calibration[start:start + batch_size].to(dev)
             backward_layer_by_layer(model, hidden[start:start + batch_size], kwargs, ids)
             tokens += ids[:, 1:].numel()
+            if len(starts) > 1:
+                log(f"loss sensitivity: windows {start + len(ids)}/{len(calibration)}, {left.step()}")
     finally:
         torch.set_float32_matmul_precision(precision)
         for h in handles:
@@ -129,7 +136,7 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, inputs: LayerIn
     shared = decoder_of(model).shared_input
     nlayers = len(decoder_layers(model))
     with log.stage("sensitivity"):
-        sensitivity = output_sensitivity(model, calibration, inputs, dev)
+        sensitivity = output_sensitivity(model, calibration, inputs, dev, log)
     log("measured the loss's sensitivity to every Linear output")
     inputs = replace(inputs, hidden=inputs.hidden.clone())
     priced: dict[str, ChannelCosts] = {}

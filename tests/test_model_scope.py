@@ -25,7 +25,10 @@ def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
     ids = torch.randint(0, 64, (6, 32))
     before = {n: p.clone() for n, p in model.named_parameters()}
     inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=4)
-    fisher = output_sensitivity(model, ids, inputs, torch.device("cpu"))
+    lines = []
+    fisher = output_sensitivity(model, ids, inputs, torch.device("cpu"), lines.append)
+    assert [line.split(",")[0] for line in lines] == ["loss sensitivity: windows 4/6", "loss sensitivity: windows 6/6"]
+    assert lines[0].endswith("of the sensitivity pass left") and lines[1].endswith("the sensitivity pass done")
     assert len(fisher) == 12 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     # independently: autograd of the summed next-token loss w.r.t. layer 1's fc2 output, all windows at once
