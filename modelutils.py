@@ -430,7 +430,7 @@ class _InputsSeen(Exception):
 
 
 def feed_inputs(layer: nn.Module, modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None],
-                inputs: LayerInputs) -> None:
+                inputs: LayerInputs, out: torch.Tensor | None = None) -> None:
     """Run every window through `layer` in batches, passing each of `modules`' inputs to sink(name, x), and
     stop each batch's forward once every module has had all the inputs it gets per batch.
 
@@ -438,7 +438,10 @@ def feed_inputs(layer: nn.Module, modules: dict[str, nn.Module], sink: Callable[
     inputs, and the layer is run again once compressed), and the work after the last module's input is
     not needed: in a decoder layer, the last Linear's own product (fc2: 2 of 12 GEMMs at OPT width) and
     the residual. The first batch runs whole and counts each module's calls, so a module called twice
-    per forward is never cut short."""
+    per forward is never cut short.
+
+    With `out` every batch runs whole and its output goes into `out`, as `forward_layer` writes it (it may be
+    `inputs.hidden`): for a walk that leaves the layer as it is (the model-scope plan), one forward gives both."""
     calls: dict[str, int] = dict.fromkeys(modules, 0)
     expected: dict[str, int] | None = None
 
@@ -446,7 +449,7 @@ def feed_inputs(layer: nn.Module, modules: dict[str, nn.Module], sink: Callable[
         def pre(_module: nn.Module, inp: tuple) -> None:
             sink(name, inp[0].data)
             calls[name] += 1
-            if expected is not None and calls == expected:
+            if out is None and expected is not None and calls == expected:
                 raise _InputsSeen
         return pre
 
@@ -455,7 +458,9 @@ def feed_inputs(layer: nn.Module, modules: dict[str, nn.Module], sink: Callable[
     try:
         for start in range(0, hidden.shape[0], step):
             try:
-                layer(hidden[start:start + step], **inputs.kwargs)
+                y = layer(hidden[start:start + step], **inputs.kwargs)
+                if out is not None:
+                    out[start:start + step] = layer_output(y)
             except _InputsSeen:
                 pass
             if expected is None:

@@ -20,15 +20,16 @@ def solve_graphs(cfg: RunConfig, dev: torch.device) -> SolveGraphs | None:
 
 
 def collect_hessians(layer: nn.Module, names: list[str], inputs: LayerInputs, dev: torch.device,
-                     shared: dict[str, str], prefix: str = "", graphs: SolveGraphs | None = None
-                     ) -> dict[str, SparseGPT]:
+                     shared: dict[str, str], prefix: str = "", graphs: SolveGraphs | None = None,
+                     out: torch.Tensor | None = None) -> dict[str, SparseGPT]:
     """The SparseGPT (Hessian) of each of `names`, filled by a forward pass: one per distinct input, so
     Linears that read the same activations (`shared`: q/k/v, gate/up) share one. `prefix` + name names
-    each in messages (`model.decoder.layers.3.`); `graphs`: where their small solves are replayed."""
+    each in messages (`model.decoder.layers.3.`); `graphs`: where their small solves are replayed; `out`: where the
+    layer's output goes too (`feed_inputs`)."""
     linears = find_linears(layer)
     keys = sorted({shared.get(n, n) for n in names})
     solvers = {k: SparseGPT(linears[k].in_features, dev, name=prefix + k, graphs=graphs) for k in keys}
-    feed_inputs(layer, {k: linears[k] for k in keys}, lambda k, x: solvers[k].add_batch(x), inputs)
+    feed_inputs(layer, {k: linears[k] for k in keys}, lambda k, x: solvers[k].add_batch(x), inputs, out)
     distributed.reduce_hessians(solvers)  # under torchrun `inputs` is this rank's shard of the windows
     return solvers
 

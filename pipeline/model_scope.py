@@ -143,11 +143,12 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, inputs: LayerIn
     tied: list[list[str]] = []
     settings = cfg.solve_settings
     left = TimeLeft(nlayers, "planning")
-    for i, layer in walk_layers(model, dev, inputs):
+    for i, layer in walk_layers(model, dev):  # the plan changes no layer: the Hessians' forward gives its output
         linears = find_linears(layer)
         chosen = selected_names(layer, i, cfg)
         with log.stage("plan: hessians"):
-            solvers = collect_hessians(layer, chosen, inputs, dev, shared, linear_name(model, i, ""), graphs)
+            solvers = collect_hessians(layer, chosen, inputs, dev, shared, linear_name(model, i, ""), graphs,
+                                       out=inputs.hidden)
         groups: dict[str, list[str]] = {}
         for n in chosen:
             name = linear_name(model, i, n)

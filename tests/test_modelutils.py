@@ -52,7 +52,7 @@ def test_a_hidden_package_is_skipped_by_an_optional_import_and_imported_by_a_nee
 def test_calibration_forward_stops_after_the_last_input_and_sees_what_a_whole_forward_does():
     """feed_inputs against plain forward hooks over whole forwards: the same inputs reach every Linear, and
     after the first batch no forward goes past the last Linear (fc2 never computes its output again)."""
-    from modelutils import capture_layer_inputs, decoder_layers, feed_inputs
+    from modelutils import capture_layer_inputs, decoder_layers, feed_inputs, layer_output
 
     model = loud(tiny_model())
     ids = torch.randint(0, 64, (5, 16), generator=torch.Generator().manual_seed(0))
@@ -76,3 +76,12 @@ def test_calibration_forward_stops_after_the_last_input_and_sees_what_a_whole_fo
     for n in linears:
         assert len(fed[n]) == 3 and all(torch.equal(a, b) for a, b in zip(fed[n], whole[n])), n
     assert len(outputs) == 1  # the first batch runs whole (it counts each Linear's calls); the others stop
+    # with `out` (the model-scope plan's walk): the same inputs, every batch whole, the layer's output written
+    with torch.no_grad():
+        expected = torch.cat([layer_output(layer(inputs.hidden[s:s + 2], **inputs.kwargs)) for s in range(0, 5, 2)])
+    again: dict[str, list[torch.Tensor]] = {n: [] for n in linears}
+    with torch.no_grad():
+        feed_inputs(layer, linears, lambda n, x: again[n].append(x.clone()), inputs, out=inputs.hidden)
+    for n in linears:
+        assert len(again[n]) == 3 and all(torch.equal(a, b) for a, b in zip(again[n], whole[n])), n
+    assert torch.equal(inputs.hidden, expected)
