@@ -147,14 +147,15 @@ def allocate_budget(error: torch.Tensor, size: torch.Tensor, options: list[int],
     # A hull step can be several bits wide: spend what is left on the best later steps that still fit.
     left = budget - (spent[n - 1].item() if n else 0.0)
     smallest = cost.min().item() if len(cost) else math.inf
-    for k in order[n:].tolist():
+    tiers, costs, channels_of, starts, tos = tier.tolist(), cost.tolist(), channel.tolist(), start.tolist(), to.tolist()
+    for k in order[n:].tolist():  # in Python numbers: thousands of steps, each a few comparisons
         if left < smallest:
             break
-        j = channel[k].item()
-        if cost[k] <= left and tier[j] == start[k]:
-            tier[j] = to[k]
-            left -= cost[k].item()
-    return torch.tensor(options)[tier]
+        j = channels_of[k]
+        if costs[k] <= left and tiers[j] == starts[k]:
+            tiers[j] = tos[k]
+            left -= costs[k]
+    return torch.tensor(options)[torch.tensor(tiers)]
 
 
 @dataclass

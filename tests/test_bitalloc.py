@@ -336,6 +336,14 @@ def test_budget_gives_bits_to_important_channels():
     assert torch.all(bits[:5] > 4) and abs(bits.float().mean().item() - 4.0) <= 0.02
 
 
+def test_budget_never_takes_a_later_step_of_a_channel_whose_earlier_step_did_not_fit():
+    """One channel, 10 weights, whose hull goes 2 -> 6 (40 bits) then 6 -> 8 (20 bits), with 25 bits to spend: the
+    second step fits the money left but starts at 6 bits, where the channel never got, so it stays at 2."""
+    error = torch.tensor([[100.0, 99.0, 98.0, 10.0, 0.0]])
+    assert allocate_budget(error, torch.tensor([10.0]), OPTIONS, 2.0 + 25 / 10).tolist() == [2]
+    assert allocate_budget(error, torch.tensor([10.0]), OPTIONS, 2.0 + 45 / 10).tolist() == [6]
+
+
 def test_budget_skips_widths_off_the_convex_hull():
     # channel 0: 3 bits buy nothing over 2, 4 bits buy everything; a step-by-step greedy would never get there
     error = torch.tensor([[8.0, 8.0, 0.0, 0.0, 0.0], [4.0, 2.0, 1.0, 0.5, 0.25]])
