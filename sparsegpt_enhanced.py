@@ -522,7 +522,10 @@ def column_loop(
         else:
             q = torch.where(MT[i], 0.0, w)
         torch.sub(w, q, out=ET[i]).div_(d[i])
-        WT[i + 1:end] -= U1[i, i + 1:end, None] * ET[i][None, :]
+        if inner < columns:  # inner blocks: one fused rank-1 update, each value rounded once
+            WT[i + 1:end].addr_(U1[i, i + 1:end], ET[i], alpha=-1)
+        else:  # the reference's product, then the difference
+            WT[i + 1:end] -= U1[i, i + 1:end, None] * ET[i][None, :]
         w.copy_(q)
     return ET
 
