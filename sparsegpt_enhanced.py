@@ -444,14 +444,14 @@ def selected_mask(WT1: torch.Tensor, d: torch.Tensor, sparsity: float, row_group
         return torch.zeros_like(WT1, dtype=torch.bool)
     values = score.transpose(0, 1).reshape(row_groups, -1)  # each slice's scores, in any order
     threshold = torch.from_numpy(np.partition(values.numpy(), k - 1, axis=1)[:, k - 1]).view(1, row_groups, 1)
-    mask = score < threshold
+    mask = score <= threshold
+    if bool((mask.sum((0, 2)) == k).all()):  # every score at the threshold is taken (no tie past the k-th)
+        return mask.reshape(columns, rows)
+    mask = score < threshold  # some ties at the threshold stay: the first in row-major order are taken
     tied = score == threshold
-    wanted = k - mask.sum((0, 2))
-    if not bool((tied.sum((0, 2)) == wanted).all()):  # some ties at the threshold stay: the first in row-major order
-        in_row_order = tied.permute(1, 2, 0).reshape(row_groups, -1)
-        taken = in_row_order & (in_row_order.cumsum(1) <= wanted[:, None])
-        tied = taken.view(row_groups, -1, columns).permute(2, 0, 1)
-    return (mask | tied).reshape(columns, rows)
+    in_row_order = tied.permute(1, 2, 0).reshape(row_groups, -1)
+    taken = in_row_order & (in_row_order.cumsum(1) <= (k - mask.sum((0, 2)))[:, None])
+    return (mask | taken.view(row_groups, -1, columns).permute(2, 0, 1)).reshape(columns, rows)
 
 
 def block_mask(WT1: torch.Tensor, d: torch.Tensor, prune: PruneSpec, row_groups: int) -> torch.Tensor:
