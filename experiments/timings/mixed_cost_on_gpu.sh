@@ -9,8 +9,6 @@
 # STEPS picks them (default: stages,bar); each fits one 10-minute device command.
 source experiments/timings/record.sh mixed_cost_on_gpu
 STEPS=${STEPS:-stages,bar}
-echo "== the loss-sensitivity pass on opt-mini, whole graph against layer by layer (same sums? how long?)"
-python3 experiments/probes/sensitivity_paths.py $M $D
 U="--sparsity 0.5 --wbits 4"; Q="$U --target_avg_bits 4.0 --bit_method quantile"
 if [[ ",$STEPS," == *,stages,* ]]; then
   for shape in "opt-1.3b 4 2" "opt-6.7b 2 2" "opt-175b 2 1"; do
