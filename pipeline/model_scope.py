@@ -5,7 +5,6 @@ before the sequential loop (`BitPlan`).
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Callable
 from dataclasses import dataclass, field, replace
@@ -27,19 +26,15 @@ from systems.solve_graphs import SolveGraphs
 
 
 def output_sensitivity(model: nn.Module, calibration: torch.Tensor, inputs: LayerInputs, dev: torch.device,
-                       log: Callable[[str], None] = lambda msg: None, whole_graph: bool | None = None
-                       ) -> dict[str, torch.Tensor]:
+                       log: Callable[[str], None] = lambda msg: None) -> dict[str, torch.Tensor]:
     """Mean over the calibration tokens of (dLoss/dy_i)^2 for every output y_i of every decoder Linear:
     the diagonal Fisher of the dense model's next-token loss. An output error e_i costs the loss about
     F_i e_i^2 / 2, so it puts the Hessian-weighted errors of different Linears in one unit.
 
-    `inputs`: those of decoder layer 0 (capture_layer_inputs), in batches of `inputs.batch_size` windows, in fp32
-    (fp16 -> fp32 -> fp16 is exact) with TF32 matmuls. A batch's whole autograd graph is kept when it fits
-    (`whole_graph`, None: `graph_fits`), one forward and one backward; otherwise the backward goes a layer at a
-    time (backward_layer_by_layer), so that the GPU holds one layer's activations rather than the whole model's
-    (OPT-6.7B ran out of 80 GB otherwise), at the cost of a second forward. The same sums either way, bit for bit
-    (opt-mini on the CPU). Each layer is visited twice per batch, so the layers must stay on the device: not with
-    --offload.
+    `inputs`: those of decoder layer 0 (capture_layer_inputs), in batches of `inputs.batch_size` windows. The backward pass goes a layer at a
+    time (backward_layer_by_layer), so the GPU holds one layer's activations rather than the whole
+    model's (OPT-6.7B ran out of 80 GB otherwise), in fp32 (fp16 -> fp32 -> fp16 is exact) with TF32
+    matmuls. Each layer is visited twice per batch, so the layers must stay on the GPU: not with --offload.
     With more than one batch, `log` gets a line per batch with the time left (at OPT-175B width the pass takes
     about 11 s per decoder layer on an H100, minutes for a whole model)."""
     layers = decoder_layers(model)
@@ -66,12 +61,9 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, inputs: Laye
     starts = range(0, len(calibration), batch_size)
     left = TimeLeft(len(starts), "the sensitivity pass")
     try:
-        if whole_graph is None:
-            whole_graph = graph_fits(model, hidden[:1], kwargs, batch_size, dev)
-        backward = backward_whole if whole_graph else backward_layer_by_layer
         for start in starts:
             ids = calibration[start:start + batch_size].to(dev)
-            backward(model, hidden[start:start + batch_size], kwargs, ids)
+            backward_layer_by_layer(model, hidden[start:start + batch_size], kwargs, ids)
             tokens += ids[:, 1:].numel()
             if len(starts) > 1:
                 log(f"loss sensitivity: windows {start + len(ids)}/{len(calibration)}, {left.step()}")
@@ -85,40 +77,6 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, inputs: Laye
         distributed.total(sums[name])
     tokens = int(distributed.total(torch.tensor(tokens, device=dev)).item())
     return {name: s / tokens for name, s in sums.items()}
-
-
-def graph_fits(model: nn.Module, window: torch.Tensor, kwargs: dict, windows: int, dev: torch.device,
-               free: int | None = None) -> bool:
-    """Whether a batch of `windows` can keep its whole autograd graph: what the first decoder layer saves for its
-    backward on one window (`window`: its layer-0 input), times the windows and the layers (the weights it saves
-    counted each time, which overstates), within half of `free` (default: the GPU's free memory, or the host's
-    available memory on a CPU)."""
-    layers = decoder_layers(model)
-    saved = 0
-
-    def count(t: torch.Tensor) -> torch.Tensor:
-        nonlocal saved
-        saved += t.numel() * t.element_size()
-        return t
-
-    with torch.enable_grad(), in_fp32(layers[0]), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-        layer_output(layers[0](window.float().detach().requires_grad_(), **kwargs))
-    if free is None:
-        free = (torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda"
-                else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return saved * windows * len(layers) <= free / 2
-
-
-def backward_whole(model: nn.Module, hidden: torch.Tensor, kwargs: dict, ids: torch.Tensor) -> None:
-    """Backpropagate the summed next-token loss of `ids` (decoder-layer-0 inputs `hidden`) through the decoder in
-    fp32 in one graph. Backward hooks see every Linear's output gradient."""
-    layers = decoder_layers(model)
-    with torch.enable_grad(), in_fp32(*layers, *head_modules(model)):
-        x = hidden.float().detach().requires_grad_()
-        for layer in layers:
-            x = layer_output(layer(x, **kwargs))
-        logits = logits_from_hidden(model, x)[:, :-1]
-        nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").backward()
 
 
 def backward_layer_by_layer(model: nn.Module, hidden: torch.Tensor, kwargs: dict, ids: torch.Tensor) -> None:

@@ -20,15 +20,13 @@ def loud_tiny_model() -> OPTForCausalLM:
     return model
 
 
-@pytest.mark.parametrize("whole_graph", [False, True])
-def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output(whole_graph):
-    """Layer by layer (the backward runs each layer again) or with the batch's whole graph kept."""
+def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output():
     model = loud_tiny_model()
     ids = torch.randint(0, 64, (6, 32))
     before = {n: p.clone() for n, p in model.named_parameters()}
     inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=4)
     lines = []
-    fisher = output_sensitivity(model, ids, inputs, torch.device("cpu"), lines.append, whole_graph)
+    fisher = output_sensitivity(model, ids, inputs, torch.device("cpu"), lines.append)
     assert [line.split(",")[0] for line in lines] == ["loss sensitivity: windows 4/6", "loss sensitivity: windows 6/6"]
     assert lines[0].endswith("of the sensitivity pass left") and lines[1].endswith("the sensitivity pass done")
     assert len(fisher) == 12 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -44,16 +42,15 @@ def test_output_sensitivity_is_the_mean_squared_loss_gradient_of_each_output(who
     assert fisher["model.decoder.layers.1.fc2"].shape == (32,) and fisher["model.decoder.layers.0.fc1"].shape == (64,)
 
 
-@pytest.mark.parametrize("whole_graph", [False, True])
-def test_output_sensitivity_of_a_half_precision_model_runs_in_fp32_and_restores_the_weights(whole_graph):
+def test_output_sensitivity_of_a_half_precision_model_runs_in_fp32_and_restores_the_weights():
     model = loud_tiny_model().half().float()  # the reference has the fp16 model's weights
     ids = torch.randint(0, 64, (6, 32))
     inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
-    reference = output_sensitivity(model, ids, inputs, torch.device("cpu"), whole_graph=False)
+    reference = output_sensitivity(model, ids, inputs, torch.device("cpu"))
     model.half()
     before = {n: p.clone() for n, p in model.named_parameters()}
     inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
-    fisher = output_sensitivity(model, ids, inputs, torch.device("cpu"), whole_graph=whole_graph)
+    fisher = output_sensitivity(model, ids, inputs, torch.device("cpu"))
     assert all(p.dtype == torch.float16 and torch.equal(p, before[n]) for n, p in model.named_parameters())
     for name, f in reference.items():  # only the layer-0 inputs are rounded to fp16
         assert fisher[name].dtype == torch.float32 and torch.allclose(fisher[name], f, rtol=0.02, atol=0)
@@ -66,22 +63,3 @@ def test_output_sensitivity_refuses_layers_away_from_the_device():
     inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=2)
     with pytest.raises(RuntimeError, match="drop --offload"):
         output_sensitivity(model, ids, inputs, torch.device("meta"))
-
-
-def test_the_whole_graph_is_kept_only_when_its_saved_tensors_fit():
-    """graph_fits: at least every layer's output for every window is saved for the backward (a lower bound on what
-    it counts); it says no below twice that, and yes with memory to spare. The sums are the same either way."""
-    from modelutils import decoder_layers
-    from pipeline.model_scope import graph_fits
-
-    model = loud_tiny_model()
-    ids = torch.randint(0, 64, (6, 32))
-    inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
-    layers = len(decoder_layers(model))
-    outputs = 3 * 32 * 32 * 4 * layers  # fp32 hidden states of 3 windows, each layer's
-    args = (model, inputs.hidden[:1], inputs.kwargs, 3, torch.device("cpu"))
-    assert not graph_fits(*args, free=2 * outputs)
-    assert graph_fits(*args, free=10 ** 12)
-    kept = output_sensitivity(model, ids, inputs, torch.device("cpu"), whole_graph=True)
-    again = output_sensitivity(model, ids, inputs, torch.device("cpu"), whole_graph=False)
-    assert all(torch.equal(kept[n], again[n]) for n in kept)
