@@ -121,7 +121,8 @@ def solved_shrink(weight: torch.Tensor, solver: SparseGPT, settings: SolveSettin
     shrink: dict[int, float] = {}
     for group in ([widths] if W.device.type == "cpu" else [[b] for b in widths]):
         n = len(group) * copies
-        stacked = W.t().repeat(1, n).t()  # columns first, as the CPU's solve sweeps it (clone keeps the layout)
+        # in the layout the device's sweep reads (a solve keeps it): columns first on the CPU, rows on a GPU
+        stacked = W.repeat(n, 1) if W.is_cuda else W.t().repeat(1, n).t()
         scale = torch.tensor(factors, device=W.device).repeat_interleave(W.shape[0]).repeat(len(group))[:, None]
         row_bits = torch.tensor(group, device=W.device).repeat_interleave(copies * W.shape[0])[:, None]
         grid = QuantGrid.for_weight(W, settings.sym, settings.groupsize)  # each copy's ranges are the sample's
