@@ -47,7 +47,6 @@ from typing import Any, Iterator
 import torch
 
 import opt_enhanced
-import sparsegpt_enhanced
 from families import decoder_of
 from modelutils import decoder_layers, home_of, submodule
 from pipeline.checks import validate
@@ -56,7 +55,7 @@ from pipeline.config import EVAL_DATASETS
 from pipeline.placement import place
 from pipeline.run import run
 from sparsegpt_enhanced import SparseGPT
-from systems import distributed, streaming
+from systems import cholesky, distributed, streaming
 from systems import offload as offload_module
 from systems.atomic_io import write_json
 from systems.progress import Log, Stages
@@ -340,7 +339,7 @@ def identity_solve_factor(solver: SparseGPT, percdamp: float) -> torch.Tensor:
     H.diagonal().add_(percdamp * torch.mean(H.diagonal()))
     L, _ = torch.linalg.cholesky_ex(H)
     del H
-    return sparsegpt_enhanced.inverse_factor_from_reversed_cholesky(L, leaf=L.shape[0])[0]
+    return cholesky.inverse_factor_from_reversed_cholesky(L, leaf=L.shape[0])[0]
 
 
 def random_hessian(n: int, dev: torch.device, tokens: int) -> SparseGPT:

@@ -15,7 +15,7 @@ import torch
 import sparsegpt_enhanced
 from quant import QuantGrid, round_to_nearest
 from sparsegpt_enhanced import PruneSpec, SolveSettings, SparseGPT, magnitude_prune, solve_order, unstructured_mask
-from systems import solve_graphs
+from systems import cholesky, solve_graphs
 
 # ---------------------------------------------------------------- the textbook reference
 
@@ -348,7 +348,7 @@ def test_one_cholesky_factor_equals_the_three_step_factor(n, permuted, leaf, mon
     three-step factor: to 1e-10 in float64, to fp32 rounding in fp32 (no less accurate than the
     three steps against the float64 truth); dead channels are found in solve order."""
     if leaf is not None:
-        monkeypatch.setattr(sparsegpt_enhanced, "TRIANGULAR_LEAF", leaf)  # recursion down to blocks of 32
+        monkeypatch.setattr(cholesky, "TRIANGULAR_LEAF", leaf)  # recursion down to blocks of 32
     X, order = hessian_case(n, permuted)
     H, dead = damped_in_order(X.t() @ X, X.shape[0], order, 0.01)
     U_true, diag_true = three_step_factor(H)
@@ -381,7 +381,7 @@ def test_triangular_inverse_in_place():
         L = torch.tril(torch.randn(n, n, generator=g, dtype=torch.float64)) / math.sqrt(n)
         L.diagonal().copy_(1 + torch.rand(n, generator=g, dtype=torch.float64))
         expected = torch.linalg.inv(L)
-        out = sparsegpt_enhanced.invert_lower_triangular_(L, leaf)
+        out = cholesky.invert_lower_triangular_(L, leaf)
         assert out is L and torch.equal(L, torch.tril(L))
         assert relative(L, expected) < 1e-12
 
