@@ -62,8 +62,9 @@ class SolveSettings:
     percdamp: float = 0.01
     order: str = "stored"  # the column order's rule (SOLVE_ORDERS; `solve_order`)
     fused: bool = True  # the fused Triton block kernel (and CUDA-graph replay) on CUDA
-    # Columns of the unfused column loop whose errors reach the rest of their block through one product (`column_loop`);
-    # 0: one rank-1 update per column, the reference's order of operations (and the fused kernel's, bit for bit).
+    # Columns per inner block of the unfused column loop (`column_loop`): the earlier columns' errors reach an inner block
+    # by one product as it starts. 0: rank-1 updates of the whole block per column, the reference's order of
+    # operations (and the fused kernel's, bit for bit).
     inner_blocksize: int = 0
 
     @property
@@ -437,10 +438,11 @@ def column_loop(
     update being one product per element. WT becomes Q and MT the mask (N:M), in place; returns the errors ET.
     `params`: each column's (scale, zero, maxq) as rows (`columns_first`).
 
-    `inner_blocksize` > 0 pushes each column's error only onto the columns of its inner block (that many columns,
-    rounded up to whole N:M groups), and each inner block's errors onto the rest of the block by one product, as the
-    lazy blocks do across blocks: the same solve up to the order of summation, with most of the rank-1 updates'
-    reads and writes (which bound the CPU loop on tall stacks of rows) turned into one matrix product."""
+    `inner_blocksize` > 0 pushes each column's error only onto the later columns of its inner block (that many
+    columns, rounded up to whole N:M groups), by one fused rank-1 update; when an inner block starts, every earlier
+    column's error reaches its columns by one matrix product, as the lazy blocks do across blocks. The same solve up to
+    the order of summation, with most of the rank-1 updates' reads and writes (which bound the CPU loop on the clip
+    search's tall stacks of rows) turned into products."""
     ET = torch.empty_like(WT)
     # A product with the kept weights zeroes the pruned ones (1.5x faster than where() on the bool mask at the clip
     # search's 3,840 rows); a pruned negative weight becomes -0.0, which rounding turns into +0.0 on every grid.
