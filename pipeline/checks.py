@@ -168,6 +168,9 @@ def validate(cfg: RunConfig) -> None:
             raise UsageError(f"{flag} {value} is outside [0, 1]")
     if cfg.clip_sample_rows < 1:
         raise UsageError(f"clip_sample_rows {cfg.clip_sample_rows}: the clip search solves at least one row")
+    if not 0 <= cfg.sensitivity_windows <= cfg.nsamples:
+        raise UsageError(f"sensitivity_windows {cfg.sensitivity_windows}: between 1 and --nsamples ({cfg.nsamples}), "
+                         "or 0 for all")
     if cfg.bit_granularity == "linear" and not (cfg.mixed and cfg.bit_scope != "layer"):
         raise UsageError("--bit_granularity linear allocates one width per Linear across the whole model: "
                          "add --target_avg_bits, and drop --bit_scope layer")

@@ -93,6 +93,11 @@ class RunConfig:
     shrinkage_mean: str = MixedPrecision.shrinkage_mean
     channel_cost: str = MixedPrecision.channel_cost
     clip_sample_rows: int = MixedPrecision.clip_sample_rows
+    # Model scope: calibration windows the loss-sensitivity pass runs on (the first ones, of each process's share under
+    # torchrun; 0: all). Unvalidated: the
+    # pass costs 4 forward-equivalents of the model in fp32 (11.5 s per layer at OPT-175B width on an H100), so a
+    # quarter of the windows is what the GPU's mixed-cost bar would need (configs/ablations/clip_search.txt).
+    sensitivity_windows: int = 0
 
     @property
     def prune(self) -> PruneSpec:

@@ -31,7 +31,9 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, inputs: Laye
     the diagonal Fisher of the dense model's next-token loss. An output error e_i costs the loss about
     F_i e_i^2 / 2, so it puts the Hessian-weighted errors of different Linears in one unit.
 
-    `inputs`: those of decoder layer 0 (capture_layer_inputs), in batches of `inputs.batch_size` windows. The backward pass goes a layer at a
+    `inputs`: those of decoder layer 0 (capture_layer_inputs), in batches of `inputs.batch_size` windows; those of
+    the windows of `calibration`, the first of them (a run may give fewer windows than it calibrated on). The
+    backward pass goes a layer at a
     time (backward_layer_by_layer), so the GPU holds one layer's activations rather than the whole
     model's (OPT-6.7B ran out of 80 GB otherwise), in fp32 (fp16 -> fp32 -> fp16 is exact) with TF32
     matmuls. Each layer is visited twice per batch, so the layers must stay on the GPU: not with --offload.
@@ -63,7 +65,7 @@ def output_sensitivity(model: nn.Module, calibration: torch.Tensor, inputs: Laye
     try:
         for start in starts:
             ids = calibration[start:start + batch_size].to(dev)
-            backward_layer_by_layer(model, hidden[start:start + batch_size], kwargs, ids)
+            backward_layer_by_layer(model, hidden[start:start + len(ids)], kwargs, ids)
             tokens += ids[:, 1:].numel()
             if len(starts) > 1:
                 log(f"loss sensitivity: windows {start + len(ids)}/{len(calibration)}, {left.step()}")
@@ -136,7 +138,8 @@ def plan_model_bits(model: nn.Module, calibration: torch.Tensor, inputs: LayerIn
     shared = decoder_of(model).shared_input
     nlayers = len(decoder_layers(model))
     with log.stage("sensitivity"):
-        sensitivity = output_sensitivity(model, calibration, inputs, dev, log)
+        sensitivity = output_sensitivity(model, calibration[:cfg.sensitivity_windows or len(calibration)], inputs,
+                                         dev, log)
     log("measured the loss's sensitivity to every Linear output")
     inputs = replace(inputs, hidden=inputs.hidden.clone())
     priced: dict[str, ChannelCosts] = {}

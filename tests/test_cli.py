@@ -134,6 +134,8 @@ def test_flags_that_would_do_nothing_or_nonsense_are_usage_errors(tiny_dir, tmp_
 @pytest.mark.parametrize("setting, message", [
     (dict(sensitivity_shrinkage=-0.5), "sensitivity_shrinkage -0.5 is outside [0, 1]"),
     (dict(clip_sample_rows=0), "clip_sample_rows 0: the clip search solves at least one row"),
+    (dict(sensitivity_windows=129), "sensitivity_windows 129: between 1 and --nsamples (128), or 0 for all"),
+    (dict(sensitivity_windows=-1), "sensitivity_windows -1: between 1 and --nsamples (128), or 0 for all"),
     (dict(solve_order="narrow_first", target_avg_bits=None), "solve_order narrow_first orders the columns of a mixed run"),
 ])
 def test_settings_without_a_flag_are_checked_like_flags(setting, message):

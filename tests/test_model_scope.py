@@ -63,3 +63,24 @@ def test_output_sensitivity_refuses_layers_away_from_the_device():
     inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=2)
     with pytest.raises(RuntimeError, match="drop --offload"):
         output_sensitivity(model, ids, inputs, torch.device("meta"))
+
+
+def test_the_plan_takes_the_sensitivity_of_the_first_windows_when_told():
+    """RunConfig.sensitivity_windows: the plan's sensitivities are the pass over the first windows alone."""
+    import dataclasses
+
+    import opt_enhanced as oe
+    from pipeline.model_scope import plan_model_bits
+    from systems.progress import Log
+
+    model = loud_tiny_model()
+    ids = torch.randint(0, 64, (6, 32))
+    inputs = capture_layer_inputs(model, ids, torch.device("cpu"), batch_size=3)
+    expected = output_sensitivity(model, ids[:2], inputs, torch.device("cpu"))
+    everything = output_sensitivity(model, ids, inputs, torch.device("cpu"))
+    cfg = dataclasses.replace(oe.parse_args(["m", "c4", "--wbits", "4", "--target_avg_bits", "4", "--nsamples", "6",
+                                             "--device", "cpu"]), sensitivity_windows=2)
+    plan = plan_model_bits(model, ids, inputs, cfg, torch.device("cpu"), Log(quiet=True))
+    assert set(plan.sensitivity) == set(expected)
+    assert all(torch.equal(plan.sensitivity[n], expected[n]) for n in expected)
+    assert not all(torch.equal(expected[n], everything[n]) for n in expected)

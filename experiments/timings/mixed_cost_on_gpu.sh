@@ -6,6 +6,8 @@
 #           layers): uniform 50% + 4-bit, the headline's quantile 4.0 with full and with once (about 6 minutes);
 #   bar     the bar rows at 50% sparsity, 4.0 and 3.0 stored bits, budget and quantile, full against once, seeds 0-2,
 #           validation texts only (configs/ablations/clip_search.txt, bar-* rows; about 6 minutes).
+#   sens    the loss-sensitivity pass on the first 32 of the 128 windows, with once: budget and quantile at 4.0,
+#           against uniform and once on all windows, seeds 0-2 (about 5 minutes).
 # STEPS picks them (default: stages,bar); each fits one 10-minute device command.
 source experiments/timings/record.sh mixed_cost_on_gpu
 STEPS=${STEPS:-stages,bar}
@@ -32,4 +34,13 @@ if [[ ",$STEPS," == *,bar,* ]]; then
     | tail -3
   python3 experiments/mixed_precision_sweep.py table $OUT/bar.json
   python3 experiments/mixed_precision_sweep.py score $OUT/bar.json --validation ptb-valid,c4-heldout
+fi
+if [[ ",$STEPS," == *,sens,* ]]; then
+  echo "== the sensitivity pass on 32 windows, seeds 0-2"
+  time timeout 560 python3 experiments/mixed_precision_sweep.py run configs/ablations/clip_search.txt $OUT/sens.json \
+    --seeds 0,1,2 --model $M --data_dir $D --cache_dir /tmp/c-bar --texts wt2-valid,ptb-valid,c4-heldout \
+    --only bar-s50-uniform4,bar-s50-budget4-once,bar-s50-budget4-once-sens32,bar-s50-quantile4-once,bar-s50-quantile4-once-sens32 \
+    | tail -3
+  python3 experiments/mixed_precision_sweep.py table $OUT/sens.json
+  python3 experiments/mixed_precision_sweep.py score $OUT/sens.json --validation ptb-valid,c4-heldout
 fi
