@@ -82,6 +82,7 @@ class InverseFactor:
     dead: torch.Tensor  # input channels that were always zero (in solve order)
     percdamp: float  # damping actually used (raised if H was not positive definite)
     order: torch.Tensor | None  # solve order of the columns (act-order), None = as stored
+    added: torch.Tensor  # what the damping added to each diagonal entry of H: percdamp x mean diag(H), dead ones as 1
 
 
 @dataclass
@@ -191,7 +192,8 @@ class SparseGPT:
         reverse = index.flip(0)
         damp_used = percdamp
         for _ in range(6):
-            damped = diag + damp_used * torch.mean(diag)
+            added = damp_used * torch.mean(diag)
+            damped = diag + added
             H = self.xtx.index_select(0, reverse).index_select(1, reverse).mul_(self.scale)
             H.diagonal().copy_(damped.flip(0))
             L, info = torch.linalg.cholesky_ex(H)
@@ -200,7 +202,7 @@ class SparseGPT:
             del L
             if factor is not None:
                 U, inverse_diag = factor
-                self._factors[key] = InverseFactor(U, inverse_diag, dead, damp_used, order)
+                self._factors[key] = InverseFactor(U, inverse_diag, dead, damp_used, order, added)
                 return self._factors[key]
             retry = max(damp_used * 10, 0.01)
             log(f"warning: Hessian{self._of()} not positive definite at percdamp={damp_used:g}; retrying with "
