@@ -62,9 +62,8 @@ class SolveSettings:
     percdamp: float = 0.01
     order: str = "stored"  # the column order's rule (SOLVE_ORDERS; `solve_order`)
     fused: bool = True  # the fused Triton block kernel (and CUDA-graph replay) on CUDA
-    # Columns per inner block of the unfused column loop (`column_loop`): the earlier columns' errors reach an inner block
-    # by one product as it starts. 0: rank-1 updates of the whole block per column, the reference's order of
-    # operations (and the fused kernel's, bit for bit).
+    # Columns per inner block of the unfused column loop (`column_loop`); 0: rank-1 updates of the whole block per
+    # column, the reference's order of operations (and the fused kernel's, bit for bit).
     inner_blocksize: int = 0
 
     @property
@@ -442,9 +441,8 @@ def column_loop(
 
     `inner_blocksize` > 0 pushes each column's error only onto the later columns of its inner block (that many
     columns, rounded up to whole N:M groups), by one fused rank-1 update; when an inner block starts, every earlier
-    column's error reaches its columns by one matrix product, as the lazy blocks do across blocks. The same solve up to
-    the order of summation, with most of the rank-1 updates' reads and writes (which bound the CPU loop on the clip
-    search's tall stacks of rows) turned into products."""
+    column's error reaches it by one matrix product, as the lazy blocks do across blocks: the same solve up to the
+    order of summation, most of the rank-1 updates' reads and writes (the clip search's tall stacks) in products."""
     ET = torch.empty_like(WT)
     # A product with the kept weights zeroes the pruned ones (1.5x faster than where() on the bool mask at the clip
     # search's 3,840 rows); a pruned negative weight becomes -0.0, which rounding turns into +0.0 on every grid.
