@@ -326,8 +326,7 @@ def block_loop(W: torch.Tensor, U: torch.Tensor, settings: SolveSettings, row_gr
         d = torch.diag(U1)
         params = block_params(WT.t(), i1, i2)
         MT[i1:i2] = block_mask(WT[i1:i2], d, settings.prune, row_groups)
-        ET1 = column_loop(WT[i1:i2], d, U1, MT[i1:i2], settings.prune,
-                          None if params is None else tuple(columns_first(p) for p in params), settings.inner_blocksize)
+        ET1 = column_loop(WT[i1:i2], d, U1, MT[i1:i2], settings.prune, params, settings.inner_blocksize)
         WT[i2:] -= U[i1:i2, i2:].t().matmul(ET1)
         row_error += ET1.square().sum(0)
     return WT.t(), MT.t(), row_error
@@ -423,8 +422,7 @@ def solve_block(
     if fused and W1.is_cuda and kernels.is_available() and kernels.supports(W1.shape[1], prune.prunen, prune.prunem):
         return kernels.solve_block_fused(W1, U1, mask1, prune.prunen, prune.prunem, params)
     WT, MT = W1.t().contiguous(), mask1.t().contiguous()
-    ET = column_loop(WT, d, U1, MT, prune, None if params is None else tuple(columns_first(p) for p in params),
-                     inner_blocksize)
+    ET = column_loop(WT, d, U1, MT, prune, params, inner_blocksize)
     mask1.copy_(MT.t())
     return WT.t(), ET.t(), mask1, ET.square().sum() / 2
 
@@ -437,7 +435,7 @@ def column_loop(
     column is a strided gather: 1.2-1.4x slower on the CPU): per column, (N:M mask), zero the pruned, round, and push
     the error err = (w - q) / d onto the columns to its right. Every value is the same as row-major, the rank-1
     update being one product per element. WT becomes Q and MT the mask (N:M), in place; returns the errors ET.
-    `params`: each column's (scale, zero, maxq) as rows (`columns_first`).
+    `params`: the block's (scale, zero, maxq) as the grid gives them, rows first (`columns_first` turns them).
 
     `inner_blocksize` > 0 pushes each column's error only onto the later columns of its inner block (that many
     columns, rounded up to whole N:M groups), by one fused rank-1 update; when an inner block starts, every earlier
@@ -448,7 +446,7 @@ def column_loop(
     # search's 3,840 rows); a pruned negative weight becomes -0.0, which rounding turns into +0.0 on every grid.
     keep = (~MT).float() if params is not None else None
     if params is not None:
-        scale, zero, maxq = params
+        scale, zero, maxq = (columns_first(p) for p in params)
     columns = WT.shape[0]
     inner = columns if inner_blocksize <= 0 else -(-inner_blocksize // max(prune.prunem, 1)) * max(prune.prunem, 1)
     for i in range(columns):

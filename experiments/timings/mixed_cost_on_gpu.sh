@@ -26,21 +26,18 @@ print('compress s', round(r['compress_s'], 2), 'per layer', [round(x, 2) for x i
     done
   done
 fi
+sweep() {  # sweep NAME RUNS: those rows of configs/ablations/clip_search.txt, seeds 0-2, validation texts
+  time timeout 560 python3 experiments/mixed_precision_sweep.py run configs/ablations/clip_search.txt $OUT/$1.json \
+    --seeds 0,1,2 --model $M --data_dir $D --cache_dir /tmp/c-bar --texts wt2-valid,ptb-valid,c4-heldout --only $2 \
+    | tail -3
+  python3 experiments/mixed_precision_sweep.py table $OUT/$1.json
+  python3 experiments/mixed_precision_sweep.py score $OUT/$1.json --validation ptb-valid,c4-heldout
+}
 if [[ ",$STEPS," == *,bar,* ]]; then
   echo "== the bar rows, full against once, seeds 0-2"
-  time timeout 560 python3 experiments/mixed_precision_sweep.py run configs/ablations/clip_search.txt $OUT/bar.json \
-    --seeds 0,1,2 --model $M --data_dir $D --cache_dir /tmp/c-bar --texts wt2-valid,ptb-valid,c4-heldout \
-    --only bar-s50-uniform4,bar-s50-uniform3,bar-s50-budget4-full,bar-s50-budget4-once,bar-s50-quantile4-full,bar-s50-quantile4-once,bar-s50-budget3-full,bar-s50-budget3-once,bar-s50-quantile3-full,bar-s50-quantile3-once \
-    | tail -3
-  python3 experiments/mixed_precision_sweep.py table $OUT/bar.json
-  python3 experiments/mixed_precision_sweep.py score $OUT/bar.json --validation ptb-valid,c4-heldout
+  sweep bar bar-s50-uniform4,bar-s50-uniform3,bar-s50-budget4-full,bar-s50-budget4-once,bar-s50-quantile4-full,bar-s50-quantile4-once,bar-s50-budget3-full,bar-s50-budget3-once,bar-s50-quantile3-full,bar-s50-quantile3-once
 fi
 if [[ ",$STEPS," == *,sens,* ]]; then
   echo "== the sensitivity pass on 32 windows, seeds 0-2"
-  time timeout 560 python3 experiments/mixed_precision_sweep.py run configs/ablations/clip_search.txt $OUT/sens.json \
-    --seeds 0,1,2 --model $M --data_dir $D --cache_dir /tmp/c-bar --texts wt2-valid,ptb-valid,c4-heldout \
-    --only bar-s50-uniform4,bar-s50-budget4-once,bar-s50-budget4-once-sens32,bar-s50-quantile4-once,bar-s50-quantile4-once-sens32 \
-    | tail -3
-  python3 experiments/mixed_precision_sweep.py table $OUT/sens.json
-  python3 experiments/mixed_precision_sweep.py score $OUT/sens.json --validation ptb-valid,c4-heldout
+  sweep sens bar-s50-uniform4,bar-s50-budget4-once,bar-s50-budget4-once-sens32,bar-s50-quantile4-once,bar-s50-quantile4-once-sens32
 fi
